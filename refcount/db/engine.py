@@ -1,0 +1,129 @@
+"""Engines, transactions and the schema version.
+
+SQLite (the default, one file per store) gets WAL so readers never block the
+writer, a busy timeout so concurrent refcount processes queue instead of
+failing, and `BEGIN IMMEDIATE` so a writer takes the write lock when its
+transaction starts, not halfway through, where it could deadlock with another.
+pysqlite would otherwise emit its own deferred BEGIN; the documented recipe
+below turns that off and emits ours.
+
+`ensure_schema` compares `alembic_version` with `SCHEMA_HEAD` and imports
+Alembic only when an upgrade is actually needed, which keeps start-up cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from refcount.db.models import SCHEMA_HEAD
+from refcount.db.repo import Repo
+from refcount.errors import DatabaseError
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+def default_url(store: Path) -> str:
+    return f"sqlite:///{store / '.refcount' / 'refcount.db'}"
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        engine = create_engine(url, future=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise DatabaseError(f"{_redact(url)}: cannot open database: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get("refcount_begin", "IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _redact(url: str) -> str:
+    """A URL safe to print: never show a password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "database URL"
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
+    """One transaction, yielding a Repo; commits on success, rolls back on error.
+
+    A caller that wants to discard its work (a dry run) calls `repo.rollback()`.
+    """
+    try:
+        with engine.connect() as connection:
+            if not write and engine.dialect.name == "sqlite":
+                connection = connection.execution_options(refcount_begin="DEFERRED")
+            with connection.begin() as tx:
+                repo = Repo(connection, tx)
+                yield repo
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"{_redact(str(engine.url))}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}") from None
+
+
+def current_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError:
+        return None
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring the database to SCHEMA_HEAD; cheap when it is already there."""
+    if current_revision(engine) == SCHEMA_HEAD:
+        return
+    upgrade(engine)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(str(engine.url))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"{_redact(str(engine.url))}: migration failed: {exc}") from None
+
+
+def alembic_config(url: str) -> Any:
+    """Alembic configured in code, so it never depends on the current directory."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrations_dir() -> Path:
+    packaged = Path(__file__).resolve().parent.parent / "_migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "migrations"

@@ -1,0 +1,242 @@
+"""Every SQL statement refcount runs, on a connection the caller owns.
+
+`Repo` never commits: the caller frames the transaction (`engine.transaction`),
+so one operation is one transaction whatever it touches. Counts change through
+SQL arithmetic (`count = count + :delta RETURNING count`), never read-modify-write
+in Python, so several writers on PostgreSQL cannot lose an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, RootTransaction, Table, delete, func, insert, select, update
+
+from refcount.db.models import Blob, Edge, Meta, PendingAction, Root
+
+blobs: Table = Blob.__table__  # type: ignore[assignment]
+edges: Table = Edge.__table__  # type: ignore[assignment]
+roots: Table = Root.__table__  # type: ignore[assignment]
+journal: Table = PendingAction.__table__  # type: ignore[assignment]
+meta: Table = Meta.__table__  # type: ignore[assignment]
+
+_CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class BlobRow:
+    digest: str
+    size: int | None
+    media_type: str | None
+    count: int
+    state: str
+    expanded: bool
+    subject: str | None
+    problem: str | None
+    first_seen: datetime
+    freed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RootRow:
+    position: int
+    digest: str
+    tag: str | None
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Action:
+    id: int
+    action: str
+    digest: str
+
+
+def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class Repo:
+    def __init__(self, connection: Connection, tx: RootTransaction) -> None:
+        self.connection = connection
+        self._tx = tx
+
+    def rollback(self) -> None:
+        """Discard everything this transaction did (a dry run)."""
+        self._tx.rollback()
+
+    @property
+    def dialect(self) -> str:
+        return self.connection.dialect.name
+
+    # --- meta ---------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        return self.connection.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        done = self.connection.execute(update(meta).where(meta.c.key == key).values(value=value))
+        if done.rowcount == 0:
+            self.connection.execute(insert(meta).values(key=key, value=value))
+
+    # --- blobs --------------------------------------------------------------
+    def add_count(self, digest: str, delta: int) -> int | None:
+        """Add `delta` to a blob's count; the new count, or None when there is no row."""
+        row = self.connection.execute(
+            update(blobs)
+            .where(blobs.c.digest == digest)
+            .values(count=func.max(blobs.c.count + delta, 0) if self.dialect == "sqlite"
+                    else func.greatest(blobs.c.count + delta, 0))
+            .returning(blobs.c.count)
+        ).first()
+        return None if row is None else int(row[0])
+
+    def blob(self, digest: str) -> BlobRow | None:
+        row = self.connection.execute(select(blobs).where(blobs.c.digest == digest)).first()
+        return None if row is None else BlobRow(**row._mapping)
+
+    def blobs_in(self, digests: Iterable[str]) -> dict[str, BlobRow]:
+        found: dict[str, BlobRow] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            for row in self.connection.execute(select(blobs).where(blobs.c.digest.in_(chunk))):
+                found[row.digest] = BlobRow(**row._mapping)
+        return found
+
+    def blob_states(self) -> dict[str, tuple[str, int]]:
+        """digest -> (state, count) for every row: the full reconcile compares this with disk."""
+        query = select(blobs.c.digest, blobs.c.state, blobs.c.count)
+        return {row.digest: (row.state, row.count) for row in self.connection.execute(query)}
+
+    def all_blobs(self) -> list[BlobRow]:
+        return [BlobRow(**row._mapping) for row in self.connection.execute(select(blobs))]
+
+    def blobs_with_state(self, state: str) -> list[BlobRow]:
+        query = select(blobs).where(blobs.c.state == state).order_by(blobs.c.digest)
+        return [BlobRow(**row._mapping) for row in self.connection.execute(query)]
+
+    def insert_blob(self, **values: Any) -> None:
+        self.connection.execute(insert(blobs).values(**values))
+
+    def update_blob(self, digest: str, **values: Any) -> None:
+        self.connection.execute(update(blobs).where(blobs.c.digest == digest).values(**values))
+
+    def delete_blob(self, digest: str) -> None:
+        self.connection.execute(delete(blobs).where(blobs.c.digest == digest))
+
+    def referrers_of(self, subjects: Iterable[str]) -> set[str]:
+        """Digests of the blobs whose `subject` is one of `subjects`."""
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(subjects))):
+            query = select(blobs.c.digest).where(blobs.c.subject.in_(chunk))
+            found.update(row[0] for row in self.connection.execute(query))
+        return found
+
+    def count_problems(self) -> int:
+        query = select(func.count()).select_from(blobs).where(blobs.c.problem.is_not(None))
+        return int(self.connection.execute(query).scalar_one())
+
+    # --- edges --------------------------------------------------------------
+    def add_edges(self, parent: str, children: Iterable[tuple[str, str]]) -> None:
+        rows = [{"parent": parent, "child": c, "kind": k} for c, k in children]
+        if rows:
+            self.connection.execute(insert(edges), rows)
+
+    def take_edges(self, parent: str) -> list[str]:
+        """The children recorded for `parent`, forgetting them (the parent was freed)."""
+        gone = self.connection.execute(
+            delete(edges).where(edges.c.parent == parent).returning(edges.c.child)
+        )
+        return [row[0] for row in gone]
+
+    def children(self, parent: str) -> list[tuple[str, str]]:
+        query = select(edges.c.child, edges.c.kind).where(edges.c.parent == parent)
+        return [(row[0], row[1]) for row in self.connection.execute(query)]
+
+    def parents(self, child: str) -> list[tuple[str, str]]:
+        query = select(edges.c.parent, edges.c.kind).where(edges.c.child == child)
+        return [(row[0], row[1]) for row in self.connection.execute(query)]
+
+    # --- roots --------------------------------------------------------------
+    def roots(self) -> list[RootRow]:
+        query = select(roots).order_by(roots.c.position)
+        return [RootRow(**row._mapping) for row in self.connection.execute(query)]
+
+    def count_roots(self) -> int:
+        return int(self.connection.execute(select(func.count()).select_from(roots)).scalar_one())
+
+    def roots_where(self, *, tag: str | None = None, digest: str | None = None) -> list[RootRow]:
+        query = select(roots).order_by(roots.c.position)
+        if tag is not None:
+            query = query.where(roots.c.tag == tag)
+        if digest is not None:
+            query = query.where(roots.c.digest == digest)
+        return [RootRow(**row._mapping) for row in self.connection.execute(query)]
+
+    def root_tags(self, digests: Iterable[str]) -> dict[str, list[str]]:
+        tags: dict[str, list[str]] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            query = select(roots.c.digest, roots.c.tag).where(
+                roots.c.digest.in_(chunk), roots.c.tag.is_not(None)
+            ).order_by(roots.c.position)
+            for row in self.connection.execute(query):
+                tags.setdefault(row.digest, []).append(row.tag)
+        return tags
+
+    def replace_roots(self, rows: Sequence[RootRow]) -> None:
+        self.connection.execute(delete(roots))
+        if rows:
+            self.connection.execute(insert(roots), [r.__dict__ for r in rows])
+
+    def delete_roots(self, positions: Iterable[int]) -> None:
+        for chunk in _chunks(sorted(set(positions))):
+            self.connection.execute(delete(roots).where(roots.c.position.in_(chunk)))
+
+    # --- journal ------------------------------------------------------------
+    def add_actions(self, action: str, digests: Iterable[str], now: datetime) -> None:
+        rows = [{"action": action, "digest": d, "created": now} for d in digests]
+        if rows:
+            self.connection.execute(insert(journal), rows)
+
+    def pending_actions(self) -> list[Action]:
+        query = select(journal.c.id, journal.c.action, journal.c.digest).order_by(journal.c.id)
+        return [Action(*row) for row in self.connection.execute(query)]
+
+    def finish_actions(self, ids: Iterable[int]) -> None:
+        for chunk in _chunks(sorted(set(ids))):
+            self.connection.execute(delete(journal).where(journal.c.id.in_(chunk)))
+
+    # --- bulk rebuild (init of an empty database, verify --repair) ---------------
+    def replace_all(
+        self,
+        blob_rows: Sequence[dict[str, Any]],
+        edge_rows: Sequence[dict[str, Any]],
+        root_rows: Sequence[RootRow],
+    ) -> None:
+        for table in (edges, blobs):
+            self.connection.execute(delete(table))
+        for chunk in _chunks(blob_rows):
+            self.connection.execute(insert(blobs), list(chunk))
+        for chunk in _chunks(edge_rows):
+            self.connection.execute(insert(edges), list(chunk))
+        self.replace_roots(root_rows)
+
+    def counts(self) -> dict[str, int]:
+        query = select(blobs.c.digest, blobs.c.count).where(blobs.c.count > 0)
+        return {row.digest: row.count for row in self.connection.execute(query)}
+
+    def all_edges(self) -> list[tuple[str, str]]:
+        return [(r.parent, r.child) for r in self.connection.execute(select(edges.c.parent, edges.c.child))]
+
+    def sum_sizes(self, state: str) -> tuple[int, int]:
+        query = select(func.count(), func.coalesce(func.sum(blobs.c.size), 0)).where(
+            blobs.c.state == state
+        )
+        number, size = self.connection.execute(query).one()
+        return int(number), int(size)
+
+
+__all__ = ["Action", "BlobRow", "Repo", "RootRow"]

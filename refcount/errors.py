@@ -1,0 +1,45 @@
+"""The library's typed errors.
+
+Every error the library raises is a `RefcountError`. Each carries the exit code the
+CLI uses (SPEC §4: 1 = the command ran and found a problem or an unknown name,
+2 = usage or input error) and a one-line message that names the file or value at
+fault, in the form "what: problem: why".
+"""
+
+from __future__ import annotations
+
+
+class RefcountError(Exception):
+    """Base of every error the library raises on purpose."""
+
+    exit_code = 2
+
+
+class NotFound(RefcountError):
+    """A tag or digest the user named does not exist in the store."""
+
+    exit_code = 1
+
+
+class InvalidDigest(RefcountError):
+    """A string that is not a digest refcount accepts (sha256/sha512, lowercase hex)."""
+
+
+class InvalidStore(RefcountError):
+    """The layout itself is unusable: missing or bad `oci-layout` or `index.json`."""
+
+
+class InvalidBlob(RefcountError):
+    """A manifest-like blob that cannot be parsed, is too large, or is unsafe to read."""
+
+
+class StoreBusy(RefcountError):
+    """Another refcount process holds the store (a second daemon, a lock timeout)."""
+
+
+class ConcurrentChange(RefcountError):
+    """`index.json` kept changing under a rewrite; nothing was written."""
+
+
+class DatabaseError(RefcountError):
+    """The database cannot be opened, upgraded or written."""

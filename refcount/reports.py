@@ -1,0 +1,161 @@
+"""The frozen values the library returns; the CLI renders them as text or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    digest: str
+    size: int | None
+    media_type: str | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An index.json entry removed (or to be removed) by a command."""
+
+    position: int
+    digest: str
+    tag: str | None
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    roots_added: int = 0
+    roots_removed: int = 0
+    became_live: int = 0
+    freed: tuple[BlobRef, ...] = ()
+    restored: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    found: tuple[str, ...] = ()  # missing blobs whose file came back
+    orphans: tuple[str, ...] = ()  # new files nothing references yet
+    problems: tuple[str, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(b.size or 0 for b in self.freed)
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            (self.roots_added, self.roots_removed, self.became_live, self.freed, self.restored,
+             self.missing, self.found, self.orphans)
+        )
+
+
+@dataclass(frozen=True)
+class DeleteReport:
+    target: str
+    dry_run: bool
+    removed: tuple[Entry, ...]
+    freed: tuple[BlobRef, ...]
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(b.size or 0 for b in self.freed)
+
+
+@dataclass(frozen=True)
+class Drift:
+    digest: str
+    expected: int
+    recorded: int
+
+
+@dataclass(frozen=True)
+class Aged:
+    digest: str
+    size: int
+    age_seconds: float
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    digest: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    deep: bool
+    repaired: bool
+    roots: int
+    live: int
+    drift: tuple[Drift, ...] = ()
+    missing: tuple[str, ...] = ()
+    orphans: tuple[Aged, ...] = ()
+    quarantined: tuple[Aged, ...] = ()
+    corrupt: tuple[Corrupt, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Everything agrees (drift counts as fixed once repaired). Orphans and
+        quarantined blobs are normal and only reported."""
+        drift = self.drift and not self.repaired
+        return not (drift or self.missing or self.corrupt or self.problems)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    dry_run: bool
+    swept: tuple[Aged, ...] = ()
+    purged: tuple[Aged, ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(a.size for a in (*self.swept, *self.purged))
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    tag: str
+    digest: str
+    media_type: str | None
+    size: int | None  # bytes of the whole image: the root and every blob below it
+
+
+@dataclass(frozen=True)
+class Link:
+    digest: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    count: int
+    state: str
+    size: int | None
+    media_type: str | None
+    tags: tuple[str, ...]  # index.json entries pointing at it, by tag ("" = untagged)
+    parents: tuple[Link, ...]  # why it is alive
+    children: tuple[Link, ...]
+    subject: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    roots: int
+    live_blobs: int
+    live_bytes: int
+    missing_blobs: int
+    orphan_blobs: int
+    quarantined_blobs: int
+    quarantined_bytes: int
+    problems: int = 0
+
+
+def to_json(value: Any) -> Any:
+    """A report as plain JSON data, including its derived properties."""
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    data = asdict(value)
+    for name in ("ok", "freed_bytes"):
+        if hasattr(type(value), name):
+            data[name] = getattr(value, name)
+    return data

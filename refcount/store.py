@@ -1,0 +1,311 @@
+"""All I/O on the OCI layout.
+
+Paths are built only from a validated `Digest`. Files are opened with
+O_NOFOLLOW and checked to be regular files, so a symbolic link planted in the
+store is never followed out of it, never read and never deleted through.
+Everything refcount creates, renames or deletes lies in `blobs/` or
+`.refcount/`; the one exception is replacing `index.json` itself, which is
+written as a temporary file inside `.refcount/` and renamed over it (same
+filesystem, so the replacement is atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, InvalidStore, StoreBusy
+from refcount.oci import Digest, Problem
+
+DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
+STATE_DIR = ".refcount"
+CRASH_ENV = "REFCOUNT_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for tests: exit hard here when REFCOUNT_CRASH_AT names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
+
+
+@dataclass(frozen=True)
+class BlobFile:
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    data: bytes
+    hash: str
+
+
+class Store:
+    """An OCI image layout directory. Construction validates it (SPEC §1)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_manifest: int = DEFAULT_MAX_MANIFEST):
+        self.path = Path(path).absolute()
+        self.max_manifest = max_manifest
+        if not self.path.is_dir():
+            raise InvalidStore(f"{self.path}: not a directory")
+        self._check_layout_file()
+        self._regular(self.index_path, "index.json")
+        self.state_dir = self.path / STATE_DIR
+        self.trash_dir = self.state_dir / "trash"
+
+    @property
+    def index_path(self) -> Path:
+        return self.path / "index.json"
+
+    def _regular(self, path: Path, what: str) -> os.stat_result:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            raise InvalidStore(f"{path}: {what} is missing: not an OCI layout") from None
+        except OSError as exc:
+            raise InvalidStore(f"{path}: {what}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+            raise InvalidStore(f"{path}: {what} is {kind}")
+        return info
+
+    def _check_layout_file(self) -> None:
+        path = self.path / "oci-layout"
+        self._regular(path, "oci-layout")
+        try:
+            version = json.loads(_read_nofollow(path, 64 * 1024)).get("imageLayoutVersion")
+        except (ValueError, AttributeError, OSError):
+            raise InvalidStore(f"{path}: oci-layout is not valid JSON") from None
+        if not isinstance(version, str) or not version.startswith("1."):
+            raise InvalidStore(f"{path}: unsupported imageLayoutVersion {version!r}")
+
+    def ensure_state_dir(self) -> None:
+        for directory in (self.state_dir, self.trash_dir, self.state_dir / "tmp"):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            if directory.is_symlink():
+                raise InvalidStore(f"{directory}: is a symbolic link")
+
+    # --- index.json ---------------------------------------------------------
+    def read_index(self) -> IndexSnapshot:
+        self._regular(self.index_path, "index.json")
+        try:
+            data = _read_nofollow(self.index_path, None)
+        except OSError as exc:
+            raise InvalidStore(f"{self.index_path}: cannot read: {exc.strerror}") from None
+        return IndexSnapshot(data, hashlib.sha256(data).hexdigest())
+
+    def replace_index(self, data: bytes, expected_hash: str) -> str:
+        """Atomically replace index.json, unless it changed since it was read.
+
+        Raises ConcurrentChange when the file's hash is no longer `expected_hash`
+        (an outside tool wrote it meanwhile); the caller re-reads and retries.
+        Returns the new hash.
+        """
+        if self.read_index().hash != expected_hash:
+            raise ConcurrentChange(f"{self.index_path}: changed while refcount was rewriting it")
+        mode = stat.S_IMODE(self.index_path.lstat().st_mode)
+        temp = self.state_dir / "tmp" / f"index.json.{os.getpid()}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            crash_point("index-before-rename")
+            if self.read_index().hash != expected_hash:
+                raise ConcurrentChange(f"{self.index_path}: changed while refcount was rewriting it")
+            os.rename(temp, self.index_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        _fsync_dir(self.path)
+        return hashlib.sha256(data).hexdigest()
+
+    # --- blobs --------------------------------------------------------------
+    def blob_path(self, digest: Digest) -> Path:
+        return self.path / "blobs" / digest.algorithm / digest.encoded
+
+    def trash_path(self, digest: Digest) -> Path:
+        return self.trash_dir / digest.algorithm / digest.encoded
+
+    def blob_file(self, digest: str) -> BlobFile | None:
+        """The blob's file in blobs/ when it is a regular file; None otherwise."""
+        return _regular_file(self.blob_path(Digest.parse(digest)))
+
+    def in_trash(self, digest: str) -> bool:
+        return _regular_file(self.trash_path(Digest.parse(digest))) is not None
+
+    def read_blob(self, digest: str) -> bytes | None:
+        """A manifest-like blob's bytes, from blobs/ or else the quarantine; None if absent.
+
+        Raises InvalidBlob for a file that is a link, not regular, unreadable or
+        larger than `max_manifest`.
+        """
+        parsed = Digest.parse(digest)
+        for path in (self.blob_path(parsed), self.trash_path(parsed)):
+            try:
+                return _read_nofollow(path, self.max_manifest)
+            except FileNotFoundError:
+                continue
+            except _TooLarge:
+                raise InvalidBlob(
+                    f"{path}: manifest larger than the {self.max_manifest}-byte limit"
+                ) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise InvalidBlob(f"{path}: is a symbolic link; not followed") from None
+                raise InvalidBlob(f"{path}: cannot read: {exc.strerror}") from None
+        return None
+
+    def list_blobs(self) -> tuple[dict[str, BlobFile], list[Problem]]:
+        """Every regular blob file under blobs/, and the entries that are not blobs."""
+        found: dict[str, BlobFile] = {}
+        problems: list[Problem] = []
+        root = self.path / "blobs"
+        if not root.is_dir() or root.is_symlink():
+            return found, problems
+        for algorithm in os.scandir(root):
+            if not algorithm.is_dir(follow_symlinks=False):
+                problems.append(Problem(algorithm.path, "not a directory; ignored"))
+                continue
+            for entry in os.scandir(algorithm.path):
+                name = f"{algorithm.name}:{entry.name}"
+                try:
+                    Digest.parse(name)
+                except InvalidDigest:  # a tool's temp file, or junk
+                    problems.append(Problem(entry.path, "not a blob name; ignored"))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    problems.append(Problem(entry.path, "not a regular file; ignored"))
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                found[name] = BlobFile(info.st_size, info.st_mtime)
+        return found, problems
+
+    def list_trash(self) -> dict[str, BlobFile]:
+        found: dict[str, BlobFile] = {}
+        if not self.trash_dir.is_dir():
+            return found
+        for algorithm in os.scandir(self.trash_dir):
+            if algorithm.is_dir(follow_symlinks=False):
+                for entry in os.scandir(algorithm.path):
+                    if entry.is_file(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        found[f"{algorithm.name}:{entry.name}"] = BlobFile(info.st_size, info.st_mtime)
+        return found
+
+    def quarantine(self, digest: str) -> bool:
+        """Move a blob out of blobs/ into the trash; False when it was not there."""
+        parsed = Digest.parse(digest)
+        source = self.blob_path(parsed)
+        if _regular_file(source) is None:
+            return False
+        target = self.trash_path(parsed)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(source, target)
+        return True
+
+    def restore(self, digest: str) -> bool:
+        """Move a quarantined blob back into blobs/; False when it is not in the trash."""
+        parsed = Digest.parse(digest)
+        source = self.trash_path(parsed)
+        if _regular_file(source) is None:
+            return False
+        target = self.blob_path(parsed)
+        if _regular_file(target) is not None:  # someone wrote it again meanwhile
+            source.unlink()
+            return True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, target)
+        return True
+
+    def unlink_blob(self, digest: str) -> bool:
+        return _unlink_regular(self.blob_path(Digest.parse(digest)))
+
+    def purge(self, digest: str) -> bool:
+        return _unlink_regular(self.trash_path(Digest.parse(digest)))
+
+    def hash_blob(self, digest: str) -> str | None:
+        """The hex digest of a blob's bytes under its own algorithm; None if unreadable."""
+        parsed = Digest.parse(digest)
+        hasher = hashlib.new(parsed.algorithm)
+        try:
+            fd = os.open(self.blob_path(parsed), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    # --- the advisory lock --------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize refcount writers on this store (index.json read-modify-write)."""
+        self.ensure_state_dir()
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def hold_daemon_lock(self) -> int:
+        """Take the daemon's lock for the life of the process, or raise StoreBusy."""
+        self.ensure_state_dir()
+        path = self.state_dir / "watch.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreBusy(f"{self.path}: a refcount watch daemon already runs on this store") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_nofollow(path: Path, limit: int | None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(errno.EISDIR, "not a regular file")
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise _TooLarge
+    return data
+
+
+def _regular_file(path: Path) -> BlobFile | None:
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return BlobFile(info.st_size, info.st_mtime) if stat.S_ISREG(info.st_mode) else None
+
+
+def _unlink_regular(path: Path) -> bool:
+    if _regular_file(path) is None:
+        return False
+    path.unlink()
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
