@@ -1,10 +1,10 @@
 """refcount: a persistent reference-count database beside an OCI image layout.
 
-    import refcount
-    with refcount.open("/srv/store") as rc:
-        rc.init()
-        report = rc.delete_tag("app:1.0")
-        assert rc.verify().ok
+import refcount
+with refcount.open("/srv/store") as rc:
+    rc.init()
+    report = rc.delete_tag("app:1.0")
+    assert rc.verify().ok
 """
 
 from refcount.core import Changes, Policy, Refcounter, open

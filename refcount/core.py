@@ -18,7 +18,6 @@ start finishes them. No file is removed before the commit that decided it.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from refcount import graph
-from refcount.db.engine import default_url, ensure_schema, make_engine, transaction
+from refcount.db.engine import (
+    current_revision,
+    default_url,
+    ensure_schema,
+    make_engine,
+    transaction,
+)
 from refcount.db.repo import Repo, RootRow
-from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, InvalidStore, NotFound
+from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, NotFound
 from refcount.oci import (
     Descriptor,
     Digest,
@@ -193,7 +198,7 @@ class _Work:
             return []
         if data is None:
             return []  # missing: expanded when its file appears
-        if media_type is None and not data.lstrip()[:1] == b"{":
+        if media_type is None and data.lstrip()[:1] != b"{":
             self.repo.update_blob(digest, expanded=True)
             return []
         try:
@@ -261,13 +266,20 @@ class _Work:
         elif state == "orphan" and file is None:
             self.repo.delete_blob(digest)
         elif state == "trash" and file is not None:  # an outside tool wrote it again
-            self.repo.update_blob(digest, state="orphan", freed_at=None, first_seen=_mtime(file.mtime))
+            self.repo.update_blob(
+                digest, state="orphan", freed_at=None, first_seen=_mtime(file.mtime)
+            )
             self.repo.add_actions("purge", [digest], self.now)
             self.orphans.append(digest)
         elif state is None and file is not None:
             self.repo.insert_blob(
-                digest=digest, size=file.size, media_type=None, count=0, state="orphan",
-                expanded=False, first_seen=_mtime(file.mtime),
+                digest=digest,
+                size=file.size,
+                media_type=None,
+                count=0,
+                state="orphan",
+                expanded=False,
+                first_seen=_mtime(file.mtime),
             )
             self.orphans.append(digest)
 
@@ -357,6 +369,9 @@ class Refcounter:
     def close(self) -> None:
         self.engine.dispose()
 
+    def schema_revision(self) -> str | None:
+        return current_revision(self.engine)
+
     def __enter__(self) -> Refcounter:
         return self
 
@@ -378,7 +393,8 @@ class Refcounter:
                 self._rebuild(repo, scan, snapshot.hash)
                 live = sum(1 for c in scan.counts.values() if c > 0)
             return SyncReport(
-                roots_added=len(scan.roots), became_live=live,
+                roots_added=len(scan.roots),
+                became_live=live,
                 missing=tuple(sorted(d for d in scan.counts if self._is_missing(scan, d))),
                 orphans=tuple(sorted(set(scan.files) - set(scan.counts))),
                 problems=tuple(scan.problems),
@@ -431,7 +447,9 @@ class Refcounter:
         added, removed = new - old, old - new
         work.acquire(added.elements())
         work.release(removed.elements())
-        repo.replace_roots([RootRow(r.position, r.digest, r.tag, r.media_type, r.size) for r in index.roots])
+        repo.replace_roots(
+            [RootRow(r.position, r.digest, r.tag, r.media_type, r.size) for r in index.roots]
+        )
         repo.set_meta(INDEX_HASH, index_hash)
         return sum(added.values()), sum(removed.values())
 
@@ -443,7 +461,9 @@ class Refcounter:
     def delete_manifest(self, digest: str, *, dry_run: bool = False) -> DeleteReport:
         """Remove every index.json entry pointing at `digest` (tagged or not)."""
         wanted = str(Digest.parse(digest))
-        return self._delete(wanted, lambda root: root.digest == wanted, f"manifest {wanted}", dry_run)
+        return self._delete(
+            wanted, lambda root: root.digest == wanted, f"manifest {wanted}", dry_run
+        )
 
     def _delete(
         self, target: str, selects: Callable[[Root], bool], what: str, dry_run: bool
@@ -494,16 +514,25 @@ class Refcounter:
                 return report
             entries = Counter((by_position[p].digest, by_position[p].tag) for p in removed)
             for (digest, tag), number in entries.items():
-                rows = repo.roots_where(digest=digest, tag=tag) if tag else [
-                    r for r in repo.roots_where(digest=digest) if r.tag is None
-                ]
+                rows = (
+                    repo.roots_where(digest=digest, tag=tag)
+                    if tag
+                    else [r for r in repo.roots_where(digest=digest) if r.tag is None]
+                )
                 repo.delete_roots(r.position for r in rows[:number])
             crash_point("delete-before-index")
-            new_hash = self.store.replace_index(dump_index(without_entries(raw, removed)), snapshot.hash)
+            new_hash = self.store.replace_index(
+                dump_index(without_entries(raw, removed)), snapshot.hash
+            )
             repo.set_meta(INDEX_HASH, new_hash)
             crash_point("delete-before-commit")
-        log.info("deleted %s: %d entries, %d blobs freed (%d bytes)", what, len(report.removed),
-                 len(report.freed), report.freed_bytes)
+        log.info(
+            "deleted %s: %d entries, %d blobs freed (%d bytes)",
+            what,
+            len(report.removed),
+            len(report.freed),
+            report.freed_bytes,
+        )
         return report
 
     def _untagged_children(self, repo: Repo, index: Index, removed: set[int]) -> set[int]:
@@ -571,7 +600,9 @@ class Refcounter:
                     file = self.store.blob_file(row.digest)
                     if file is None or now - _mtime(file.mtime) < grace:
                         continue
-                    swept.append(Aged(row.digest, file.size, (now - _mtime(file.mtime)).total_seconds()))
+                    swept.append(
+                        Aged(row.digest, file.size, (now - _mtime(file.mtime)).total_seconds())
+                    )
                     work.free(row.digest)
                 purged = []
                 for row in repo.blobs_with_state("trash"):
@@ -579,7 +610,9 @@ class Refcounter:
                         continue
                     if row.digest in {a.digest for a in swept}:
                         continue
-                    purged.append(Aged(row.digest, row.size or 0, (now - row.freed_at).total_seconds()))
+                    purged.append(
+                        Aged(row.digest, row.size or 0, (now - row.freed_at).total_seconds())
+                    )
                     repo.delete_blob(row.digest)
                     repo.add_actions("purge", [row.digest], now)
                 report = GcReport(dry_run, tuple(swept), tuple(purged))
@@ -610,12 +643,16 @@ class Refcounter:
                 if repair and drift:
                     self._rebuild(repo, scan, snapshot.hash)
                     log.warning("verify --repair: %d counts rewritten from the disk", len(drift))
-        now = time.time()
+                freed_at = {r.digest: r.freed_at for r in repo.blobs_with_state("trash")}
+        now = _now()
         orphans = tuple(
-            Aged(d, f.size, now - f.mtime) for d, f in sorted(scan.files.items()) if d not in scan.counts
+            Aged(d, f.size, (now - _mtime(f.mtime)).total_seconds())
+            for d, f in sorted(scan.files.items())
+            if d not in scan.counts
         )
         quarantined = tuple(
-            Aged(d, f.size, now - f.mtime) for d, f in sorted(self.store.list_trash().items())
+            Aged(d, f.size, (now - (freed_at.get(d) or _mtime(f.mtime))).total_seconds())
+            for d, f in sorted(self.store.list_trash().items())
         )
         return VerifyReport(
             deep=deep,
@@ -662,20 +699,38 @@ class Refcounter:
             file = scan.files.get(digest)
             media_type, subject, problem = scan.parsed.get(digest, (None, None, None))
             state = "live" if file else ("foreign" if hint and hint.urls else "missing")
-            rows.append({
-                "digest": digest, "count": count, "state": state,
-                "size": hint.size if hint and hint.size is not None else (file.size if file else None),
-                "media_type": media_type or (hint.media_type if hint else None),
-                "expanded": digest in scan.parsed, "subject": subject, "problem": problem,
-                "first_seen": now, "freed_at": None,
-            })
+            rows.append(
+                {
+                    "digest": digest,
+                    "count": count,
+                    "state": state,
+                    "size": hint.size
+                    if hint and hint.size is not None
+                    else (file.size if file else None),
+                    "media_type": media_type or (hint.media_type if hint else None),
+                    "expanded": digest in scan.parsed,
+                    "subject": subject,
+                    "problem": problem,
+                    "first_seen": now,
+                    "freed_at": None,
+                }
+            )
         for digest, file in scan.files.items():
             if digest not in scan.counts:
-                rows.append({
-                    "digest": digest, "count": 0, "state": "orphan", "size": file.size,
-                    "media_type": None, "expanded": False, "subject": None, "problem": None,
-                    "first_seen": _mtime(file.mtime), "freed_at": None,
-                })
+                rows.append(
+                    {
+                        "digest": digest,
+                        "count": 0,
+                        "state": "orphan",
+                        "size": file.size,
+                        "media_type": None,
+                        "expanded": False,
+                        "subject": None,
+                        "problem": None,
+                        "first_seen": _mtime(file.mtime),
+                        "freed_at": None,
+                    }
+                )
         for digest, row in trash.items():
             if digest not in scan.counts and digest not in scan.files:
                 rows.append({**row.__dict__})
@@ -713,11 +768,16 @@ class Refcounter:
                 raise NotFound(f"{ref}: no such blob in the database")
             tags = tuple(r.tag or "" for r in repo.roots_where(digest=digest))
             return BlobInfo(
-                digest=digest, count=row.count, state=row.state, size=row.size,
-                media_type=row.media_type, tags=tags,
+                digest=digest,
+                count=row.count,
+                state=row.state,
+                size=row.size,
+                media_type=row.media_type,
+                tags=tags,
                 parents=tuple(Link(p, k) for p, k in sorted(repo.parents(digest))),
                 children=tuple(Link(c, k) for c, k in sorted(repo.children(digest))),
-                subject=row.subject, problem=row.problem,
+                subject=row.subject,
+                problem=row.problem,
             )
 
     def count(self, digest: str) -> int:
@@ -767,16 +827,21 @@ class Refcounter:
         with transaction(self.engine, write=False) as repo:
             for digest in missing:
                 tags = sorted(self._tags_needing(repo, digest))
-                log.warning("%s: referenced blob is missing from blobs/; needed by %s",
-                            digest, ", ".join(tags) or "untagged roots")
+                log.warning(
+                    "%s: referenced blob is missing from blobs/; needed by %s",
+                    digest,
+                    ", ".join(tags) or "untagged roots",
+                )
 
     @staticmethod
     def _tags_needing(repo: Repo, digest: str) -> set[str]:
-        ancestors = graph.descendants([digest], lambda d: [p for p, _ in repo.parents(d)]) | {digest}
+        ancestors = graph.descendants([digest], lambda d: [p for p, _ in repo.parents(d)]) | {
+            digest
+        }
         return {t for tags in repo.root_tags(ancestors).values() for t in tags}
 
 
-def open(  # noqa: A001 - mirrors the builtin on purpose: refcount.open(store)
+def open(
     store: str | Path,
     db: str | None = None,
     *,
@@ -797,6 +862,3 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: refcount.open(store)
         max_manifest=max_manifest,
     )
     return Refcounter(Store(store, max_manifest=max_manifest), db, policy)
-
-
-

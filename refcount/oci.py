@@ -132,7 +132,9 @@ def _descriptor(raw: object, where: str, field: str = "root") -> Descriptor:
     )
 
 
-def _load_object(data: bytes, what: str, error: type[InvalidBlob] | type[InvalidStore]) -> dict[str, Any]:
+def _load_object(
+    data: bytes, what: str, error: type[InvalidBlob] | type[InvalidStore]
+) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -168,9 +170,7 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
         except (InvalidDigest, InvalidBlob) as exc:
             problems.append(Problem(entry, str(exc)))
             continue
-        roots.append(
-            Root(position, descriptor.digest, descriptor.media_type, descriptor.size, tag)
-        )
+        roots.append(Root(position, descriptor.digest, descriptor.media_type, descriptor.size, tag))
     return Index(tuple(roots), tuple(problems))
 
 

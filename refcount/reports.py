@@ -41,8 +41,16 @@ class SyncReport:
     @property
     def changed(self) -> bool:
         return any(
-            (self.roots_added, self.roots_removed, self.became_live, self.freed, self.restored,
-             self.missing, self.found, self.orphans)
+            (
+                self.roots_added,
+                self.roots_removed,
+                self.became_live,
+                self.freed,
+                self.restored,
+                self.missing,
+                self.found,
+                self.orphans,
+            )
         )
 
 

@@ -121,7 +121,9 @@ class Store:
                 os.fsync(handle.fileno())
             crash_point("index-before-rename")
             if self.read_index().hash != expected_hash:
-                raise ConcurrentChange(f"{self.index_path}: changed while refcount was rewriting it")
+                raise ConcurrentChange(
+                    f"{self.index_path}: changed while refcount was rewriting it"
+                )
             os.rename(temp, self.index_path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -199,7 +201,9 @@ class Store:
                 for entry in os.scandir(algorithm.path):
                     if entry.is_file(follow_symlinks=False):
                         info = entry.stat(follow_symlinks=False)
-                        found[f"{algorithm.name}:{entry.name}"] = BlobFile(info.st_size, info.st_mtime)
+                        found[f"{algorithm.name}:{entry.name}"] = BlobFile(
+                            info.st_size, info.st_mtime
+                        )
         return found
 
     def quarantine(self, digest: str) -> bool:
@@ -267,7 +271,9 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreBusy(f"{self.path}: a refcount watch daemon already runs on this store") from None
+            raise StoreBusy(
+                f"{self.path}: a refcount watch daemon already runs on this store"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd

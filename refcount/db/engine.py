@@ -82,7 +82,9 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
                 repo = Repo(connection, tx)
                 yield repo
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"{_redact(str(engine.url))}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}") from None
+        raise DatabaseError(
+            f"{_redact(str(engine.url))}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
+        ) from None
 
 
 def current_revision(engine: Engine) -> str | None:

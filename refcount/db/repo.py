@@ -89,8 +89,11 @@ class Repo:
         row = self.connection.execute(
             update(blobs)
             .where(blobs.c.digest == digest)
-            .values(count=func.max(blobs.c.count + delta, 0) if self.dialect == "sqlite"
-                    else func.greatest(blobs.c.count + delta, 0))
+            .values(
+                count=func.max(blobs.c.count + delta, 0)
+                if self.dialect == "sqlite"
+                else func.greatest(blobs.c.count + delta, 0)
+            )
             .returning(blobs.c.count)
         ).first()
         return None if row is None else int(row[0])
@@ -106,10 +109,10 @@ class Repo:
                 found[row.digest] = BlobRow(**row._mapping)
         return found
 
-    def blob_states(self) -> dict[str, tuple[str, int]]:
-        """digest -> (state, count) for every row: the full reconcile compares this with disk."""
-        query = select(blobs.c.digest, blobs.c.state, blobs.c.count)
-        return {row.digest: (row.state, row.count) for row in self.connection.execute(query)}
+    def blob_states(self) -> dict[str, str]:
+        """digest -> state for every row: the full reconcile compares this with the disk."""
+        query = select(blobs.c.digest, blobs.c.state)
+        return {row[0]: row[1] for row in self.connection.execute(query)}
 
     def all_blobs(self) -> list[BlobRow]:
         return [BlobRow(**row._mapping) for row in self.connection.execute(select(blobs))]
@@ -179,9 +182,11 @@ class Repo:
     def root_tags(self, digests: Iterable[str]) -> dict[str, list[str]]:
         tags: dict[str, list[str]] = {}
         for chunk in _chunks(sorted(set(digests))):
-            query = select(roots.c.digest, roots.c.tag).where(
-                roots.c.digest.in_(chunk), roots.c.tag.is_not(None)
-            ).order_by(roots.c.position)
+            query = (
+                select(roots.c.digest, roots.c.tag)
+                .where(roots.c.digest.in_(chunk), roots.c.tag.is_not(None))
+                .order_by(roots.c.position)
+            )
             for row in self.connection.execute(query):
                 tags.setdefault(row.digest, []).append(row.tag)
         return tags
@@ -226,10 +231,13 @@ class Repo:
 
     def counts(self) -> dict[str, int]:
         query = select(blobs.c.digest, blobs.c.count).where(blobs.c.count > 0)
-        return {row.digest: row.count for row in self.connection.execute(query)}
+        return {row[0]: int(row[1]) for row in self.connection.execute(query)}
 
     def all_edges(self) -> list[tuple[str, str]]:
-        return [(r.parent, r.child) for r in self.connection.execute(select(edges.c.parent, edges.c.child))]
+        return [
+            (r.parent, r.child)
+            for r in self.connection.execute(select(edges.c.parent, edges.c.child))
+        ]
 
     def sum_sizes(self, state: str) -> tuple[int, int]:
         query = select(func.count(), func.coalesce(func.sum(blobs.c.size), 0)).where(

@@ -1,0 +1,418 @@
+"""The command line: a thin Typer layer over `refcount.Refcounter`.
+
+Each command parses its options, calls one library method and renders one
+report. `main()` is the only place that turns errors into messages and exit
+codes (SPEC §4): 0 success, 1 a problem found or a name that does not exist,
+2 usage or input error, 3 an internal error (a bug: the traceback is logged
+with -v, never shown otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from refcount.core import Refcounter
+from refcount.core import open as open_store
+from refcount.durations import parse_duration
+from refcount.errors import RefcountError
+from refcount.reports import (
+    BlobInfo,
+    DeleteReport,
+    GcReport,
+    SyncReport,
+    TagInfo,
+    VerifyReport,
+    to_json,
+)
+
+log = logging.getLogger("refcount")
+
+INTERNAL_ERROR = 3
+
+app = typer.Typer(
+    name="refcount",
+    help="Reference counts for an OCI image layout: free exactly what nothing else needs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+delete_app = typer.Typer(
+    help="Remove index.json entries and free what nothing else needs.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Schema migrations (Alembic).", no_args_is_help=True)
+app.add_typer(delete_app, name="delete")
+app.add_typer(db_app, name="db")
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path
+    db: str | None
+    json: bool
+    trash_ttl: timedelta
+    grace: timedelta
+    keep_referrers: bool
+    keep_untagged: bool
+    max_manifest: int
+
+    def open(self) -> Refcounter:
+        return open_store(
+            self.store,
+            self.db,
+            trash_ttl=self.trash_ttl,
+            grace=self.grace,
+            keep_referrers=self.keep_referrers,
+            keep_untagged=self.keep_untagged,
+            max_manifest=self.max_manifest,
+        )
+
+
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", "-n", help="Print what would be removed; change nothing.")
+]
+
+
+@app.callback()
+def configure(
+    ctx: typer.Context,
+    store: Annotated[
+        Path, typer.Option(envvar="REFCOUNT_STORE", help="The OCI layout directory.")
+    ] = Path("."),
+    db: Annotated[
+        str | None,
+        typer.Option(
+            envvar="REFCOUNT_DB", help="SQLAlchemy URL; default STORE/.refcount/refcount.db."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")
+    ] = 0,
+    trash_ttl: Annotated[
+        str,
+        typer.Option(help="How long freed blobs stay in .refcount/trash/ (0 = unlink at once)."),
+    ] = "10m",
+    grace: Annotated[
+        str, typer.Option(help="Age before an orphan blob may be swept by gc.")
+    ] = "1h",
+    keep_referrers: Annotated[
+        bool, typer.Option(help="Keep untagged referrers whose subject is freed.")
+    ] = False,
+    keep_untagged: Annotated[
+        bool, typer.Option(help="Keep untagged entries only the deleted image reached.")
+    ] = False,
+    max_manifest: Annotated[int, typer.Option(help="Largest manifest parsed, in bytes.")] = 4
+    * 1024
+    * 1024,
+) -> None:
+    """Reference counts for an OCI image layout."""
+    logging.getLogger().setLevel(logging.WARNING - 10 * min(verbose, 2))
+    ctx.obj = Settings(
+        store,
+        db,
+        as_json,
+        parse_duration(trash_ttl),
+        parse_duration(grace),
+        keep_referrers,
+        keep_untagged,
+        max_manifest,
+    )
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create or upgrade the database and index the store (idempotent).
+
+    \b
+    Example:
+        refcount --store /srv/oci init
+    """
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.init())
+
+
+@app.command()
+def sync(ctx: typer.Context) -> None:
+    """Reconcile the database with the disk once, applying only the differences."""
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.sync())
+
+
+@delete_app.command("tag")
+def delete_tag(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="The tag.")],
+    dry_run: DryRun = False,
+) -> None:
+    """Remove every index.json entry tagged REF; free what reaches zero.
+
+    \b
+    Example:
+        refcount delete tag app:1.0 --dry-run
+    """
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.delete_tag(ref, dry_run=dry_run))
+
+
+@delete_app.command("manifest")
+def delete_manifest(
+    ctx: typer.Context,
+    digest: Annotated[str, typer.Argument(help="sha256:...")],
+    dry_run: DryRun = False,
+) -> None:
+    """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    deep: Annotated[bool, typer.Option(help="Also hash every blob and check sizes.")] = False,
+    repair: Annotated[
+        bool, typer.Option(help="Rewrite the database to match the disk (never deletes content).")
+    ] = False,
+) -> None:
+    """Recount from scratch and compare with the database; exit 1 on any disagreement."""
+    with _settings(ctx).open() as rc:
+        report = rc.verify(deep=deep, repair=repair)
+    render(ctx, report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    dry_run: DryRun = False,
+    grace: Annotated[
+        str | None, typer.Option(help="Override the orphan grace period, e.g. 10m.")
+    ] = None,
+) -> None:
+    """Sweep orphans older than the grace period; purge expired trash."""
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.gc(dry_run=dry_run, grace=None if grace is None else parse_duration(grace)))
+
+
+@app.command()
+def tags(ctx: typer.Context) -> None:
+    """The tags, their digests and the bytes of each image."""
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.tags())
+
+
+@app.command()
+def show(
+    ctx: typer.Context, ref: Annotated[str, typer.Argument(help="A digest or a tag.")]
+) -> None:
+    """Count, state, parents (why it is alive) and children of a blob."""
+    with _settings(ctx).open() as rc:
+        render(ctx, rc.show(ref))
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    debounce: Annotated[
+        float, typer.Option(help="Quiet period before a batch is applied, in seconds.")
+    ] = 0.1,
+    resync: Annotated[str, typer.Option(help="Full reconcile interval.")] = "5m",
+    metrics_addr: Annotated[
+        str | None, typer.Option(help="HOST:PORT for /metrics and /healthz (default off).")
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop)."""
+    from refcount.watch import WatchOptions, run_daemon
+
+    settings = _settings(ctx)
+    _configure_logging(log_format, logging.INFO)
+    run_daemon(settings.open, WatchOptions(debounce, parse_duration(resync), metrics_addr))
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Bring the database schema to the newest revision."""
+    with _settings(ctx).open() as rc:
+        typer.echo(f"schema at {rc.schema_revision()}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context) -> None:
+    """Print the database's schema revision."""
+    from refcount.db.engine import current_revision, default_url, make_engine
+
+    settings = _settings(ctx)
+    revision = current_revision(make_engine(settings.db or default_url(settings.store.absolute())))
+    typer.echo(revision or "none (run `refcount init`)")
+
+
+# --- rendering ----------------------------------------------------------------
+def render(ctx: typer.Context, report: Any) -> None:
+    if _settings(ctx).json:
+        typer.echo(json.dumps(to_json(report), indent=2, default=str))
+        return
+    for line in _text(report):
+        typer.echo(line)
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n} B"
+
+
+def _text(report: Any) -> list[str]:
+    if isinstance(report, DeleteReport):
+        verb = ("would remove", "would free") if report.dry_run else ("removed", "freed")
+        lines = [f"{verb[0]} {len(report.removed)} index.json entries:"]
+        lines += [f"  {e.tag or '(untagged)'}  {e.digest}" for e in report.removed]
+        lines.append(f"{verb[1]} {len(report.freed)} blobs, {report.freed_bytes} bytes:")
+        lines += [
+            f"  {b.digest}  {_size(b.size)}  {b.media_type or ''}".rstrip() for b in report.freed
+        ]
+        return lines
+    if isinstance(report, SyncReport):
+        lines = [
+            f"roots +{report.roots_added} -{report.roots_removed}; "
+            f"{report.became_live} blobs became live; "
+            f"{len(report.freed)} freed ({report.freed_bytes} bytes); "
+            f"{len(report.restored)} restored; {len(report.missing)} missing; "
+            f"{len(report.orphans)} new orphans"
+        ]
+        lines += [f"missing: {d}" for d in report.missing]
+        lines += [f"skipped: {p}" for p in report.problems]
+        return lines
+    if isinstance(report, VerifyReport):
+        return _verify_text(report)
+    if isinstance(report, GcReport):
+        sweep, purge = ("would sweep", "would purge") if report.dry_run else ("swept", "purged")
+        lines = [
+            f"{sweep} {len(report.swept)} orphans, {purge} {len(report.purged)} trashed blobs, "
+            f"{report.freed_bytes} bytes"
+        ]
+        lines += [
+            f"  orphan {a.digest}  {a.size} B  {a.age_seconds:.0f}s old" for a in report.swept
+        ]
+        lines += [f"  trash  {a.digest}  {a.size} B" for a in report.purged]
+        return lines
+    if isinstance(report, list):
+        return _tags_text(report)
+    if isinstance(report, BlobInfo):
+        lines = [
+            f"digest:     {report.digest}",
+            f"count:      {report.count}",
+            f"state:      {report.state}",
+            f"size:       {_size(report.size)}",
+            f"media type: {report.media_type or '?'}",
+        ]
+        if report.tags:
+            lines.append("roots:      " + ", ".join(t or "(untagged)" for t in report.tags))
+        if report.subject:
+            lines.append(f"subject:    {report.subject}")
+        if report.problem:
+            lines.append(f"problem:    {report.problem}")
+        lines += [f"parent:     {p.digest} ({p.kind})" for p in report.parents]
+        lines += [f"child:      {c.digest} ({c.kind})" for c in report.children]
+        return lines
+    raise TypeError(f"no renderer for {type(report).__name__}")
+
+
+def _verify_text(report: VerifyReport) -> list[str]:
+    lines = [
+        f"drift {d.digest}: expected {d.expected}, recorded {d.recorded}"
+        + (" (repaired)" if report.repaired else "")
+        for d in report.drift
+    ]
+    lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]
+    lines += [f"corrupt {c.digest}: {c.reason}" for c in report.corrupt]
+    lines += [f"problem {p}" for p in report.problems]
+    lines += [f"orphan {a.digest}: {a.size} B, {a.age_seconds:.0f}s old" for a in report.orphans]
+    lines += [f"quarantined {a.digest}: {a.size} B" for a in report.quarantined]
+    status = "OK" if report.ok else "FAILED"
+    lines.append(
+        f"{status}: {report.roots} roots, {report.live} live blobs"
+        + (", content hashed" if report.deep else "")
+    )
+    return lines
+
+
+def _tags_text(tags: list[TagInfo]) -> list[str]:
+    width = max((len(t.tag) for t in tags), default=3)
+    return [f"{'TAG':<{width}}  {'DIGEST':<71}  SIZE"] + [
+        f"{t.tag:<{width}}  {t.digest:<71}  {_size(t.size)}" for t in tags
+    ]
+
+
+# --- the error boundary ---------------------------------------------------------
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _configure_logging(log_format: str, level: int | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if log_format == "json" else logging.Formatter("refcount: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    if level is not None and root.level > level:
+        root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the one place errors become messages and exit codes."""
+    _configure_logging("text")
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="refcount")
+        code = result if isinstance(result, int) else 0
+    except RefcountError as exc:
+        log.debug("error details", exc_info=True)
+        typer.echo(f"refcount: error: {exc}", err=True)
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("refcount: interrupted", err=True)
+        code = 130
+    except typer.TyperException as exc:  # usage errors: bad flag, missing argument
+        typer.echo(f"refcount: error: {exc.format_message()}", err=True)
+        code = getattr(exc, "exit_code", 2)
+    except Exception as exc:
+        log.debug("internal error", exc_info=True)
+        typer.echo(
+            f"refcount: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
+            err=True,
+        )
+        code = INTERNAL_ERROR
+    finally:
+        logging.shutdown()
+    return code
+
+
+def run() -> None:
+    """The console script."""
+    sys.exit(main())
