@@ -115,6 +115,7 @@ class _Work:
     hints: dict[str, Descriptor] = field(default_factory=dict)
     became_live: int = 0
     freed: list[BlobRef] = field(default_factory=list)
+    freed_digests: set[str] = field(default_factory=set)
     restored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     found: list[str] = field(default_factory=list)
@@ -241,6 +242,7 @@ class _Work:
             self.repo.delete_blob(digest)
             self.repo.add_actions("unlink", [digest], self.now)
         self.freed.append(BlobRef(digest, row.size, row.media_type))
+        self.freed_digests.add(digest)
 
     def _note_missing(self, digest: str) -> None:
         if digest not in self.missing:
@@ -251,8 +253,11 @@ class _Work:
         """Bring one blob's row in line with whether its file is in blobs/ now.
 
         A referenced blob that vanished is recorded as missing; its count and the
-        counts of everything it holds are left alone (SPEC §6).
+        counts of everything it holds are left alone (SPEC §6). A blob freed by
+        this same transaction is still in blobs/ until the journal runs: skip it.
         """
+        if digest in self.freed_digests:
+            return
         if state == "live" and file is None:
             self.repo.update_blob(digest, state="missing")
             self._note_missing(digest)
