@@ -335,9 +335,11 @@ def _text(report: Any) -> list[str]:
 
 
 def _verify_text(report: VerifyReport) -> list[str]:
+    repaired = " (repaired)" if report.repaired else ""
     lines = [
-        f"drift {d.digest}: expected {d.expected}, recorded {d.recorded}"
-        + (" (repaired)" if report.repaired else "")
+        f"drift {d.digest}: expected {d.expected}, recorded {d.recorded}{repaired}"
+        if d.expected_state is None
+        else f"drift {d.digest}: state is {d.expected_state}, recorded {d.recorded_state}{repaired}"
         for d in report.drift
     ]
     lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]

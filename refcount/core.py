@@ -116,7 +116,7 @@ class _Work:
     became_live: int = 0
     freed: list[BlobRef] = field(default_factory=list)
     freed_digests: set[str] = field(default_factory=set)
-    restored: list[str] = field(default_factory=list)
+    restored: set[str] = field(default_factory=set)
     missing: list[str] = field(default_factory=list)
     found: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
@@ -155,7 +155,7 @@ class _Work:
             return "live"
         if self.store.in_trash(digest):
             self.repo.add_actions("restore", [digest], self.now)
-            self.restored.append(digest)
+            self.restored.add(digest)
             return "live"
         hint = self.hints.get(digest)
         if hint is not None and hint.urls:
@@ -181,6 +181,9 @@ class _Work:
         row = self.repo.blob(digest)
         assert row is not None
         values: dict[str, Any] = {"state": self._presence(digest), "freed_at": None}
+        if row.state == "trash" and digest not in self.restored:
+            # An outside tool wrote the blob again: the quarantined copy is surplus.
+            self.repo.add_actions("purge", [digest], self.now)
         if row.media_type is None and digest in self.hints:
             values["media_type"] = self.hints[digest].media_type
         self.repo.update_blob(digest, **values)
@@ -253,10 +256,11 @@ class _Work:
         """Bring one blob's row in line with whether its file is in blobs/ now.
 
         A referenced blob that vanished is recorded as missing; its count and the
-        counts of everything it holds are left alone (SPEC §6). A blob freed by
-        this same transaction is still in blobs/ until the journal runs: skip it.
+        counts of everything it holds are left alone (SPEC §6). A blob freed or
+        restored by this same transaction moves only when the journal runs after
+        commit, so what the disk shows of it now is stale: skip it.
         """
-        if digest in self.freed_digests:
+        if digest in self.freed_digests or digest in self.restored:
             return
         if state == "live" and file is None:
             self.repo.update_blob(digest, state="missing")
@@ -294,7 +298,7 @@ class _Work:
             roots_removed=removed,
             became_live=self.became_live,
             freed=tuple(self.freed),
-            restored=tuple(self.restored),
+            restored=tuple(sorted(self.restored)),
             missing=tuple(self.missing),
             found=tuple(self.found),
             orphans=tuple(self.orphans),
@@ -645,6 +649,13 @@ class Refcounter:
                     for d in sorted(set(recorded) | set(scan.counts))
                     if scan.counts.get(d, 0) != recorded.get(d, 0)
                 )
+                states = repo.blob_states()
+                drift += tuple(
+                    Drift(d, scan.counts[d], recorded.get(d, 0), states.get(d), actual)
+                    for d in sorted(scan.counts)
+                    if scan.counts[d] == recorded.get(d, 0)
+                    and states.get(d) != (actual := self._disk_state(scan, d))
+                )
                 if repair and drift:
                     self._rebuild(repo, scan, snapshot.hash)
                     log.warning("verify --repair: %d counts rewritten from the disk", len(drift))
@@ -671,6 +682,13 @@ class Refcounter:
             corrupt=self._check_content(scan) if deep else (),
             problems=tuple(scan.problems),
         )
+
+    @staticmethod
+    def _disk_state(scan: _Scan, digest: str) -> str:
+        if digest in scan.files:
+            return "live"
+        hint = scan.hints.get(digest)
+        return "foreign" if hint is not None and hint.urls else "missing"
 
     @staticmethod
     def _is_missing(scan: _Scan, digest: str) -> bool:

@@ -68,9 +68,13 @@ class DeleteReport:
 
 @dataclass(frozen=True)
 class Drift:
+    """A blob whose recorded count (or, counts agreeing, recorded state) is wrong."""
+
     digest: str
     expected: int
     recorded: int
+    recorded_state: str | None = None
+    expected_state: str | None = None
 
 
 @dataclass(frozen=True)

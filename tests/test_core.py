@@ -217,7 +217,7 @@ def test_unknown_names_are_not_found(store: Path) -> None:
 
 
 def test_index_rewrite_keeps_unknown_fields_annotations_and_order(store: Path) -> None:
-    a, b, _ = two_images(store)
+    _a, b, _ = two_images(store)
     index = read_index(store)
     index["annotations"] = {"org.example": "kept"}
     index["x-custom"] = [1, 2]
@@ -300,7 +300,7 @@ def test_gc_dry_run_changes_nothing(store: Path) -> None:
 
 
 def test_verify_names_a_referenced_blob_deleted_behind_its_back(store: Path) -> None:
-    _a, _b, base = two_images(store)
+    two_images(store)
     with refcount.open(store) as rc:
         rc.init()
         layer = rc.show("a").children[1].digest
@@ -360,7 +360,7 @@ def test_tags_lists_each_tag_with_the_bytes_of_its_image(store: Path) -> None:
     with refcount.open(store) as rc:
         rc.init()
         tags = rc.tags()
-        assert [(t.tag, t.digest) for t in tags][0] == ("a", a["digest"])
+        assert (tags[0].tag, tags[0].digest) == ("a", a["digest"])
         manifest = json.loads(
             (store / "blobs" / "sha256" / str(a["digest"]).split(":")[1]).read_bytes()
         )

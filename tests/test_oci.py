@@ -108,7 +108,7 @@ def test_a_bad_entry_is_skipped_and_reported_while_the_rest_count() -> None:
 
 @pytest.mark.parametrize("data", [b"", b"{", b"[]", b'{"manifests": {}}', b"\xff\xfe"])
 def test_an_index_that_is_not_a_complete_object_is_an_error_not_an_empty_store(data: bytes) -> None:
-    with pytest.raises(InvalidStore, match="index.json"):
+    with pytest.raises(InvalidStore, match=r"index\.json"):
         parse_index(data)
 
 

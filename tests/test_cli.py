@@ -1,0 +1,203 @@
+"""The command line's contract: exit codes, one-line errors, reports, and no data lost on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Cli
+from storekit import add_image, blob_files, listing, read_index, reachable, tag_of
+
+
+@pytest.fixture
+def images(store: Path) -> Path:
+    base = b"base"
+    add_image(store, [base, b"a"], tag="a", config=b'{"a":1}')
+    add_image(store, [base, b"b"], tag="b", config=b'{"b":1}')
+    return store
+
+
+def one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("refcount: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+
+
+def test_delete_tag_prints_what_it_removed_and_freed(cli: Cli, images: Path) -> None:
+    assert cli("--store", images, "init").code == 0
+    result = cli("--store", images, "delete", "tag", "a")
+    assert result.code == 0
+    assert result.out.startswith("removed 1 index.json entries:\n  a  sha256:")
+    assert "freed 3 blobs" in result.out
+    assert [tag_of(e) for e in read_index(images)["manifests"]] == ["b"]
+    assert cli("--store", images, "verify").code == 0
+
+
+def test_json_reports_are_one_document(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    report = json.loads(cli("--store", images, "--json", "delete", "tag", "a", "--dry-run").out)
+    assert report["dry_run"] is True and [e["tag"] for e in report["removed"]] == ["a"]
+    assert len(report["freed"]) == 3 and report["freed_bytes"] == sum(
+        b["size"] for b in report["freed"]
+    )
+    verify = json.loads(cli("--store", images, "--json", "verify").out)
+    assert verify["ok"] is True and verify["roots"] == 2
+    tags = json.loads(cli("--store", images, "--json", "tags").out)
+    assert [t["tag"] for t in tags] == ["a", "b"]
+    show = json.loads(cli("--store", images, "--json", "show", "a").out)
+    assert show["count"] == 1 and show["tags"] == ["a"]
+
+
+def test_store_and_database_come_from_the_environment(
+    cli: Cli, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("REFCOUNT_STORE", str(images))
+    monkeypatch.setenv("REFCOUNT_DB", f"sqlite:///{db}")
+    assert cli("init").code == 0
+    assert db.exists() and not (images / ".refcount" / "refcount.db").exists()
+    assert cli("tags").out.count("sha256:") == 2
+
+
+def test_verify_exits_1_and_names_a_missing_blob(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    layer = json.loads(cli("--store", images, "--json", "show", "a").out)["children"][2]["digest"]
+    (images / "blobs" / "sha256" / layer.split(":")[1]).unlink()
+    result = cli("--store", images, "verify")
+    assert result.code == 1
+    assert f"missing {layer}" in result.out and "FAILED" in result.out
+
+
+def test_verify_repair_brings_a_tampered_database_back(cli: Cli, images: Path) -> None:
+    import sqlite3
+
+    cli("--store", images, "init")
+    with sqlite3.connect(images / ".refcount" / "refcount.db") as db:
+        db.execute("UPDATE blobs SET count = count + 5 WHERE state = 'live'")
+    before = listing(images)
+    drift = cli("--store", images, "verify")
+    assert drift.code == 1 and drift.out.count("drift sha256:") == 7
+    assert cli("--store", images, "verify", "--repair").code == 0
+    assert cli("--store", images, "verify").code == 0
+    assert listing(images) == before
+
+
+# --- bad input: exit code, one line naming the culprit, nothing deleted ----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needles"),
+    [
+        (["delete", "tag", "nope"], 1, ["nope", "no such tag"]),
+        (["delete", "manifest", "sha256:" + "0" * 64], 1, ["sha256:" + "0" * 64]),
+        (
+            ["delete", "manifest", "sha256:../../etc/passwd"],
+            2,
+            ["sha256:../../etc/passwd", "invalid digest"],
+        ),
+        (["delete", "manifest", "sha256:" + "A" * 64], 2, ["invalid digest"]),
+        (["delete", "manifest", "md5:" + "0" * 32], 2, ["unsupported algorithm"]),
+        (["delete", "manifest", ""], 2, ["invalid digest"]),
+        (["show", "nope"], 1, ["nope"]),
+        (["--trash-ttl", "soon", "gc"], 2, ["soon", "invalid duration"]),
+        (["delete", "tag"], 2, ["Missing argument"]),
+        (["--no-such-flag", "init"], 2, ["--no-such-flag"]),
+    ],
+)
+def test_bad_arguments_are_refused_without_touching_the_store(
+    cli: Cli, images: Path, args: list[str], code: int, needles: list[str]
+) -> None:
+    cli("--store", images, "init")
+    before = listing(images, include_refcount=False)
+    result = cli("--store", images, *args)
+    assert result.code == code
+    one_error_line(result.err, *needles)
+    assert listing(images) == before
+
+
+def break_index_json(store: Path) -> None:
+    (store / "index.json").write_text('{"schemaVersion": 2, "manifests": [')
+
+
+def remove_index_json(store: Path) -> None:
+    (store / "index.json").unlink()
+
+
+def remove_oci_layout(store: Path) -> None:
+    (store / "oci-layout").unlink()
+
+
+def empty_index_json(store: Path) -> None:
+    (store / "index.json").write_text("")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "why"),
+    [
+        (break_index_json, "index.json", "invalid JSON"),
+        (empty_index_json, "index.json", "empty"),
+        (remove_index_json, "index.json", "missing"),
+        (remove_oci_layout, "oci-layout", "missing"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["sync"], ["delete", "tag", "a"], ["gc"], ["verify"], ["init"]]
+)
+def test_a_broken_store_is_refused_with_exit_2_naming_the_file(
+    cli: Cli, images: Path, damage: object, file: str, why: str, command: list[str]
+) -> None:
+    cli("--store", images, "init")
+    damage(images)  # type: ignore[operator]
+    before = listing(images)
+    blobs = blob_files(images)
+    result = cli("--store", images, *command)
+    assert result.code == 2
+    one_error_line(result.err, str(images / file), why)
+    assert listing(images) == before and blob_files(images) == blobs
+
+
+def test_a_directory_that_is_not_a_layout_is_refused(cli: Cli, tmp_path: Path) -> None:
+    result = cli("--store", tmp_path, "init")
+    assert result.code == 2
+    one_error_line(result.err, "oci-layout", "missing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_after_an_outside_edit_then_delete_last_frees_everything(
+    cli: Cli, images: Path
+) -> None:
+    cli("--store", images, "init")
+    cli("--store", images, "delete", "tag", "a")
+    cli("--store", images, "delete", "tag", "b")
+    assert blob_files(images) == set() == reachable(images)
+    assert cli("--store", images, "verify").code == 0
+
+
+def test_gc_reports_what_it_swept(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    cli("--store", images, "delete", "tag", "a")
+    result = cli("--store", images, "--trash-ttl", "0", "gc")
+    assert result.code == 0 and "purged 3 trashed blobs" in result.out
+
+
+def test_python_dash_m_and_the_console_script_run_the_same_cli(images: Path) -> None:
+    env = {**os.environ, "REFCOUNT_STORE": str(images)}
+    done = subprocess.run(
+        [sys.executable, "-m", "refcount", "init"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "refcount", "delete", "tag", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("refcount: error: nope")
+    assert "Traceback" not in bad.stderr
