@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from storekit import add_image, blob_files, listing, read_index, reachable, tag_of
+from storekit import add_image, blob_files, listing, reachable, read_index, tag_of
 
 
 @pytest.fixture

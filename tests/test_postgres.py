@@ -1,0 +1,264 @@
+"""refcount with its database on PostgreSQL (`--db postgresql+psycopg://...`).
+
+Needs the server on 127.0.0.1:5432 with trust authentication (user postgres or
+root, maintenance database `test`). Each test gets a database of its own,
+created here and dropped afterwards, so runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import storekit as sk
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+import refcount
+from refcount.cli import main
+from refcount.db.engine import current_revision, ensure_schema, make_engine, upgrade
+from refcount.db.models import SCHEMA_HEAD, Base
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")
+
+pytestmark = pytest.mark.postgres
+
+HOST, PORT, MAINTENANCE_DB = "127.0.0.1", 5432, "test"
+USERS = ("postgres", "root")
+
+
+def _connect(user: str, dbname: str = MAINTENANCE_DB) -> Any:
+    return psycopg.connect(
+        host=HOST, port=PORT, user=user, dbname=dbname, autocommit=True, connect_timeout=3
+    )
+
+
+def _find_user() -> tuple[str | None, str]:
+    errors = []
+    for user in USERS:
+        try:
+            with _connect(user):
+                return user, ""
+        except psycopg.Error as exc:
+            errors.append(f"{user}: {str(exc).strip().splitlines()[0]}")
+    return None, "; ".join(errors)
+
+
+def _start_server() -> None:
+    """One attempt to start the local cluster (no systemd in containers)."""
+    pg_ctlcluster = shutil.which("pg_ctlcluster")
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if pg_ctlcluster is None or not versions:
+        return
+    subprocess.run(
+        [pg_ctlcluster, "--skip-systemctl-redirect", versions[-1], "main", "start"],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def pg_user() -> str:
+    user, why = _find_user()
+    if user is None:
+        _start_server()
+        user, why = _find_user()
+    if user is None:
+        pytest.skip(f"PostgreSQL is not reachable at {HOST}:{PORT} ({why})")
+    return user
+
+
+@pytest.fixture
+def pg_url(pg_user: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    name = f"refcount_t_{secrets.token_hex(6)}"
+    with _connect(pg_user) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://{pg_user}@{HOST}:{PORT}/{name}"
+    finally:
+        with _connect(pg_user) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _sql(url: str, statement: str, *params: object) -> None:
+    """Run one statement on the test database behind refcount's back."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute(statement, params)
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def refcount_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
+    def invoke(*args: str | Path) -> Ran:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Ran(code, captured.out, captured.err)
+
+    return invoke
+
+
+def cfg(name: str) -> bytes:
+    """An explicit config, so its digest is known from its bytes."""
+    return json.dumps({"architecture": "amd64", "os": "linux", "name": name}).encode()
+
+
+@pytest.fixture
+def shared_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """index.json: a -> Ma (Ca, L0, L1); b -> Mb (Cb, L0, L2). L0 is shared."""
+    store = sk.make_layout(tmp_path / "store")
+    ma = sk.add_image(store, [b"L0", b"L1"], tag="a", config=cfg("a"))
+    mb = sk.add_image(store, [b"L0", b"L2"], tag="b", config=cfg("b"))
+    h = sk.sha256_digest
+    names = {
+        "Ma": ma["digest"],
+        "Mb": mb["digest"],
+        "Ca": h(cfg("a")),
+        "Cb": h(cfg("b")),
+        "L0": h(b"L0"),
+        "L1": h(b"L1"),
+        "L2": h(b"L2"),
+    }
+    return store, names
+
+
+def counts(store: Path, url: str, digests: set[str]) -> dict[str, int]:
+    with refcount.open(store, url) as rc:
+        return {d: rc.count(d) for d in digests}
+
+
+def trash_files(store: Path) -> set[str]:
+    trash = store / ".refcount" / "trash"
+    return {f"{alg.name}:{p.name}" for alg in trash.iterdir() for p in alg.iterdir()}
+
+
+# --------------------------------------------------------------------------
+
+
+def test_migrating_an_empty_postgresql_database_to_head_builds_exactly_the_models(
+    pg_url: str,
+) -> None:
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        ensure_schema(engine)  # already at head: a no-op
+
+        assert current_revision(engine) == SCHEMA_HEAD
+        assert set(inspect(engine).get_table_names()) == {
+            "alembic_version",
+            *Base.metadata.tables,
+        }
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "compare_server_default": True}
+            )
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_deleting_a_tag_with_counts_on_postgresql_frees_only_what_the_other_image_lacks(
+    shared_store: tuple[Path, dict[str, str]],
+    pg_url: str,
+    refcount_cli: Callable[..., Ran],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, n = shared_store
+    everything = set(n.values())
+
+    init = refcount_cli("--store", store, "--db", pg_url, "init")
+    assert (init.code, init.err) == (0, "")
+    assert counts(store, pg_url, everything) == sk.expected_counts(store)
+    assert counts(store, pg_url, {n["L0"]}) == {n["L0"]: 2}
+
+    deleted = refcount_cli("--store", store, "--db", pg_url, "--json", "delete", "tag", "a")
+
+    assert (deleted.code, deleted.err) == (0, "")
+    freed = {b["digest"] for b in deleted.json()["freed"]}
+    assert freed == {n["Ma"], n["Ca"], n["L1"]}
+    assert sk.blob_files(store) == {n["Mb"], n["Cb"], n["L0"], n["L2"]}
+    assert trash_files(store) == freed
+    expected = sk.expected_counts(store)
+    assert counts(store, pg_url, everything) == {d: expected.get(d, 0) for d in everything}
+    # The counts live in PostgreSQL, not in a SQLite file beside the store.
+    assert not (store / ".refcount" / "refcount.db").exists()
+
+    monkeypatch.setenv("REFCOUNT_DB", pg_url)  # the environment names the same database
+    verify = refcount_cli("--store", store, "verify")
+    assert verify.code == 0, verify
+    assert not (store / ".refcount" / "refcount.db").exists()
+
+
+def test_verify_repair_on_postgresql_restores_tampered_counts_without_deleting_content(
+    shared_store: tuple[Path, dict[str, str]], pg_url: str, refcount_cli: Callable[..., Ran]
+) -> None:
+    store, n = shared_store
+    assert refcount_cli("--store", store, "--db", pg_url, "init").code == 0
+    before = sk.listing(store)
+    _sql(pg_url, "UPDATE blobs SET count = 7 WHERE digest = %s", n["L0"])
+    _sql(pg_url, "DELETE FROM blobs WHERE digest = %s", n["L2"])
+
+    found = refcount_cli("--store", store, "--db", pg_url, "verify")
+    assert found.code == 1
+    assert n["L0"] in found.out and n["L2"] in found.out
+
+    repaired = refcount_cli("--store", store, "--db", pg_url, "verify", "--repair")
+    assert repaired.code == 0, repaired
+    again = refcount_cli("--store", store, "--db", pg_url, "verify")
+    assert again.code == 0, again
+    assert sk.listing(store) == before
+    assert counts(store, pg_url, set(n.values())) == sk.expected_counts(store)
+
+    # The repaired database frees correctly: b alone holds L0 now, so deleting a keeps it.
+    deleted = refcount_cli("--store", store, "--db", pg_url, "--json", "delete", "tag", "a")
+    assert deleted.code == 0, deleted
+    assert {b["digest"] for b in deleted.json()["freed"]} == {n["Ma"], n["Ca"], n["L1"]}
+    assert counts(store, pg_url, {n["L0"], n["L2"]}) == {n["L0"]: 1, n["L2"]: 1}
+
+
+def test_several_sidecars_upgrading_one_empty_postgresql_database_at_once_all_succeed(
+    shared_store: tuple[Path, dict[str, str]], pg_url: str
+) -> None:
+    store, _ = shared_store
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFCOUNT_")}
+    command = [sys.executable, "-m", "refcount", "--store", str(store), "--db", pg_url]
+    procs = [
+        subprocess.Popen(
+            [*command, "db", "upgrade"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    results = [(*p.communicate(timeout=60), p.returncode) for p in procs]
+
+    assert [code for _, _, code in results] == [0, 0, 0, 0], results
+    assert all(SCHEMA_HEAD in out for out, _, _ in results)
+    engine = make_engine(pg_url)
+    try:
+        assert current_revision(engine) == SCHEMA_HEAD
+    finally:
+        engine.dispose()
