@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -75,6 +77,26 @@ class Settings:
             keep_untagged=self.keep_untagged,
             max_manifest=self.max_manifest,
         )
+
+    @contextmanager
+    def counter(self) -> Iterator[Refcounter]:
+        """The store's Refcounter, drawing a progress bar on a terminal (never in JSON mode)."""
+        with self.open() as rc:
+            if self.json or not sys.stdout.isatty():
+                yield rc
+                return
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                tasks: dict[str, Any] = {}
+
+                def show(phase: str, done: int, total: int) -> None:
+                    if phase not in tasks:
+                        tasks[phase] = bar.add_task(phase, total=total)
+                    bar.update(tasks[phase], completed=done, total=total)
+
+                rc.progress = show
+                yield rc
 
 
 DryRun = Annotated[
@@ -145,14 +167,14 @@ def init(ctx: typer.Context) -> None:
     Example:
         refcount --store /srv/oci init
     """
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.init())
 
 
 @app.command()
 def sync(ctx: typer.Context) -> None:
     """Reconcile the database with the disk once, applying only the differences."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.sync())
 
 
@@ -168,7 +190,7 @@ def delete_tag(
     Example:
         refcount delete tag app:1.0 --dry-run
     """
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.delete_tag(ref, dry_run=dry_run))
 
 
@@ -179,7 +201,7 @@ def delete_manifest(
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
 
 
@@ -192,7 +214,7 @@ def verify(
     ] = False,
 ) -> None:
     """Recount from scratch and compare with the database; exit 1 on any disagreement."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         report = rc.verify(deep=deep, repair=repair)
     render(ctx, report)
     if not report.ok:
@@ -208,14 +230,14 @@ def gc(
     ] = None,
 ) -> None:
     """Sweep orphans older than the grace period; purge expired trash."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.gc(dry_run=dry_run, grace=None if grace is None else parse_duration(grace)))
 
 
 @app.command()
 def tags(ctx: typer.Context) -> None:
     """The tags, their digests and the bytes of each image."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.tags())
 
 
@@ -224,7 +246,7 @@ def show(
     ctx: typer.Context, ref: Annotated[str, typer.Argument(help="A digest or a tag.")]
 ) -> None:
     """Count, state, parents (why it is alive) and children of a blob."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         render(ctx, rc.show(ref))
 
 
@@ -251,7 +273,7 @@ def watch(
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Bring the database schema to the newest revision."""
-    with _settings(ctx).open() as rc:
+    with _settings(ctx).counter() as rc:
         typer.echo(f"schema at {rc.schema_revision()}")
 
 

@@ -320,9 +320,18 @@ class _Scan:
     problems: list[str]
 
 
-def _scan(store: Store, snapshot: IndexSnapshot) -> _Scan:
+Progress = Callable[[str, int, int], None]
+"""Told (phase, done, total) now and then during long work; the CLI draws a bar."""
+
+
+def _no_progress(_phase: str, _done: int, _total: int) -> None:
+    return None
+
+
+def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progress) -> _Scan:
     index = parse_index(snapshot.data, str(store.index_path))
     files, file_problems = store.list_blobs()
+    visited = 0
     hints: dict[str, Descriptor] = {}
     for root in index.roots:
         hints.setdefault(root.digest, Descriptor(root.digest, root.media_type, root.size))
@@ -331,6 +340,10 @@ def _scan(store: Store, snapshot: IndexSnapshot) -> _Scan:
     problems = [str(p) for p in (*index.problems, *file_problems)]
 
     def children(digest: str) -> list[str]:
+        nonlocal visited
+        visited += 1
+        if visited % 512 == 0:
+            progress("counting", visited, len(files))
         hint = hints.get(digest)
         media_type = hint.media_type if hint else None
         if (media_type is not None and not is_manifest_type(media_type)) or digest not in files:
@@ -357,6 +370,7 @@ def _scan(store: Store, snapshot: IndexSnapshot) -> _Scan:
         return list(kids)
 
     counts = graph.mark((r.digest for r in index.roots), children)
+    progress("counting", len(files), len(files))
     return _Scan(index.roots, counts, edges, hints, parsed, files, problems)
 
 
@@ -370,6 +384,7 @@ class Refcounter:
 
     def __init__(self, store: Store, db_url: str | None = None, policy: Policy | None = None):
         self.store = store
+        self.progress: Progress = _no_progress
         self.policy = policy or Policy()
         store.ensure_state_dir()
         self.engine = make_engine(db_url or default_url(store.path))
@@ -397,7 +412,7 @@ class Refcounter:
             if not empty:
                 return self._sync_locked(None)
             snapshot = self.store.read_index()
-            scan = _scan(self.store, snapshot)
+            scan = _scan(self.store, snapshot, self.progress)
             with transaction(self.engine) as repo:
                 self._rebuild(repo, scan, snapshot.hash)
                 live = sum(1 for c in scan.counts.values() if c > 0)
@@ -641,7 +656,7 @@ class Refcounter:
         with self.store.locked():
             self._settle()
             snapshot = self.store.read_index()
-            scan = _scan(self.store, snapshot)
+            scan = _scan(self.store, snapshot, self.progress)
             with transaction(self.engine, write=repair) as repo:
                 recorded = repo.counts()
                 drift = tuple(
@@ -708,9 +723,15 @@ class Refcounter:
                 return Corrupt(digest, f"size {size} differs from descriptor size {hint.size}")
             return None
 
+        found: list[Corrupt] = []
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = pool.map(check, sorted(scan.files), chunksize=64)
-            return tuple(r for r in results if r is not None)
+            for done, result in enumerate(results, 1):
+                if result is not None:
+                    found.append(result)
+                if done % 512 == 0 or done == len(scan.files):
+                    self.progress("hashing", done, len(scan.files))
+        return tuple(found)
 
     def _rebuild(self, repo: Repo, scan: _Scan, index_hash: str) -> None:
         """Replace the database with what the scan found (no file is touched)."""
