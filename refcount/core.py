@@ -455,6 +455,8 @@ class Refcounter:
                         digest, row.state if row else None, self.store.blob_file(digest)
                     )
             report = work.sync_report(added, removed)
+            crash_point("sync-before-commit")
+        crash_point("sync-after-commit")
         self._log_missing(report.missing)
         self._settle()
         return report
@@ -516,7 +518,11 @@ class Refcounter:
             work = _Work(repo, self.store, self.policy)
             removed = {r.position for r in index.roots if selects(r)}
             if not removed:
+                for problem in index.problems:
+                    if problem.tag == target:
+                        raise InvalidStore(str(problem))
                 raise NotFound(f"{target}: no such {what.split()[0]} in {self.store.index_path}")
+            self._refuse_damaged(repo, {r.digest for r in index.roots if r.position in removed})
             if not self.policy.keep_untagged:
                 removed |= self._untagged_children(repo, index, removed)
             by_position = {r.position: r for r in index.roots}
@@ -558,6 +564,19 @@ class Refcounter:
             report.freed_bytes,
         )
         return report
+
+    @staticmethod
+    def _refuse_damaged(repo: Repo, roots: set[str]) -> None:
+        """Refuse to delete an image whose own manifests could not be parsed.
+
+        Their children were never counted, so freeing would leave them behind (or,
+        worse, a later repair could count them differently); the user fixes or
+        removes the broken blob first. Cost: the image's own subtree.
+        """
+        below = graph.descendants(roots, lambda d: [c for c, _ in repo.children(d)])
+        for row in repo.blobs_in(below | roots).values():
+            if row.problem is not None:
+                raise InvalidBlob(f"{row.problem}; not deleting an image that holds it")
 
     def _untagged_children(self, repo: Repo, index: Index, removed: set[int]) -> set[int]:
         """Untagged entries below the deleted roots that no remaining tagged root reaches."""

@@ -89,6 +89,7 @@ class Problem:
 
     where: str
     message: str
+    tag: str | None = None  # for an index.json entry: its tag, when that much was readable
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
@@ -168,10 +169,16 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
             descriptor = _descriptor(raw, entry)
             tag = _tag_of(raw, entry)
         except (InvalidDigest, InvalidBlob) as exc:
-            problems.append(Problem(entry, str(exc)))
+            problems.append(Problem(entry, str(exc), _raw_tag(raw)))
             continue
         roots.append(Root(position, descriptor.digest, descriptor.media_type, descriptor.size, tag))
     return Index(tuple(roots), tuple(problems))
+
+
+def _raw_tag(raw: object) -> str | None:
+    annotations = raw.get("annotations") if isinstance(raw, dict) else None
+    tag = annotations.get(TAG_ANNOTATION) if isinstance(annotations, dict) else None
+    return tag if isinstance(tag, str) else None
 
 
 def _tag_of(raw: dict[str, Any], where: str) -> str | None:

@@ -31,7 +31,12 @@ CRASH_ENV = "REFCOUNT_CRASH_AT"
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for tests: exit hard here when REFCOUNT_CRASH_AT names this point."""
+    """Fault injection for tests: exit hard (status 137) when REFCOUNT_CRASH_AT names this point.
+
+    The points: sync-before-commit, sync-after-commit (every sync and daemon batch),
+    delete-before-index, index-before-rename, delete-before-commit,
+    delete-after-commit, settle-between-actions, gc-after-commit.
+    """
     if os.environ.get(CRASH_ENV) == name:
         os._exit(137)
 

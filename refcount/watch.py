@@ -226,14 +226,21 @@ class StoreEventHandler(FileSystemEventHandler):
 
 
 class _WatchdogSpy(logging.Handler):
-    """Hears watchdog's own warnings: an inotify queue overflow is only logged."""
+    """Hears watchdog report lost events, which it does only in its log.
+
+    An inotify queue overflow is logged as a warning mentioning "overflow"; a
+    failure to rebuild watches is logged with a traceback. Other records (an
+    emitter complaining while it is being stopped) are not about lost events:
+    dead threads are found by the liveness check instead.
+    """
 
     def __init__(self, on_lost: Callable[[str], None]) -> None:
         super().__init__(logging.WARNING)
         self.on_lost = on_lost
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.on_lost(f"watchdog: {record.getMessage()}")
+        if "overflow" in str(record.msg).lower() or record.exc_info:
+            self.on_lost(f"watchdog: {record.getMessage()}")
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +286,7 @@ class Daemon:
         self._stopping = False
         self._seen = 0  # bumped for every request (event, resync, signal)
         self._applied = 0  # the highest `_seen` whose work is fully applied
-        self._rebuild = False
+        self._rebuild_reason: str | None = None
         # Only the worker touches these.
         now = time.monotonic()
         self._resync_due = now + options.resync.total_seconds()
@@ -287,7 +294,7 @@ class Daemon:
         self._health_due = now + HEALTH_INTERVAL
         self._observer: BaseObserver | None = None
         self._watching_blobs = False
-        self._spy = _WatchdogSpy(self.request_full)
+        self._spy = _WatchdogSpy(self.report_lost)
         self._worker = threading.Thread(target=self._run, name="refcount-watch", daemon=True)
         self._last_success: float | None = None
         self.failed: BaseException | None = None
@@ -306,14 +313,19 @@ class Daemon:
             self._cond.notify_all()
 
     def request_full(self, reason: str) -> None:
-        """Ask for a full reconcile (start, SIGHUP, lost events, a dead observer)."""
+        """Ask for a full reconcile (start, SIGHUP, a rebuilt observer)."""
         with self._cond:
             if reason not in self._full_reasons:
                 self._full_reasons.append(reason)
-            if reason.startswith("watchdog") or "lost" in reason or "directory" in reason:
-                self._rebuild = True
             self._seen += 1
             self._cond.notify_all()
+
+    def report_lost(self, reason: str) -> None:
+        """Events were lost: rebuild the observer, then reconcile fully."""
+        with self._cond:
+            self._rebuild_reason = self._rebuild_reason or reason
+            self._health_due = 0.0  # check (and rebuild) at once
+        self.request_full(reason)
 
     def request_stop(self, reason: str = "stop requested") -> None:
         with self._cond:
@@ -398,7 +410,7 @@ class Daemon:
             while True:
                 job = self._next_job()
                 if job.kind == "stop":
-                    self._flush_on_stop()
+                    self._flush_on_stop(job)
                     return
                 self._do(job)
         except BaseException as exc:  # the daemon must not die silently
@@ -416,6 +428,9 @@ class Daemon:
                 now = time.monotonic()
                 if self._stopping:
                     return _Job("stop", self._pending.take(), epoch=self._seen)
+                if now >= self._health_due:
+                    self._health_due = now + HEALTH_INTERVAL
+                    return _Job("health")
                 if now >= self._resync_due:
                     self._resync_due = now + self.options.resync.total_seconds()
                     self._full_reasons.append("periodic resync")
@@ -426,12 +441,9 @@ class Daemon:
                     return _Job("full", self._pending.take(), reasons, self._seen)
                 if self._pending and now >= self._retry_at and self._quiet(now):
                     return _Job("batch", self._pending.take(), epoch=self._seen)
-                if now >= self._health_due:
-                    self._health_due = now + HEALTH_INTERVAL
-                    return _Job("health")
                 if now >= self._gc_due:
                     self._gc_due = now + self.options.gc_interval.total_seconds()
-                    return _Job("gc", epoch=self._seen)
+                    return _Job("gc", self._pending.take(), epoch=self._seen)
                 self._cond.wait(self._next_deadline(now) - now)
 
     def _quiet(self, now: float) -> bool:
@@ -476,7 +488,9 @@ class Daemon:
         seconds = time.monotonic() - started
         if full:
             self._resync_due = time.monotonic() + self.options.resync.total_seconds()
-        drift = full and not {"start", "SIGHUP"} & set(job.reasons)
+        # A timer's or a recovery's full reconcile should find nothing the events
+        # did not already bring: what it does find is drift.
+        drift = full and not job.paths and not {"start", "SIGHUP"} & set(job.reasons)
         self._applied_ok(job.epoch)
         self.metrics.record_sync(report, seconds, full=full, drift=drift)
         self._log_batch(job, report, seconds)
@@ -520,7 +534,7 @@ class Daemon:
 
     def _run_gc(self, job: _Job) -> None:
         """A full reconcile (so its frees are counted), then sweep and purge."""
-        self._reconcile(_Job("full", reasons=("gc",), epoch=job.epoch))
+        self._reconcile(_Job("full", job.paths, ("before gc",), job.epoch))
         started = time.monotonic()
         try:
             report = self.rc.gc()
@@ -537,13 +551,11 @@ class Daemon:
         if report.swept or report.purged:
             self._refresh_stats()
 
-    def _flush_on_stop(self) -> None:
-        """SIGTERM: apply what was already seen once, without waiting for quiet."""
-        with self._cond:
-            paths = self._pending.take()
-            epoch = self._seen
-        if paths:
-            self._reconcile(_Job("batch", paths, epoch=epoch))
+    def _flush_on_stop(self, job: _Job) -> None:
+        """SIGTERM: apply what was already seen, once, without waiting for quiet.
+        Whatever fails here is caught up by the next start's full reconcile."""
+        if job.paths:
+            self._reconcile(_Job("batch", job.paths, epoch=job.epoch))
 
     def _refresh_stats(self) -> None:
         try:
@@ -595,7 +607,7 @@ class Daemon:
     def _build_observer(self) -> BaseObserver:
         """Watch the store's directory (index.json is replaced by rename) and,
         recursively, blobs/ (a new blobs/<alg>/ is picked up by watchdog)."""
-        handler = StoreEventHandler(self.layout, self.notice, self.request_full)
+        handler = StoreEventHandler(self.layout, self.notice, self.report_lost)
         observer = Observer(timeout=0.25)
         observer.schedule(handler, str(self.layout.root), event_filter=_EVENTS)
         self._watching_blobs = self.layout.blobs.is_dir() and not self.layout.blobs.is_symlink()
@@ -607,9 +619,9 @@ class Daemon:
     def _observer_problem(self) -> str | None:
         """Why the observer can no longer be trusted to report events, if it cannot."""
         with self._cond:
-            if self._rebuild:
-                self._rebuild = False
-                return "events were lost"
+            reason, self._rebuild_reason = self._rebuild_reason, None
+        if reason is not None:
+            return reason
         observer = self._observer
         if observer is None or not observer.is_alive():
             return "the observer thread stopped"

@@ -24,7 +24,7 @@ ruff format --check refcount tests scripts
 mypy
 lint-imports
 status=0
-python -m pytest -q -p no:randomly "$@" || status=$?
+python -m pytest -q "$@" || status=$?
 # pytest's 5 means "no tests collected" (e.g. a -k that matches nothing): not a failure.
 [ "$status" = 5 ] && status=0
 exit "$status"
