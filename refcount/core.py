@@ -35,7 +35,7 @@ from refcount.db.engine import (
     transaction,
 )
 from refcount.db.repo import Repo, RootRow
-from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, NotFound
+from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, InvalidStore, NotFound
 from refcount.oci import (
     Descriptor,
     Digest,
