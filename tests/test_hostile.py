@@ -1,0 +1,450 @@
+"""Hostile and broken stores (issue 4): refused or skipped, one line naming the culprit, no data lost.
+
+The contract every test here checks (SPEC §1, §4):
+
+- a store whose layout itself is unusable (index.json, oci-layout) is refused by every
+  command with exit 2 and one stderr line naming the file and what is wrong with it;
+- `init` and `sync` skip a bad part (an entry, a manifest, a child descriptor, a file)
+  with a "skipped: ..." line naming it, and count the rest of the store right;
+- `verify` reports every bad part that remains (exit 1), naming it;
+- `delete tag` refuses (exit 2) when its own image is affected, and works for the others;
+- nothing is ever created, changed or deleted because of bad input: the listing of the
+  store (and of everything around it) is byte-identical before and after.
+
+The store lives deep inside tmp_path (`tmp_path/x/y/store`), with a sentinel
+`etc/passwd` at every level a `sha256:../../...` digest could reach, and an `outside/`
+directory that planted symbolic links point at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Cli, Result
+from storekit import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    add_entry,
+    add_image,
+    blob_files,
+    blob_path,
+    expected_counts,
+    listing,
+    make_layout,
+    write_blob,
+)
+
+import refcount
+
+COMMANDS = [["init"], ["sync"], ["verify"], ["delete", "tag", "a"], ["gc"]]
+TRAVERSALS = [f"sha256:{'../' * n}etc/passwd" for n in (2, 3, 4, 5)]
+BAD_DIGESTS: list[Any] = [
+    *TRAVERSALS,
+    "sha256:" + "A" * 64,  # uppercase hex
+    "sha256:" + "a" * 63,  # short
+    "sha256:abc",
+    "sha512:" + "a" * 64,  # right hex, wrong length for the algorithm
+    "md5:" + "0" * 32,  # unknown algorithm
+    "sha256:",
+    "",
+    None,
+    42,
+]
+
+
+def label(value: object) -> str:
+    return repr(value)[:24]
+
+
+# --- the site: a store deep in tmp_path, sentinels around it -------------------------------
+
+
+@dataclass
+class Site:
+    root: Path  # tmp_path: everything under it is watched
+    store: Path
+    outside: Path  # a directory outside the store that links may point at
+    flags: list[str] = field(default_factory=list)  # global options for every command
+    healthy: dict[str, int] = field(default_factory=dict)  # oracle counts of images a and b
+    a: dict[str, Any] = field(default_factory=dict)
+    b: dict[str, Any] = field(default_factory=dict)
+
+    def args(self, *args: str | Path) -> list[str]:
+        return [*self.flags, "--store", str(self.store), *(str(a) for a in args)]
+
+    def world(self) -> dict[str, tuple[int, str]]:
+        """Every file under tmp_path except the store's own .refcount/ state."""
+        state = f"{self.store.relative_to(self.root).as_posix()}/.refcount/"
+        return {k: v for k, v in listing(self.root).items() if not k.startswith(state)}
+
+    def sentinels(self) -> list[Path]:
+        blobs = self.store / "blobs" / "sha256"
+        return [Path(os.path.normpath(blobs / d.split(":", 1)[1])) for d in TRAVERSALS]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    """An empty layout at tmp_path/x/y/store, sentinels where traversals land."""
+    store = make_layout(tmp_path / "x" / "y" / "store")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not yours\n")
+    result = Site(tmp_path, store, outside)
+    for sentinel in result.sentinels():
+        sentinel.parent.mkdir(parents=True, exist_ok=True)
+        sentinel.write_text("root:x:0:0::/root:/bin/sh\n")
+    return result
+
+
+@pytest.fixture
+def images(site: Site) -> Site:
+    """Site with two healthy images a and b sharing a base layer."""
+    site.a = add_image(site.store, [b"base", b"layer a"], tag="a", config=b'{"a":1}')
+    site.b = add_image(site.store, [b"base", b"layer b"], tag="b", config=b'{"b":1}')
+    site.healthy = expected_counts(site.store)
+    return site
+
+
+def own_blobs(store: Path, manifest: dict[str, Any]) -> set[str]:
+    """The manifest and every blob it lists (what deleting its tag may free)."""
+    body = json.loads(blob_path(store, manifest["digest"]).read_bytes())
+    return {manifest["digest"], body["config"]["digest"], *(x["digest"] for x in body["layers"])}
+
+
+def a_exclusive(site: Site) -> set[str]:
+    return own_blobs(site.store, site.a) - own_blobs(site.store, site.b)
+
+
+# --- assertions ----------------------------------------------------------------------------
+
+
+def one_error_line(result: Result, code: int, *needles: str) -> None:
+    """Exit `code`, and exactly one stderr line `refcount: error: ...` holding every needle."""
+    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+    assert result.code == code, (result.code, result.out, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("refcount: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def skipped(result: Result, *needles: str) -> None:
+    """init/sync carried on (exit 0) and printed one `skipped:` line holding every needle."""
+    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+    assert result.code == 0, (result.code, result.out, result.err)
+    lines = [x for x in result.out.splitlines() if x.startswith("skipped: ")]
+    assert any(all(n in x for n in needles) for x in lines), (needles, result.out)
+
+
+def reported(result: Result, *needles: str) -> None:
+    """verify failed (exit 1) with one line of its report holding every needle."""
+    assert "Traceback" not in result.err and "internal error" not in result.err, result.err
+    assert result.code == 1, (result.code, result.out, result.err)
+    assert any(all(n in x for n in needles) for x in result.out.splitlines()), (
+        needles,
+        result.out,
+    )
+    assert "FAILED" in result.out
+
+
+def counted_right(site: Site, expected: dict[str, int]) -> None:
+    with refcount.open(site.store) as rc:
+        assert {d: rc.count(d) for d in expected} == expected
+
+
+@contextmanager
+def nothing_changes(site: Site, *, state: bool = False) -> Iterator[None]:
+    """The store (with .refcount/ when `state`) and everything around it stay byte-identical."""
+    store_before = listing(site.store, include_refcount=state)
+    world_before = site.world()
+    yield
+    assert listing(site.store, include_refcount=state) == store_before
+    assert site.world() == world_before
+    assert all(s.read_text().startswith("root:") for s in site.sentinels())
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def hex_of(digest: str) -> str:
+    """How a message may name a blob: its digest, or its path, both hold the hex."""
+    return digest.split(":", 1)[1]
+
+
+def blob_rel(digest: str) -> str:
+    return "blobs/" + digest.replace(":", "/", 1)
+
+
+def write_raw_blob(store: Path, name: str, data: bytes) -> Path:
+    """A file under blobs/ whose name need not match its content (a crafted store)."""
+    path = blob_path(store, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# =============================================================================================
+# 1. The layout itself: every command refuses with exit 2, naming the file
+# =============================================================================================
+
+
+def truncate_index(site: Site) -> None:
+    data = (site.store / "index.json").read_bytes()
+    (site.store / "index.json").write_bytes(data[: len(data) // 2])
+
+
+def index_not_an_object(site: Site) -> None:
+    (site.store / "index.json").write_text("[]")
+
+
+def index_manifests_not_a_list(site: Site) -> None:
+    (site.store / "index.json").write_text('{"schemaVersion":2,"manifests":{"digest":"x"}}')
+
+
+def index_with_raw_invalid_utf8(site: Site) -> None:
+    data = (site.store / "index.json").read_bytes()
+    (site.store / "index.json").write_bytes(data.replace(b'"a"', b'"a\xff\xfe"'))
+
+
+def index_is_a_directory(site: Site) -> None:
+    (site.store / "index.json").unlink()
+    (site.store / "index.json").mkdir()
+    (site.store / "index.json" / "manifests").write_text("[]")
+
+
+def index_links_outside(site: Site) -> None:
+    target = site.outside / "index.json"
+    (site.store / "index.json").rename(target)
+    (site.store / "index.json").symlink_to(target)
+
+
+def index_links_inside(site: Site) -> None:
+    (site.store / "index.json").rename(site.store / "index.orig.json")
+    (site.store / "index.json").symlink_to("index.orig.json")
+
+
+def layout_missing(site: Site) -> None:
+    (site.store / "oci-layout").unlink()
+
+
+def layout_unsupported(site: Site) -> None:
+    (site.store / "oci-layout").write_text('{"imageLayoutVersion": "2.0.0"}')
+
+
+def layout_not_json(site: Site) -> None:
+    (site.store / "oci-layout").write_text('{"imageLayoutVersion": ')
+
+
+def layout_is_a_directory(site: Site) -> None:
+    (site.store / "oci-layout").unlink()
+    (site.store / "oci-layout").mkdir()
+
+
+def layout_links_outside(site: Site) -> None:
+    target = site.outside / "oci-layout"
+    (site.store / "oci-layout").rename(target)
+    (site.store / "oci-layout").symlink_to(target)
+
+
+LAYOUT_DAMAGE = [
+    pytest.param(truncate_index, "index.json", "invalid JSON", id="truncated index.json"),
+    pytest.param(index_not_an_object, "index.json", "JSON", id="index.json []"),
+    pytest.param(
+        index_manifests_not_a_list, "index.json", "manifests is not a list", id="manifests {}"
+    ),
+    pytest.param(
+        index_with_raw_invalid_utf8, "index.json", "invalid JSON", id="index.json bad UTF-8"
+    ),
+    pytest.param(index_is_a_directory, "index.json", "not a regular file", id="index.json dir"),
+    pytest.param(index_links_outside, "index.json", "symbolic link", id="index.json link out"),
+    pytest.param(index_links_inside, "index.json", "symbolic link", id="index.json link in"),
+    pytest.param(layout_missing, "oci-layout", "missing", id="no oci-layout"),
+    pytest.param(layout_unsupported, "oci-layout", "'2.0.0'", id="oci-layout 2.0.0"),
+    pytest.param(layout_not_json, "oci-layout", "not valid JSON", id="oci-layout not JSON"),
+    pytest.param(layout_is_a_directory, "oci-layout", "not a regular file", id="oci-layout dir"),
+    pytest.param(layout_links_outside, "oci-layout", "symbolic link", id="oci-layout link out"),
+]
+
+
+@pytest.mark.parametrize(("damage", "file", "why"), LAYOUT_DAMAGE)
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_broken_layout_is_refused_by_every_command_and_nothing_is_touched(
+    cli: Cli,
+    images: Site,
+    damage: Callable[[Site], None],
+    file: str,
+    why: str,
+    command: list[str],
+) -> None:
+    assert cli(*images.args("init")).code == 0
+    damage(images)
+    with nothing_changes(images, state=True):
+        result = cli(*images.args(*command))
+    one_error_line(result, 2, str(images.store / file), why)
+
+
+@pytest.mark.parametrize(("damage", "file", "why"), LAYOUT_DAMAGE)
+def test_a_broken_layout_is_refused_by_its_very_first_init(
+    cli: Cli, images: Site, damage: Callable[[Site], None], file: str, why: str
+) -> None:
+    damage(images)
+    with nothing_changes(images):
+        result = cli(*images.args("init"))
+    one_error_line(result, 2, str(images.store / file), why)
+
+
+# =============================================================================================
+# 2. Broken manifest blobs: skipped by init/sync, reported by verify, refused by delete
+# =============================================================================================
+
+CAP = 1024  # --max-manifest for the size-cap case: the healthy manifests are ~540 bytes
+
+
+@dataclass
+class Broken:
+    site: Site
+    digest: str  # the broken manifest
+    needle: str  # what the message must say about it
+    entry: dict[str, Any]  # the index.json entry (tag "bad") that brings it in
+    keep: set[str]  # blobs on disk that the broken image holds or may hold
+
+    def arrive(self) -> None:
+        add_entry(self.site.store, self.entry, "bad")
+
+
+def manifest_body(site: Site, name: str, **override: Any) -> dict[str, Any]:
+    return {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": write_blob(site.store, dumps({"broken": name}), OCI_CONFIG),
+        "layers": [write_blob(site.store, f"layer of {name}".encode(), OCI_LAYER)],
+        **override,
+    }
+
+
+def invalid_json(site: Site) -> bytes:
+    data = dumps(manifest_body(site, "invalid"))
+    return data[: len(data) // 2]
+
+
+def not_an_object(site: Site) -> bytes:
+    manifest_body(site, "list")  # its would-be blobs are on disk all the same
+    return b'["not", "a", "manifest"]'
+
+
+def wrong_media_type(site: Site) -> bytes:
+    return dumps(manifest_body(site, "typed", mediaType=OCI_LAYER))
+
+
+def over_the_cap(site: Site) -> bytes:
+    return dumps(manifest_body(site, "big", annotations={"pad": "x" * 2 * CAP}))
+
+
+def layers_not_a_list(site: Site) -> bytes:
+    body = manifest_body(site, "dict")
+    return dumps({**body, "layers": body["layers"][0]})
+
+
+BROKEN_KINDS = {
+    "invalid JSON": (invalid_json, "invalid JSON"),
+    "not an object": (not_an_object, "not a JSON object"),
+    "wrong mediaType": (wrong_media_type, "media"),
+    "over the size cap": (over_the_cap, str(CAP)),
+    "layers not a list": (layers_not_a_list, "layers is not a list"),
+}
+
+
+@pytest.fixture(
+    params=[(k, p) for k in BROKEN_KINDS for p in ("root", "in an index")],
+    ids=lambda kp: f"{kp[0]}, {kp[1]}",
+)
+def broken(request: pytest.FixtureRequest, images: Site) -> Broken:
+    """Images a and b, plus a broken manifest (tag "bad", added by `arrive()`).
+
+    As a root, or as one platform of an index whose other platform is sound.
+    """
+    kind, placement = request.param
+    build, needle = BROKEN_KINDS[kind]
+    site = images
+    site.flags = ["--max-manifest", str(CAP)]
+    before = blob_files(site.store)
+    bad = write_blob(site.store, build(site), OCI_MANIFEST)
+    entry = bad
+    if placement == "in an index":
+        sound = add_image(site.store, [b"sound platform"], tag=None, index_entry=False)
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [bad, sound]}
+        entry = write_blob(site.store, dumps(index), OCI_INDEX)
+    return Broken(site, bad["digest"], needle, entry, blob_files(site.store) - before)
+
+
+@pytest.mark.parametrize("command", ["init", "sync"])
+def test_a_broken_manifest_is_skipped_and_the_other_images_are_counted(
+    cli: Cli, broken: Broken, command: str
+) -> None:
+    site = broken.site
+    if command == "sync":
+        assert cli(*site.args("init")).code == 0
+    broken.arrive()
+    with nothing_changes(site):
+        result = cli(*site.args(command))
+    skipped(result, hex_of(broken.digest), broken.needle)
+    counted_right(site, site.healthy)
+
+
+def test_verify_reports_a_broken_manifest_by_digest(cli: Cli, broken: Broken) -> None:
+    broken.arrive()
+    site = broken.site
+    assert cli(*site.args("init")).code == 0
+    with nothing_changes(site):
+        result = cli(*site.args("verify"))
+    reported(result, hex_of(broken.digest), broken.needle)
+
+
+def test_delete_refuses_the_tag_whose_image_holds_a_broken_manifest(
+    cli: Cli, broken: Broken
+) -> None:
+    broken.arrive()
+    site = broken.site
+    assert cli(*site.args("init")).code == 0
+    with nothing_changes(site):
+        result = cli(*site.args("delete", "tag", "bad"))
+    one_error_line(result, 2, hex_of(broken.digest), broken.needle)
+
+
+def test_delete_of_a_healthy_tag_beside_a_broken_manifest_frees_only_its_own_blobs(
+    cli: Cli, broken: Broken
+) -> None:
+    broken.arrive()
+    site = broken.site
+    assert cli(*site.args("init")).code == 0
+    before = listing(site.store)
+    freed = {blob_rel(d) for d in a_exclusive(site)}
+    result = cli(*site.args("delete", "tag", "a"))
+    assert result.code == 0, result.err
+    assert changed(before, listing(site.store)) == {"index.json"} | freed
+    assert broken.keep <= blob_files(site.store)
+
+
+def test_gc_sweeps_nothing_a_broken_manifest_may_hold(cli: Cli, broken: Broken) -> None:
+    broken.arrive()
+    site = broken.site
+    assert cli(*site.args("init")).code == 0
+    with nothing_changes(site):
+        result = cli(*site.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert result.code == 0, result.err
+    assert broken.keep <= blob_files(site.store)
