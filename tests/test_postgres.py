@@ -7,12 +7,14 @@ created here and dropped afterwards, so runs never see each other's rows.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,25 @@ def pg_url(pg_user: str) -> Iterator[str]:
     finally:
         with _connect(pg_user) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _leaked_connections() -> list[str]:
+    """Collect garbage now; what unclosed psycopg connections warned about."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_connections() -> Iterator[None]:
+    """An unclosed connection warns when it is garbage-collected: at some random later
+    moment, failing an unrelated test under filterwarnings=error. Collect after each
+    test here, so that a leak is reported against the test that made it."""
+    _leaked_connections()
+    yield
+    leaked = _leaked_connections()
+    assert not leaked, f"connections left open: {leaked}"
 
 
 def _sql(url: str, statement: str, *params: object) -> None:
@@ -262,3 +283,109 @@ def test_several_sidecars_upgrading_one_empty_postgresql_database_at_once_all_su
         assert current_revision(engine) == SCHEMA_HEAD
     finally:
         engine.dispose()
+
+
+def test_dry_run_and_gc_on_postgresql_change_exactly_what_they_report(
+    shared_store: tuple[Path, dict[str, str]], pg_url: str, refcount_cli: Callable[..., Ran]
+) -> None:
+    store, n = shared_store
+    base = ("--store", store, "--db", pg_url, "--json")
+    assert refcount_cli(*base, "init").code == 0
+    orphan = sk.write_blob(store, b"an upload nobody finished", sk.OCI_LAYER)["digest"]
+    before = sk.listing(store)
+
+    planned = refcount_cli(*base, "delete", "tag", "a", "--dry-run")
+    assert planned.code == 0, planned
+    assert sk.listing(store) == before
+    assert counts(store, pg_url, {n["Ma"], n["L0"]}) == {n["Ma"]: 1, n["L0"]: 2}
+
+    done = refcount_cli(*base, "delete", "tag", "a")
+    assert done.code == 0, done
+    assert planned.json()["freed"] == done.json()["freed"]
+    assert planned.json()["removed"] == done.json()["removed"]
+
+    swept = refcount_cli(*base, "--trash-ttl", "0", "gc", "--grace", "0")
+    assert swept.code == 0, swept
+    assert [a["digest"] for a in swept.json()["swept"]] == [orphan]
+    assert {a["digest"] for a in swept.json()["purged"]} == {n["Ma"], n["Ca"], n["L1"]}
+    assert sk.blob_files(store) == {n["Mb"], n["Cb"], n["L0"], n["L2"]}
+    assert trash_files(store) == set()
+    assert refcount_cli(*base, "verify").code == 0
+
+
+def test_verify_repair_on_postgresql_keeps_the_quarantine_purgeable(
+    shared_store: tuple[Path, dict[str, str]], pg_url: str, refcount_cli: Callable[..., Ran]
+) -> None:
+    store, n = shared_store
+    base = ("--store", store, "--db", pg_url)
+    assert refcount_cli(*base, "init").code == 0
+    assert refcount_cli(*base, "delete", "tag", "a").code == 0
+    _sql(pg_url, "UPDATE blobs SET count = count + 1 WHERE digest = %s", n["Mb"])
+
+    assert refcount_cli(*base, "verify").code == 1
+    assert refcount_cli(*base, "verify", "--repair").code == 0
+    assert trash_files(store) == {n["Ma"], n["Ca"], n["L1"]}
+
+    purged = refcount_cli(*base, "--json", "--trash-ttl", "0", "gc")
+    assert purged.code == 0, purged
+    assert {a["digest"] for a in purged.json()["purged"]} == {n["Ma"], n["Ca"], n["L1"]}
+    assert trash_files(store) == set()
+    assert refcount_cli(*base, "verify").code == 0
+
+
+UNREACHABLE = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/refcount"
+
+
+@pytest.mark.parametrize("command", [["init"], ["delete", "tag", "a"]])
+def test_an_unreachable_postgresql_server_is_one_error_line_without_the_password(
+    shared_store: tuple[Path, dict[str, str]], refcount_cli: Callable[..., Ran], command: list[str]
+) -> None:
+    store, _ = shared_store
+    before = sk.listing(store)
+
+    ran = refcount_cli("--store", store, "--db", UNREACHABLE, *command)
+
+    assert ran.code == 2
+    assert len(ran.err.splitlines()) == 1, ran.err
+    assert ran.err.startswith("refcount: error: ")
+    assert "127.0.0.1:1" in ran.err and "s3cret" not in ran.err
+    assert sk.listing(store) == before
+
+
+def test_db_current_on_an_unreachable_server_is_an_error_not_an_empty_schema(
+    shared_store: tuple[Path, dict[str, str]], refcount_cli: Callable[..., Ran]
+) -> None:
+    store, _ = shared_store
+
+    ran = refcount_cli("--store", store, "--db", UNREACHABLE, "db", "current")
+
+    assert ran.code == 2, ran
+    assert not ran.out.startswith("none")
+    assert len(ran.err.splitlines()) == 1 and "s3cret" not in ran.err
+
+
+def test_db_current_on_postgresql_prints_none_before_and_the_head_after_upgrade(
+    tmp_path: Path, pg_url: str, refcount_cli: Callable[..., Ran]
+) -> None:
+    store = sk.make_layout(tmp_path / "store")
+
+    before = refcount_cli("--store", store, "--db", pg_url, "db", "current")
+    upgraded = refcount_cli("--store", store, "--db", pg_url, "db", "upgrade")
+    after = refcount_cli("--store", store, "--db", pg_url, "db", "current")
+
+    assert (before.code, before.err) == (0, "") and before.out.startswith("none")
+    assert (upgraded.code, upgraded.err) == (0, "")
+    assert (after.code, after.out, after.err) == (0, f"{SCHEMA_HEAD}\n", "")
+
+
+def test_db_current_leaves_no_postgresql_connection_open(
+    tmp_path: Path, pg_url: str, refcount_cli: Callable[..., Ran]
+) -> None:
+    store = sk.make_layout(tmp_path / "store")
+    assert refcount_cli("--store", store, "--db", pg_url, "db", "upgrade").code == 0
+    assert _leaked_connections() == []
+
+    current = refcount_cli("--store", store, "--db", pg_url, "db", "current")
+
+    assert current.out == f"{SCHEMA_HEAD}\n"
+    assert _leaked_connections() == []

@@ -3,9 +3,12 @@ brings every database to head without paying for Alembic when it is already ther
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,3 +186,121 @@ def test_opening_a_store_already_at_head_does_not_import_alembic(tmp_path: Path)
         rc.init()
 
     assert _alembic_imported_by_open(store) is False
+
+
+def _garbage_database(tmp_path: Path) -> str:
+    path = tmp_path / "not-a-database.db"
+    path.write_bytes(b"this is not an SQLite database, it is plain text\n" * 100)
+    return f"sqlite:///{path}"
+
+
+def _missing_directory_database(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'refcount.db'}"
+
+
+@pytest.mark.parametrize("make_url", [_garbage_database, _missing_directory_database])
+def test_a_database_that_cannot_be_opened_is_reported_in_one_line_naming_it(
+    tmp_path: Path, refcount_cli: Callable[..., Ran], make_url: Callable[[Path], str]
+) -> None:
+    store = sk.make_layout(tmp_path / "store")
+    url = make_url(tmp_path)
+    before = sk.listing(store)
+
+    ran = refcount_cli("--store", store, "--db", url, "init")
+
+    assert ran.code == 2
+    assert ran.out == ""
+    assert len(ran.err.splitlines()) == 1, ran.err
+    assert ran.err.startswith("refcount: error: ") and url in ran.err
+    assert sk.listing(store) == before
+
+
+def test_db_current_on_a_file_that_is_not_a_database_is_an_error_not_an_empty_schema(
+    tmp_path: Path, refcount_cli: Callable[..., Ran]
+) -> None:
+    store = sk.make_layout(tmp_path / "store")
+    url = _garbage_database(tmp_path)
+
+    ran = refcount_cli("--store", store, "--db", url, "db", "current")
+
+    assert ran.code == 2, ran
+    assert not ran.out.startswith("none")
+    assert len(ran.err.splitlines()) == 1 and url in ran.err
+
+
+# The first release of the schema (revision 0001), as committed in the history.
+FIRST_RELEASE = "b2d017c"
+
+
+def _first_release(tmp_path: Path) -> Path:
+    """refcount and its migrations as of FIRST_RELEASE, unpacked from git."""
+    root = Path(__file__).resolve().parents[1]
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        pytest.skip("needs a git checkout to fetch the first release's code")
+    archive = tmp_path / "first.tar"
+    proc = subprocess.run(
+        [
+            git,
+            "-C",
+            str(root),
+            "archive",
+            "-o",
+            str(archive),
+            FIRST_RELEASE,
+            "refcount",
+            "migrations",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"commit {FIRST_RELEASE} is not in this checkout: {proc.stderr.strip()}")
+    target = tmp_path / "first"
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def _run_first_release(code: Path, store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFCOUNT_")}
+    env["PYTHONPATH"] = str(code)
+    return subprocess.run(
+        [sys.executable, "-m", "refcount", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=code,
+        check=False,
+    )
+
+
+def test_a_store_indexed_by_the_first_release_keeps_its_counts_after_the_upgrade(
+    tmp_path: Path, refcount_cli: Callable[..., Ran]
+) -> None:
+    code = _first_release(tmp_path)
+    store = sk.make_layout(tmp_path / "store")
+    ma = sk.add_image(store, [b"L0", b"L1"], tag="a", config=b'{"name":"a"}')
+    mb = sk.add_image(store, [b"L0", b"L2"], tag="b", config=b'{"name":"b"}')
+    sk.add_image(store, [b"L0", b"L3"], tag="c", config=b'{"name":"c"}')
+    first = _run_first_release(code, store, "init")
+    assert first.returncode == 0, first
+    first = _run_first_release(code, store, "--json", "delete", "tag", "c")
+    assert first.returncode == 0, first
+    assert _run_first_release(code, store, "db", "current").stdout == "0001\n"
+
+    verify = refcount_cli("--store", store, "verify")
+    assert verify.code == 0, verify
+    assert refcount_cli("--store", store, "db", "current").out == f"{SCHEMA_HEAD}\n"
+    with refcount.open(store) as rc:
+        everything = sk.blob_files(store)
+        assert {d: rc.count(d) for d in everything} == sk.expected_counts(store)
+
+    deleted = refcount_cli("--store", store, "--json", "delete", "tag", "a")
+    assert deleted.code == 0, deleted
+    freed = {b["digest"] for b in json.loads(deleted.out)["freed"]}
+    h = sk.sha256_digest
+    assert freed == {ma["digest"], h(b'{"name":"a"}'), h(b"L1")}
+    assert sk.blob_files(store) == {mb["digest"], h(b'{"name":"b"}'), h(b"L0"), h(b"L2")}
+    assert refcount_cli("--store", store, "verify").code == 0

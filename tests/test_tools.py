@@ -173,6 +173,7 @@ def test_deleting_one_umoci_image_leaves_the_image_sharing_its_base_layer_comple
     (base_layer,) = of_a & of_b
     only_a = of_a - of_b
 
+    index_mode = (shared / "index.json").stat().st_mode & 0o777
     succeed(refcount_cli, shared, "init")
     assert_counts_match_oracle(shared)
     report = succeed(refcount_cli, shared, "--json", "delete", "tag", "a").json()
@@ -184,6 +185,9 @@ def test_deleting_one_umoci_image_leaves_the_image_sharing_its_base_layer_comple
     assert trash_files(shared) == only_a
     assert_counts_match_oracle(shared, only_a)
     assert_store_sound(refcount_cli, shared)
+    # umoci still reads the index.json refcount rewrote, and its mode is kept (umoci: 0600).
+    assert sk.run(["umoci", "ls", "--layout", str(shared)]).stdout.split() == ["b"]
+    assert (shared / "index.json").stat().st_mode & 0o777 == index_mode
 
     bundle = tmp_path / "bundle"
     sk.run(["umoci", "unpack", *ROOTLESS, "--image", f"{shared}:b", str(bundle)])
@@ -402,3 +406,145 @@ def test_dry_run_of_delete_tag_reports_exactly_what_the_real_run_removes(
     assert len(freed_digests(result)) == 3
     assert sk.blob_files(dry) == blobs_before
     assert trash_files(dry) == set()
+
+
+# --------------------------------------------------------------------------
+# What the tools write, and undoing a delete
+# --------------------------------------------------------------------------
+
+
+def test_init_accepts_the_null_manifests_of_a_fresh_umoci_layout(
+    tmp_path: Path, refcount_cli: Refcount
+) -> None:
+    store = tmp_path / "fresh"
+    sk.run(["umoci", "init", "--layout", str(store)])
+    assert sk.read_index(store)["manifests"] is None
+    before = sk.listing(store)
+
+    succeed(refcount_cli, store, "init")
+
+    assert succeed(refcount_cli, store, "--json", "tags").json() == []
+    assert refcount_cli(store, "verify").code == 0
+    assert sk.listing(store) == before
+
+
+def test_an_oci_and_a_docker_copy_of_one_image_count_their_shared_blobs_once_each(
+    shared: Path, tmp_path: Path, refcount_cli: Refcount
+) -> None:
+    store = tmp_path / "mixed"
+    sk.skopeo_copy(shared, "b", store, "app:1.0")
+    sk.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--format",
+            "v2s2",
+            f"oci:{shared}:b",
+            f"oci:{store}:app:docker",
+        ]
+    )
+    oci, docker = digest_of(store, "app:1.0"), digest_of(store, "app:docker")
+    # The conversion rewrites only the manifest: config and layers keep their digests.
+    assert closure(store, oci) - {oci} == closure(store, docker) - {docker}
+    assert len(closure(store, oci)) == 4
+    succeed(refcount_cli, store, "init")
+    assert_counts_match_oracle(store)
+    for digest in closure(store, oci) - {oci}:
+        assert succeed(refcount_cli, store, "--json", "show", digest).json()["count"] == 2
+
+    report = succeed(refcount_cli, store, "--json", "delete", "tag", "app:1.0").json()
+
+    assert freed_digests(report) == {oci}
+    assert sk.blob_files(store) == closure(store, docker)
+    assert_counts_match_oracle(store, {oci})
+    assert refcount_cli(store, "verify").code == 0
+    # umoci gc cannot judge this store: it treats Docker manifests as leaves.
+
+    report = succeed(refcount_cli, store, "--json", "delete", "tag", "app:docker").json()
+    assert len(freed_digests(report)) == 4
+    assert sk.blob_files(store) == set()
+    assert refcount_cli(store, "verify").code == 0
+
+
+def test_an_image_pushed_again_with_skopeo_after_its_delete_is_counted_and_kept(
+    shared: Path, tmp_path: Path, refcount_cli: Refcount
+) -> None:
+    backup = tmp_path / "backup"
+    sk.skopeo_copy(shared, "a", backup, "a")
+    a, b = digest_of(shared, "a"), digest_of(shared, "b")
+    only_a = closure(shared, a) - closure(shared, b)
+    succeed(refcount_cli, shared, "init")
+    succeed(refcount_cli, shared, "delete", "tag", "a")
+    assert trash_files(shared) == only_a
+
+    sk.skopeo_copy(backup, "a", shared, "a")  # rewrites a's blobs into blobs/
+    succeed(refcount_cli, shared, "sync")
+
+    assert_counts_match_oracle(shared)
+    assert sk.blob_files(shared) == closure(shared, a) | closure(shared, b)
+    assert trash_files(shared) & sk.blob_files(shared) == set()
+    assert_store_sound(refcount_cli, shared)
+    succeed(refcount_cli, shared, "--trash-ttl", "0", "gc")
+    assert sk.blob_files(shared) == closure(shared, a) | closure(shared, b)
+    assert_store_sound(refcount_cli, shared)
+
+
+def test_restoring_index_json_from_a_backup_brings_the_quarantined_image_back(
+    shared: Path, tmp_path: Path, refcount_cli: Refcount
+) -> None:
+    a, b = digest_of(shared, "a"), digest_of(shared, "b")
+    only_a = closure(shared, a) - closure(shared, b)
+    succeed(refcount_cli, shared, "init")
+    saved = (shared / "index.json").read_bytes()
+    succeed(refcount_cli, shared, "delete", "tag", "a")
+    assert not only_a & sk.blob_files(shared)
+
+    (shared / "index.json").write_bytes(saved)  # the user undoes the delete
+    report = succeed(refcount_cli, shared, "--json", "sync").json()
+
+    assert set(report["restored"]) == only_a
+    assert trash_files(shared) == set()
+    assert sk.blob_files(shared) == closure(shared, a) | closure(shared, b)
+    assert_counts_match_oracle(shared)
+    assert_store_sound(refcount_cli, shared)
+    bundle = tmp_path / "bundle"
+    sk.run(["umoci", "unpack", *ROOTLESS, "--image", f"{shared}:a", str(bundle)])
+    assert (bundle / "rootfs" / "f1").read_text() == "content of f1\n"
+
+
+def test_a_tag_removed_with_umoci_rm_is_freed_by_the_next_sync(
+    shared: Path, refcount_cli: Refcount
+) -> None:
+    a, b = digest_of(shared, "a"), digest_of(shared, "b")
+    only_a = closure(shared, a) - closure(shared, b)
+    succeed(refcount_cli, shared, "init")
+
+    sk.run(["umoci", "rm", "--image", f"{shared}:a"])
+    report = succeed(refcount_cli, shared, "--json", "sync").json()
+
+    assert freed_digests(report) == only_a
+    assert sk.blob_files(shared) == closure(shared, b)
+    assert_counts_match_oracle(shared, only_a)
+    assert_store_sound(refcount_cli, shared)
+
+
+def test_orphans_that_umoci_gc_removes_are_forgotten_by_the_next_sync(
+    built: Path, refcount_cli: Refcount
+) -> None:
+    orphans = sk.blob_files(built) - sk.reachable(built)
+    assert orphans
+    succeed(refcount_cli, built, "init")
+    live = sk.blob_files(built) - orphans
+
+    sk.run(["umoci", "gc", "--layout", str(built)])
+    succeed(refcount_cli, built, "sync")
+
+    assert sk.blob_files(built) == live
+    verify = succeed(refcount_cli, built, "--json", "verify").json()
+    assert (verify["ok"], verify["orphans"], verify["missing"]) == (True, [], [])
+    for digest in orphans:
+        shown = refcount_cli(built, "show", digest)
+        assert shown.code == 1
+        assert digest in shown.err and len(shown.err.splitlines()) == 1
+    assert_counts_match_oracle(built, orphans)
