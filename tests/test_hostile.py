@@ -40,6 +40,7 @@ from storekit import (
     expected_counts,
     listing,
     make_layout,
+    read_index,
     write_blob,
 )
 
@@ -448,3 +449,381 @@ def test_gc_sweeps_nothing_a_broken_manifest_may_hold(cli: Cli, broken: Broken) 
         result = cli(*site.args("--trash-ttl", "0", "gc", "--grace", "0"))
     assert result.code == 0, result.err
     assert broken.keep <= blob_files(site.store)
+
+
+# =============================================================================================
+# 3. Digests that are not digests: in index.json, inside manifests, on the command line
+# =============================================================================================
+
+
+def value_needle(value: object) -> str:
+    """How a message names a bad value: the string itself, or its repr."""
+    return value if isinstance(value, str) and value else repr(value)
+
+
+def add_evil_entry(site: Site, value: object) -> dict[str, Any]:
+    entry = {"mediaType": OCI_MANIFEST, "digest": value, "size": 100}
+    return add_entry(site.store, entry, "evil")
+
+
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=label)
+@pytest.mark.parametrize("command", ["init", "sync"])
+def test_an_index_entry_with_a_bad_digest_is_skipped_and_the_rest_counted(
+    cli: Cli, images: Site, value: object, command: str
+) -> None:
+    if command == "sync":
+        assert cli(*images.args("init")).code == 0
+    add_evil_entry(images, value)
+    with nothing_changes(images):
+        result = cli(*images.args(command))
+    skipped(result, "index.json", "manifests[2]", value_needle(value))
+    counted_right(images, images.healthy)
+
+
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=label)
+def test_an_index_entry_with_a_bad_digest_is_reported_and_its_tag_refused(
+    cli: Cli, images: Site, value: object
+) -> None:
+    add_evil_entry(images, value)
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        verify = cli(*images.args("verify"))
+        delete = cli(*images.args("delete", "tag", "evil"))
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    reported(verify, "manifests[2]", value_needle(value))
+    one_error_line(delete, 2, "manifests[2]", value_needle(value))
+    assert gc.code == 0, gc.err
+
+
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=label)
+def test_deleting_a_healthy_tag_keeps_an_entry_with_a_bad_digest_as_it_was(
+    cli: Cli, images: Site, value: object
+) -> None:
+    evil = add_evil_entry(images, value)
+    assert cli(*images.args("init")).code == 0
+    before = listing(images.store)
+    freed = {blob_rel(d) for d in a_exclusive(images)}
+    result = cli(*images.args("delete", "tag", "a"))
+    assert result.code == 0, result.err
+    assert changed(before, listing(images.store)) == {"index.json"} | freed
+    assert read_index(images.store)["manifests"][1:] == [evil]
+
+
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=label)
+@pytest.mark.parametrize("field_name", ["config", "layers"])
+def test_a_bad_digest_inside_a_manifest_is_skipped_reported_and_blocks_its_delete(
+    cli: Cli, images: Site, value: object, field_name: str
+) -> None:
+    bad = {"mediaType": OCI_LAYER, "digest": value, "size": 3}
+    body = manifest_body(images, "evil")
+    if field_name == "config":
+        blob_path(images.store, body["config"]["digest"]).unlink()  # not an orphan left behind
+        body["config"] = bad
+    else:
+        body["layers"].append(bad)
+    evil = write_blob(images.store, dumps(body), OCI_MANIFEST)
+    add_entry(images.store, evil, "evil")
+    sound = [body["layers"][0]["digest"]] + (
+        [body["config"]["digest"]] if field_name == "layers" else []
+    )
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        verify = cli(*images.args("verify"))
+        delete = cli(*images.args("delete", "tag", "evil"))
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    where = "layers[1]" if field_name == "layers" else "config"
+    skipped(init, hex_of(evil["digest"]), where, value_needle(value))
+    counted_right(images, {**images.healthy, evil["digest"]: 1, **dict.fromkeys(sound, 1)})
+    reported(verify, hex_of(evil["digest"]), where, value_needle(value))
+    one_error_line(delete, 2, hex_of(evil["digest"]), value_needle(value))
+    assert gc.code == 0, gc.err
+
+
+CLI_BAD_DIGESTS = [v for v in BAD_DIGESTS if isinstance(v, str)]
+
+
+@pytest.mark.parametrize("value", CLI_BAD_DIGESTS, ids=label)
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["", "dry-run"])
+def test_delete_manifest_refuses_a_bad_digest_argument(
+    cli: Cli, images: Site, value: str, dry_run: list[str]
+) -> None:
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images, state=True):
+        result = cli(*images.args("delete", "manifest", value, *dry_run))
+    one_error_line(result, 2, value_needle(value), "invalid digest")
+
+
+@pytest.mark.parametrize("value", [v for v in CLI_BAD_DIGESTS if v.startswith("sha")], ids=label)
+def test_show_refuses_a_bad_digest_argument(cli: Cli, images: Site, value: str) -> None:
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images, state=True):
+        result = cli(*images.args("show", value))
+    one_error_line(result, 2, value_needle(value), "invalid digest")
+
+
+@pytest.mark.parametrize("ref", TRAVERSALS, ids=label)
+def test_a_tag_that_looks_like_a_path_is_just_an_unknown_tag(
+    cli: Cli, images: Site, ref: str
+) -> None:
+    path = ref.split(":", 1)[1]
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images, state=True):
+        result = cli(*images.args("delete", "tag", path))
+    one_error_line(result, 1, path, "no such tag")
+
+
+# =============================================================================================
+# 4. A descriptor size that disagrees with the file
+# =============================================================================================
+
+
+def test_a_descriptor_size_that_lies_is_reported_by_deep_verify_and_nothing_is_deleted(
+    cli: Cli, images: Site
+) -> None:
+    body = manifest_body(images, "liar")
+    layer = body["layers"][0]
+    body["layers"][0] = {**layer, "size": 999}
+    liar = write_blob(images.store, dumps(body), OCI_MANIFEST)
+    add_entry(images.store, {**liar, "size": 5}, "liar")
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        sync = cli(*images.args("sync"))
+        plain = cli(*images.args("verify"))
+        deep = cli(*images.args("verify", "--deep"))
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert (init.code, sync.code, gc.code) == (0, 0, 0), (init.err, sync.err, gc.err)
+    assert plain.code in (0, 1) and "Traceback" not in plain.err
+    reported(deep, layer["digest"], str(layer["size"]), "999")
+    reported(deep, liar["digest"], str(liar["size"]), "5")
+
+
+# =============================================================================================
+# 5. Symbolic links: never followed, never deleted through
+# =============================================================================================
+
+
+def a_layer(site: Site) -> str:
+    body = json.loads(blob_path(site.store, site.a["digest"]).read_bytes())
+    return str(body["layers"][1]["digest"])  # "layer a": not shared with b
+
+
+def b_layer(site: Site) -> str:
+    body = json.loads(blob_path(site.store, site.b["digest"]).read_bytes())
+    return str(body["layers"][1]["digest"])
+
+
+def link_blob_outside(site: Site, digest: str) -> tuple[Path, str]:
+    """Replace a blob by a link to a copy of it outside the store."""
+    path = blob_path(site.store, digest)
+    target = site.outside / f"copy-of-{hex_of(digest)[:12]}"
+    path.rename(target)
+    path.symlink_to(target)
+    return path, str(target)
+
+
+def link_blob_inside(site: Site, digest: str) -> tuple[Path, str]:
+    """Replace a blob by a relative link to another blob of the store (b's own layer)."""
+    path = blob_path(site.store, digest)
+    path.unlink()
+    path.symlink_to(hex_of(b_layer(site)))
+    return path, hex_of(b_layer(site))
+
+
+@pytest.mark.parametrize("link", [link_blob_outside, link_blob_inside], ids=["out", "in"])
+def test_a_layer_that_is_a_link_is_skipped_and_survives_the_delete_of_its_image(
+    cli: Cli, images: Site, link: Callable[[Site, str], tuple[Path, str]]
+) -> None:
+    layer = a_layer(images)
+    exclusive = a_exclusive(images)
+    path, target = link(images, layer)
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        verify = cli(*images.args("verify"))
+    skipped(init, hex_of(layer))
+    reported(verify, hex_of(layer))
+    before = listing(images.store)
+    delete = cli(*images.args("delete", "tag", "a"))
+    assert delete.code == 0, delete.err
+    assert changed(before, listing(images.store)) == {"index.json"} | {
+        blob_rel(d) for d in exclusive - {layer}
+    }
+    with nothing_changes(images):
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert gc.code == 0, gc.err
+    assert path.is_symlink() and os.readlink(path) == target
+    assert b_layer(images) in blob_files(images.store)
+
+
+def refused_or_done_leaving(result: Result, path: Path) -> None:
+    """delete may refuse (exit 2, one line naming the blob) or go ahead; either way `path`,
+    and whatever it links to, stay where they are."""
+    assert "Traceback" not in result.err and result.code in (0, 2), result.err
+    if result.code == 2:
+        one_error_line(result, 2, path.name)
+    assert os.path.lexists(path)
+
+
+def test_a_manifest_that_is_a_link_out_of_the_store_is_never_read_nor_deleted_through(
+    cli: Cli, images: Site
+) -> None:
+    path, target = link_blob_outside(images, images.a["digest"])
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        verify = cli(*images.args("verify"))
+    skipped(init, hex_of(images.a["digest"]))
+    reported(verify, hex_of(images.a["digest"]))
+    outside = listing(images.outside)
+    delete = cli(*images.args("--trash-ttl", "0", "delete", "tag", "a"))
+    refused_or_done_leaving(delete, path)
+    assert os.readlink(path) == target and listing(images.outside) == outside
+
+
+def test_gc_sweeps_nothing_a_manifest_that_is_a_link_holds(cli: Cli, images: Site) -> None:
+    link_blob_outside(images, images.a["digest"])
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert gc.code == 0, gc.err
+
+
+def algorithm_dir_links_outside(site: Site) -> Path:
+    target = site.outside / "sha256"
+    (site.store / "blobs" / "sha256").rename(target)
+    (site.store / "blobs" / "sha256").symlink_to(target)
+    return site.store / "blobs" / "sha256"
+
+
+def blobs_dir_links_outside(site: Site) -> Path:
+    target = site.outside / "blobs"
+    (site.store / "blobs").rename(target)
+    (site.store / "blobs").symlink_to(target)
+    return site.store / "blobs"
+
+
+@pytest.mark.parametrize(
+    "link", [algorithm_dir_links_outside, blobs_dir_links_outside], ids=["blobs/sha256", "blobs"]
+)
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_blob_directory_that_links_out_of_the_store_is_never_entered(
+    cli: Cli, images: Site, link: Callable[[Site], Path], command: list[str]
+) -> None:
+    """Blob paths are built below blobs/<alg>/: a link there must not lead refcount outside."""
+    assert cli(*images.args("init")).code == 0
+    path = link(images)
+    outside = listing(images.outside)
+    result = cli(*images.args("--trash-ttl", "0", *command))
+    assert "Traceback" not in result.err and result.code in (0, 1, 2), result.err
+    assert listing(images.outside) == outside
+    assert path.is_symlink()
+    with nothing_changes(images):
+        cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+
+
+def test_a_state_directory_that_links_out_of_the_store_is_refused(cli: Cli, images: Site) -> None:
+    (images.store / ".refcount").symlink_to(images.outside)
+    for command in COMMANDS:
+        with nothing_changes(images):
+            result = cli(*images.args(*command))
+        one_error_line(result, 2, ".refcount", "symbolic link")
+
+
+# =============================================================================================
+# 6. Directories where files should be, files where directories should be
+# =============================================================================================
+
+
+def test_a_layer_that_is_a_directory_is_skipped_and_kept_with_its_content(
+    cli: Cli, images: Site
+) -> None:
+    layer = a_layer(images)
+    exclusive = a_exclusive(images)
+    path = blob_path(images.store, layer)
+    path.unlink()
+    path.mkdir()
+    (path / "keep").write_text("a user's file")
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        verify = cli(*images.args("verify"))
+    skipped(init, hex_of(layer))
+    reported(verify, hex_of(layer))
+    before = listing(images.store)
+    delete = cli(*images.args("delete", "tag", "a"))
+    assert delete.code == 0, delete.err
+    assert changed(before, listing(images.store)) == {"index.json"} | {
+        blob_rel(d) for d in exclusive - {layer}
+    }
+    with nothing_changes(images):
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert gc.code == 0, gc.err
+    assert (path / "keep").read_text() == "a user's file"
+
+
+def test_a_manifest_that_is_a_directory_is_skipped_and_kept_with_its_content(
+    cli: Cli, images: Site
+) -> None:
+    path = blob_path(images.store, images.a["digest"])
+    path.unlink()
+    path.mkdir()
+    (path / "keep").write_text("a user's file")
+    with nothing_changes(images):
+        init = cli(*images.args("init"))
+        verify = cli(*images.args("verify"))
+    skipped(init, hex_of(images.a["digest"]))
+    reported(verify, hex_of(images.a["digest"]))
+    delete = cli(*images.args("--trash-ttl", "0", "delete", "tag", "a"))
+    refused_or_done_leaving(delete, path)
+    assert (path / "keep").read_text() == "a user's file"
+
+
+def test_gc_sweeps_nothing_a_manifest_that_is_a_directory_holds(cli: Cli, images: Site) -> None:
+    path = blob_path(images.store, images.a["digest"])
+    path.unlink()
+    path.mkdir()
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert gc.code == 0, gc.err
+
+
+def algorithm_dir_is_a_file(site: Site) -> Path:
+    path = site.store / "blobs" / "sha256"
+    path.rename(site.root / "moved-blobs")
+    path.write_text("not a directory")
+    return path
+
+
+def blobs_dir_is_a_file(site: Site) -> Path:
+    path = site.store / "blobs"
+    path.rename(site.root / "moved-blobs")
+    path.write_text("not a directory")
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage", [algorithm_dir_is_a_file, blobs_dir_is_a_file], ids=["blobs/sha256", "blobs"]
+)
+def test_a_blob_directory_that_is_a_file_is_reported_and_kept(
+    cli: Cli, images: Site, damage: Callable[[Site], Path]
+) -> None:
+    assert cli(*images.args("init")).code == 0
+    path = damage(images)
+    with nothing_changes(images):
+        sync = cli(*images.args("sync"))
+        verify = cli(*images.args("verify"))
+        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert sync.code == 0 and "Traceback" not in sync.err, sync.err
+    reported(verify, str(path.relative_to(images.store)))
+    assert gc.code == 0, gc.err
+    before = listing(images.store)
+    delete = cli(*images.args("delete", "tag", "a"))
+    assert "Traceback" not in delete.err and delete.code in (0, 2), delete.err
+    assert changed(before, listing(images.store)) <= {"index.json"}
+    assert path.read_text() == "not a directory"
+
+
+def test_a_state_path_that_is_a_file_is_refused(cli: Cli, images: Site) -> None:
+    (images.store / ".refcount").write_text("not a directory")
+    for command in COMMANDS:
+        with nothing_changes(images):
+            result = cli(*images.args(*command))
+        one_error_line(result, 2, ".refcount")
