@@ -33,6 +33,7 @@ from storekit import (
     OCI_INDEX,
     OCI_LAYER,
     OCI_MANIFEST,
+    REF_NAME,
     add_entry,
     add_image,
     blob_files,
@@ -41,6 +42,7 @@ from storekit import (
     listing,
     make_layout,
     read_index,
+    sha256_digest,
     write_blob,
 )
 
@@ -827,3 +829,248 @@ def test_a_state_path_that_is_a_file_is_refused(cli: Cli, images: Site) -> None:
         with nothing_changes(images):
             result = cli(*images.args(*command))
         one_error_line(result, 2, ".refcount")
+
+
+# =============================================================================================
+# 7. Crafted cycles and self references (file names that do not match their content)
+# =============================================================================================
+
+
+def crafted(name: str) -> str:
+    return sha256_digest(f"crafted {name}".encode())
+
+
+def crafted_index(site: Site, name: str, children: list[str]) -> str:
+    digest = crafted(name)
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_INDEX, "digest": c, "size": 100} for c in children],
+    }
+    write_raw_blob(site.store, digest, dumps(body))
+    return digest
+
+
+def two_cycle(site: Site) -> list[str]:
+    """loop -> A -> B -> A"""
+    a, b = crafted("A"), crafted("B")
+    crafted_index(site, "A", [b])
+    crafted_index(site, "B", [a])
+    return [a, b]
+
+
+def self_reference(site: Site) -> list[str]:
+    """loop -> S -> S"""
+    return [crafted_index(site, "S", [crafted("S")])]
+
+
+def cycle_through_a_manifest(site: Site) -> list[str]:
+    """loop -> I (index) -> M (manifest whose config is I)"""
+    i, m = crafted("I"), crafted("M")
+    crafted_index(site, "I", [m])
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_INDEX, "digest": i, "size": 100},
+        "layers": [],
+    }
+    write_raw_blob(site.store, m, dumps(body))
+    return [i, m]
+
+
+CYCLES = [
+    pytest.param(two_cycle, id="A<->B"),
+    pytest.param(self_reference, id="S->S"),
+    pytest.param(cycle_through_a_manifest, id="index<->manifest"),
+]
+
+
+def add_loop(site: Site, first: str) -> None:
+    add_entry(site.store, {"mediaType": OCI_INDEX, "digest": first, "size": 100}, "loop")
+
+
+@pytest.mark.parametrize("craft", CYCLES)
+@pytest.mark.parametrize("command", ["init", "sync"])
+def test_a_crafted_cycle_terminates_and_the_other_images_are_counted(
+    cli: Cli, images: Site, craft: Callable[[Site], list[str]], command: str
+) -> None:
+    if command == "sync":
+        assert cli(*images.args("init")).code == 0
+    add_loop(images, craft(images)[0])
+    with nothing_changes(images):
+        result = cli(*images.args(command))
+    assert result.code == 0 and "Traceback" not in result.err, result.err
+    counted_right(images, images.healthy)
+
+
+@pytest.mark.parametrize("craft", CYCLES)
+def test_deep_verify_reports_every_blob_of_a_crafted_cycle(
+    cli: Cli, images: Site, craft: Callable[[Site], list[str]]
+) -> None:
+    digests = craft(images)
+    add_loop(images, digests[0])
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        result = cli(*images.args("verify", "--deep"))
+    for digest in digests:
+        reported(result, digest, "hashes to")
+
+
+def test_verify_reports_a_self_reference_that_sync_skipped(cli: Cli, images: Site) -> None:
+    [digest] = self_reference(images)
+    add_loop(images, digest)
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        sync = cli(*images.args("sync"))
+        verify = cli(*images.args("verify"))
+    assert sync.code == 0, sync.err
+    reported(verify, digest, "itself")
+
+
+@pytest.mark.parametrize("craft", CYCLES)
+def test_deleting_a_crafted_cycle_terminates_and_spares_the_other_images(
+    cli: Cli, images: Site, craft: Callable[[Site], list[str]]
+) -> None:
+    add_loop(images, craft(images)[0])
+    assert cli(*images.args("init")).code == 0
+    healthy = {blob_rel(d) for d in images.healthy}
+    before = listing(images.store)
+    result = cli(*images.args("delete", "tag", "loop"))
+    assert "Traceback" not in result.err and result.code in (0, 2), result.err
+    if result.code == 2:
+        one_error_line(result, 2, "loop")
+    assert not changed(before, listing(images.store)) & healthy
+    counted_right(images, images.healthy)
+
+
+# =============================================================================================
+# 8. Duplicate index.json entries
+# =============================================================================================
+
+
+def test_the_same_tag_and_digest_twice_counts_twice_and_one_delete_removes_both(
+    cli: Cli, images: Site
+) -> None:
+    add_entry(images.store, images.a, "a")
+    expected = expected_counts(images.store)
+    assert expected[images.a["digest"]] == 2
+    with nothing_changes(images):
+        assert cli(*images.args("init")).code == 0
+    counted_right(images, expected)
+    exclusive = a_exclusive(images)
+    before = listing(images.store)
+    result = cli(*images.args("delete", "tag", "a"))
+    assert result.code == 0, result.err
+    assert result.out.startswith("removed 2 index.json entries:")
+    assert changed(before, listing(images.store)) == {"index.json"} | {
+        blob_rel(d) for d in exclusive
+    }
+    assert [e["annotations"][REF_NAME] for e in read_index(images.store)["manifests"]] == ["b"]
+    assert cli(*images.args("verify")).code == 0
+
+
+def test_a_duplicate_entry_that_arrives_later_is_counted_by_sync(cli: Cli, images: Site) -> None:
+    assert cli(*images.args("init")).code == 0
+    add_entry(images.store, images.a, "a")
+    add_entry(images.store, images.a, "a-again")
+    with nothing_changes(images):
+        assert cli(*images.args("sync")).code == 0
+    counted_right(images, expected_counts(images.store))
+    before = listing(images.store)
+    result = cli(*images.args("delete", "tag", "a"))
+    assert result.code == 0 and "freed 0 blobs" in result.out, result.out
+    assert changed(before, listing(images.store)) == {"index.json"}
+    counted_right(images, expected_counts(images.store))
+    assert cli(*images.args("verify")).code == 0
+
+
+# =============================================================================================
+# 9. Tags with control characters or invalid UTF-8
+# =============================================================================================
+
+BAD_TAGS: list[Any] = [
+    "bad\nname",
+    "tab\there",
+    "nul\x00",
+    "del\x7f",
+    "\udcff",  # a lone surrogate: what a JSON "\\udcff" escape decodes to
+    "rtl\u202eoverride",
+    "",
+    42,
+    ["list"],
+]
+
+
+def add_badly_tagged(site: Site, tag: object) -> dict[str, Any]:
+    """An image c of its own whose index.json entry carries `tag` (written with JSON escapes)."""
+    c = add_image(site.store, [b"layer c"], tag=None, config=b'{"c":1}', index_entry=False)
+    entry = {**c, "annotations": {REF_NAME: tag}}
+    index = read_index(site.store)
+    index["manifests"].append(entry)
+    (site.store / "index.json").write_bytes(json.dumps(index).encode())  # ASCII, escaped
+    return entry
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
+@pytest.mark.parametrize("command", ["init", "sync"])
+def test_an_entry_with_a_bad_tag_is_skipped_by_name_and_the_rest_counted(
+    cli: Cli, images: Site, tag: object, command: str
+) -> None:
+    if command == "sync":
+        assert cli(*images.args("init")).code == 0
+    add_badly_tagged(images, tag)
+    with nothing_changes(images):
+        result = cli(*images.args(command))
+    skipped(result, "manifests[2]", repr(tag))
+    counted_right(images, images.healthy)
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
+def test_an_entry_with_a_bad_tag_is_reported_and_its_delete_refused(
+    cli: Cli, images: Site, tag: object
+) -> None:
+    add_badly_tagged(images, tag)
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        verify = cli(*images.args("verify"))
+        delete = cli(*images.args("delete", "tag", tag if isinstance(tag, str) else repr(tag)))
+    reported(verify, "manifests[2]", repr(tag))
+    if isinstance(tag, str):
+        one_error_line(delete, 2, "manifests[2]", repr(tag))
+    else:
+        one_error_line(delete, 1, "no such tag")
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
+def test_gc_sweeps_nothing_of_an_image_whose_entry_has_a_bad_tag(
+    cli: Cli, images: Site, tag: object
+) -> None:
+    add_badly_tagged(images, tag)
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images):
+        result = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
+def test_deleting_a_healthy_tag_keeps_an_entry_with_a_bad_tag_as_it_was(
+    cli: Cli, images: Site, tag: object
+) -> None:
+    entry = add_badly_tagged(images, tag)
+    assert cli(*images.args("init")).code == 0
+    before = listing(images.store)
+    freed = {blob_rel(d) for d in a_exclusive(images)}
+    result = cli(*images.args("delete", "tag", "a"))
+    assert result.code == 0 and "Traceback" not in result.err, result.err
+    assert changed(before, listing(images.store)) == {"index.json"} | freed
+    assert read_index(images.store)["manifests"][1:] == [entry]
+
+
+def test_a_tag_argument_with_invalid_utf8_bytes_is_just_an_unknown_tag(
+    cli: Cli, images: Site
+) -> None:
+    """A shell passes raw bytes; Python decodes b"\\xff" in argv as "\\udcff"."""
+    assert cli(*images.args("init")).code == 0
+    with nothing_changes(images, state=True):
+        result = cli(*images.args("delete", "tag", os.fsdecode(b"app:\xff")))
+    one_error_line(result, 1, "no such tag")
