@@ -150,6 +150,8 @@ class Metrics:
         )
         for kind in ("batch", "full"):
             self.batches.labels(kind)
+        for kind in ("batch", "full", "gc"):
+            self.duration.labels(kind)
         for reason in ("released", "orphan"):
             self.freed_blobs.labels(reason)
             self.freed_bytes.labels(reason)

@@ -62,7 +62,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from refcount.core import Changes, Refcounter
-from refcount.errors import InvalidStore
+from refcount.errors import InvalidStore, RefcountError
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import GcReport, SyncReport
 
@@ -96,6 +96,10 @@ INVALID_WARNING_AFTER = 10.0
 """Seconds an index.json may stay unparsable before it is worth a warning."""
 
 
+class InvalidOption(RefcountError):
+    """A daemon option out of range (exit 2)."""
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """How the daemon schedules its work. Durations are timedeltas or seconds."""
@@ -109,11 +113,19 @@ class WatchOptions:
     gc_interval: timedelta = timedelta(minutes=5)
     """Interval between gc runs: orphans past the grace period, trash past its TTL."""
 
+    def __post_init__(self) -> None:
+        # A zero interval would make the worker spin on full reconciles.
+        if not self.debounce >= 0:
+            raise InvalidOption(f"--debounce {self.debounce}: must be 0 or more seconds")
+        for name, value in (("--resync", self.resync), ("--gc-interval", self.gc_interval)):
+            if value <= timedelta(0):
+                raise InvalidOption(f"{name} {value}: must be longer than 0")
+
     @property
     def max_delay(self) -> float:
-        """Longest a batch waits while events keep coming, so a busy store still
-        gets applied: 20 quiet periods, at least one second."""
-        return max(1.0, 20 * self.debounce)
+        """Longest a batch waits while events keep coming, so that a store that
+        never goes quiet is still applied: 5 quiet periods, at least 0.5 s."""
+        return max(0.5, 5 * self.debounce)
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +255,18 @@ class _WatchdogSpy(logging.Handler):
             self.on_lost(f"watchdog: {record.getMessage()}")
 
 
+class _StopNoise(logging.Filter):
+    """Drops the error watchdog's inotify emitter logs when it is stopped mid-read
+    ("queue_events() called when the thread is inactive"): it happens on every
+    clean shutdown or observer rebuild and means nothing was lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "thread is inactive" in str(record.msg):
+            log.debug("watchdog: %s", record.getMessage())
+            return False
+        return True
+
+
 # ---------------------------------------------------------------------------
 # The daemon
 # ---------------------------------------------------------------------------
@@ -295,6 +319,7 @@ class Daemon:
         self._observer: BaseObserver | None = None
         self._watching_blobs = False
         self._spy = _WatchdogSpy(self.report_lost)
+        self._stop_noise = _StopNoise()
         self._worker = threading.Thread(target=self._run, name="refcount-watch", daemon=True)
         self._last_success: float | None = None
         self.failed: BaseException | None = None
@@ -388,6 +413,7 @@ class Daemon:
         """Start watching, then reconcile fully: events during that reconcile are
         kept and applied after it, so nothing slips between the two."""
         logging.getLogger("watchdog").addHandler(self._spy)
+        logging.getLogger("watchdog.observers.inotify").addFilter(self._stop_noise)
         self._observer = self._build_observer()
         self.request_full("start")
         self._worker.start()
@@ -398,6 +424,7 @@ class Daemon:
             self._worker.join(timeout)
         self._close_observer()
         logging.getLogger("watchdog").removeHandler(self._spy)
+        logging.getLogger("watchdog.observers.inotify").removeFilter(self._stop_noise)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to finish; True when it has."""
@@ -704,6 +731,15 @@ def run_daemon(open_refcounter: Callable[[], Refcounter], options: WatchOptions)
             os.close(lock)
 
 
+def _duration(value: timedelta) -> str:
+    """A duration as the options spell it: 5m, 1h, 90s, 0."""
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s" if seconds else "0"
+
+
 def _serve(rc: Refcounter, options: WatchOptions) -> None:
     metrics = Metrics()
     daemon = Daemon(rc, options, metrics)
@@ -716,10 +752,8 @@ def _serve(rc: Refcounter, options: WatchOptions) -> None:
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
         rc.store.path,
         options.debounce,
-        options.resync,
-        options.gc_interval,
-        rc.policy.grace,
-        rc.policy.trash_ttl,
+        *map(_duration, (options.resync, options.gc_interval)),
+        *map(_duration, (rc.policy.grace, rc.policy.trash_ttl)),
     )
     try:
         with _signals(daemon):

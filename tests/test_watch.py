@@ -442,11 +442,28 @@ def test_sigterm_exits_0_within_a_second(store: Path, watch: Callable[..., Watch
     assert "stopping (SIGTERM)" in watcher.log() and "stopped" in watcher.log()
 
 
-def test_sigint_also_stops_cleanly(store: Path, watch: Callable[..., Watcher]) -> None:
-    watcher = watch(store)
+def test_sigint_also_stops_cleanly_and_json_logs_are_one_object_a_line(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 2)
+    watcher = watch(store, "--log-format", "json")
+    sk.remove_entries(store, lambda e: sk.tag_of(e) == "img1")
+    watcher.wait_log(r"batch: index.json changed; roots \+0 -1")
     watcher.signal(signal.SIGINT)
     assert watcher.wait(5) == 0
-    assert "Traceback" not in watcher.log()
+    records = [json.loads(line) for line in watcher.log().splitlines()]
+    messages = [r["message"] for r in records if r["logger"] == "refcount.watch"]
+    assert messages[0] == (
+        f"watching {store} (debounce 0.05 s, resync every 5m, gc every 5m, grace 1h, trash TTL 10m)"
+    )
+    assert messages[1].startswith("full reconcile (start)")
+    assert re.fullmatch(
+        r"batch: index.json changed; roots \+0 -1, 0 became live, 3 freed \(\d+ bytes\), "
+        r"0 restored, 0 missing, 0 new orphans; [\d.]+ ms",
+        messages[2],
+    )
+    assert messages[-2:] == ["stopping (SIGINT)", "stopped"]
+    assert {r["level"] for r in records} == {"info"}
 
 
 def test_a_second_watch_on_the_same_store_exits_2_with_a_message(
