@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ from storekit import (
 )
 
 import refcount
+from refcount.cli import main
 
 COMMANDS = [["init"], ["sync"], ["verify"], ["delete", "tag", "a"], ["gc"]]
 TRAVERSALS = [f"sha256:{'../' * n}etc/passwd" for n in (2, 3, 4, 5)]
@@ -94,27 +99,35 @@ class Site:
         return [Path(os.path.normpath(blobs / d.split(":", 1)[1])) for d in TRAVERSALS]
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    """An empty layout at tmp_path/x/y/store, sentinels where traversals land."""
-    store = make_layout(tmp_path / "x" / "y" / "store")
-    outside = tmp_path / "outside"
+def build_site(root: Path) -> Site:
+    """An empty layout at root/x/y/store, sentinels where traversals land."""
+    store = make_layout(root / "x" / "y" / "store")
+    outside = root / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"not yours\n")
-    result = Site(tmp_path, store, outside)
+    result = Site(root, store, outside)
     for sentinel in result.sentinels():
         sentinel.parent.mkdir(parents=True, exist_ok=True)
         sentinel.write_text("root:x:0:0::/root:/bin/sh\n")
     return result
 
 
-@pytest.fixture
-def images(site: Site) -> Site:
-    """Site with two healthy images a and b sharing a base layer."""
+def add_two_images(site: Site) -> Site:
+    """Two healthy images a and b sharing a base layer."""
     site.a = add_image(site.store, [b"base", b"layer a"], tag="a", config=b'{"a":1}')
     site.b = add_image(site.store, [b"base", b"layer b"], tag="b", config=b'{"b":1}')
     site.healthy = expected_counts(site.store)
     return site
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return build_site(tmp_path)
+
+
+@pytest.fixture
+def images(site: Site) -> Site:
+    return add_two_images(site)
 
 
 def own_blobs(store: Path, manifest: dict[str, Any]) -> set[str]:
@@ -1074,3 +1087,185 @@ def test_a_tag_argument_with_invalid_utf8_bytes_is_just_an_unknown_tag(
     with nothing_changes(images, state=True):
         result = cli(*images.args("delete", "tag", os.fsdecode(b"app:\xff")))
     one_error_line(result, 1, "no such tag")
+
+
+# =============================================================================================
+# 10. Unreadable files. Root reads through permission bits, so as root each command runs in a
+#     forked child that has dropped to `nobody`; as another user it runs in-process.
+# =============================================================================================
+
+Run = Callable[..., Result]
+
+
+def _nobody() -> tuple[int, int] | None:
+    try:
+        import pwd
+
+        entry = pwd.getpwnam("nobody")
+    except (ImportError, KeyError):
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _forked_as(uid: int, gid: int, argv: list[str]) -> Result:
+    """`refcount ARGV` in a forked child running as uid:gid (no exec: the interpreter and the
+    package may live where that user cannot read)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 99
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                code = main(argv)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return Result(os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode())
+
+
+def _cannot_drop_to(uid: int, gid: int) -> str:
+    """Why a forked child cannot become uid:gid ("" when it can)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as exc:
+            os.write(write, str(exc).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        why = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return why
+
+
+def _warm_up(cli: Cli, root: Path) -> None:
+    """Run every command once in this process, so the modules they import lazily are loaded
+    before the fork: `nobody` may not be able to read the interpreter's site-packages."""
+    site = add_two_images(build_site(root))
+    for command in [*COMMANDS, ["verify", "--deep"], ["tags"], ["show", "b"]]:
+        cli(*site.args("--trash-ttl", "0", *command))
+
+
+@pytest.fixture
+def unreadable(cli: Cli, tmp_path: Path) -> Iterator[tuple[Site, Run]]:
+    """Images a and b, and a runner for which permission bits hold."""
+    if os.geteuid() != 0:
+        yield add_two_images(build_site(tmp_path)), cli
+        return
+    ids = _nobody()
+    if ids is None:
+        pytest.skip("running as root and there is no user `nobody` to drop to")
+    why = _cannot_drop_to(*ids)
+    if why:
+        pytest.skip(f"running as root and cannot drop to nobody: {why}")
+    _warm_up(cli, tmp_path / "warm-up")
+    base = Path(tempfile.mkdtemp(prefix="refcount-hostile-"))  # tmp_path is root-only
+    try:
+        base.chmod(0o755)
+        site = add_two_images(build_site(base))
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, *ids, follow_symlinks=False)
+        yield site, lambda *args: _forked_as(*ids, [str(a) for a in args])
+    finally:
+        shutil.rmtree(base)
+
+
+def test_an_unreadable_manifest_is_skipped_reported_and_its_delete_refused(
+    unreadable: tuple[Site, Run],
+) -> None:
+    site, run = unreadable
+    blob_path(site.store, site.a["digest"]).chmod(0)
+    with nothing_changes(site):
+        init = run(*site.args("init"))
+        verify = run(*site.args("verify"))
+        delete = run(*site.args("delete", "tag", "a"))
+    skipped(init, hex_of(site.a["digest"]), "Permission denied")
+    reported(verify, hex_of(site.a["digest"]), "Permission denied")
+    one_error_line(delete, 2, hex_of(site.a["digest"]), "Permission denied")
+    b_own = own_blobs(site.store, site.b) - own_blobs(site.store, site.a)
+    before = listing(site.store)
+    result = run(*site.args("delete", "tag", "b"))
+    assert result.code == 0, result.err
+    assert {"index.json"} | {blob_rel(d) for d in b_own} <= changed(before, listing(site.store))
+
+
+def test_deleting_a_tag_keeps_a_layer_an_unreadable_manifest_shares(
+    unreadable: tuple[Site, Run],
+) -> None:
+    """a's manifest cannot be read, so refcount cannot know that a needs the base layer too;
+    deleting b must not free it all the same."""
+    site, run = unreadable
+    blob_path(site.store, site.a["digest"]).chmod(0)
+    assert run(*site.args("init")).code == 0
+    shared = own_blobs(site.store, site.a) & own_blobs(site.store, site.b)
+    result = run(*site.args("delete", "tag", "b"))
+    assert result.code in (0, 2) and "Traceback" not in result.err, result.err
+    assert shared <= blob_files(site.store)
+
+
+def test_gc_sweeps_nothing_an_unreadable_manifest_holds(unreadable: tuple[Site, Run]) -> None:
+    site, run = unreadable
+    blob_path(site.store, site.a["digest"]).chmod(0)
+    assert run(*site.args("init")).code == 0
+    with nothing_changes(site):
+        gc = run(*site.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert gc.code == 0, gc.err
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_an_unreadable_index_json_is_refused_by_every_command(
+    unreadable: tuple[Site, Run], command: list[str]
+) -> None:
+    site, run = unreadable
+    assert run(*site.args("init")).code == 0
+    (site.store / "index.json").chmod(0)
+    with nothing_changes(site, state=True):
+        result = run(*site.args(*command))
+    one_error_line(result, 2, str(site.store / "index.json"), "Permission denied")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_an_unreadable_blob_directory_is_refused_by_every_command(
+    unreadable: tuple[Site, Run], command: list[str]
+) -> None:
+    site, run = unreadable
+    assert run(*site.args("init")).code == 0
+    (site.store / "blobs" / "sha256").chmod(0)
+    try:
+        with nothing_changes(site):
+            result = run(*site.args("--trash-ttl", "0", *command))
+    finally:
+        (site.store / "blobs" / "sha256").chmod(0o755)
+    one_error_line(result, 2, str(site.store / "blobs" / "sha256"), "Permission denied")
+
+
+def test_an_unreadable_layer_is_named_by_deep_verify_and_nothing_is_deleted(
+    unreadable: tuple[Site, Run],
+) -> None:
+    site, run = unreadable
+    layer = a_layer(site)
+    blob_path(site.store, layer).chmod(0)
+    with nothing_changes(site):
+        init = run(*site.args("init"))
+        sync = run(*site.args("sync"))
+        deep = run(*site.args("verify", "--deep"))
+        gc = run(*site.args("--trash-ttl", "0", "gc", "--grace", "0"))
+    assert (init.code, sync.code, gc.code) == (0, 0, 0), (init.err, sync.err, gc.err)
+    reported(deep, layer, "unreadable")
