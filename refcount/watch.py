@@ -100,6 +100,10 @@ class InvalidOption(RefcountError):
     """A daemon option out of range (exit 2)."""
 
 
+class CannotWatch(RefcountError):
+    """The store cannot be watched (inotify limits, permissions)."""
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """How the daemon schedules its work. Durations are timedeltas or seconds."""
@@ -181,6 +185,10 @@ class Layout:
         if pattern is None or not pattern.fullmatch(where.name):
             return None
         return f"{where.parent.name}:{where.name}"
+
+    def has_blobs(self) -> bool:
+        """blobs/ exists as a real directory (a symbolic link is never followed)."""
+        return self.blobs.is_dir() and not self.blobs.is_symlink()
 
     def is_blob_dir(self, path: str) -> bool:
         """blobs/ itself or blobs/<alg>/: when one moves or goes, every blob may have."""
@@ -412,9 +420,12 @@ class Daemon:
     def start(self) -> None:
         """Start watching, then reconcile fully: events during that reconcile are
         kept and applied after it, so nothing slips between the two."""
+        try:
+            self._observer = self._build_observer()
+        except OSError as exc:  # e.g. the inotify watch or instance limit is reached
+            raise CannotWatch(f"{self.layout.root}: cannot watch: {exc.strerror or exc}") from None
         logging.getLogger("watchdog").addHandler(self._spy)
         logging.getLogger("watchdog.observers.inotify").addFilter(self._stop_noise)
-        self._observer = self._build_observer()
         self.request_full("start")
         self._worker.start()
 
@@ -637,7 +648,7 @@ class Daemon:
         handler = StoreEventHandler(self.layout, self.notice, self.report_lost)
         observer = Observer(timeout=0.25)
         observer.schedule(handler, str(self.layout.root), event_filter=_EVENTS)
-        self._watching_blobs = self.layout.blobs.is_dir() and not self.layout.blobs.is_symlink()
+        self._watching_blobs = self.layout.has_blobs()
         if self._watching_blobs:
             observer.schedule(handler, str(self.layout.blobs), recursive=True, event_filter=_EVENTS)
         observer.start()
@@ -660,7 +671,7 @@ class Daemon:
         reader = getattr(observer, "_inotify_fd", None)
         if isinstance(reader, threading.Thread) and not reader.is_alive():
             return "the inotify reader thread stopped"
-        if not self._watching_blobs and self.layout.blobs.is_dir():
+        if not self._watching_blobs and self.layout.has_blobs():
             return "blobs/ appeared"
         return None
 
