@@ -106,7 +106,7 @@ class CannotWatch(RefcountError):
 
 @dataclass(frozen=True)
 class WatchOptions:
-    """How the daemon schedules its work. Durations are timedeltas or seconds."""
+    """How the daemon schedules its work (checked when made: InvalidOption)."""
 
     debounce: float = 0.1
     """Quiet period, in seconds, after the last event before a batch is applied."""
@@ -319,11 +319,11 @@ class Daemon:
         self._seen = 0  # bumped for every request (event, resync, signal)
         self._applied = 0  # the highest `_seen` whose work is fully applied
         self._rebuild_reason: str | None = None
-        # Only the worker touches these.
         now = time.monotonic()
+        self._health_due = now + HEALTH_INTERVAL  # moved up by report_lost
+        # Only the worker touches these.
         self._resync_due = now + options.resync.total_seconds()
         self._gc_due = now + options.gc_interval.total_seconds()
-        self._health_due = now + HEALTH_INTERVAL
         self._observer: BaseObserver | None = None
         self._watching_blobs = False
         self._spy = _WatchdogSpy(self.report_lost)

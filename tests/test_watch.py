@@ -380,6 +380,33 @@ def test_a_burst_of_200_tag_changes_ends_equal_to_the_oracle(
     assert "freed" in watcher.log()
 
 
+@pytest.mark.tools
+def test_a_burst_of_200_umoci_tag_and_rm_commands_ends_equal_to_the_oracle(
+    shared: Path, tmp_path: Path, watch: Callable[..., Watcher]
+) -> None:
+    watcher = watch(shared)
+    rng = random.Random(3)
+    lines, tags = ["set -e"], {"base", "a", "b"}
+    for step in range(196):
+        if rng.random() < 0.4 and len(tags) > 1:
+            gone = rng.choice(sorted(tags))
+            tags.discard(gone)
+            lines.append(f"umoci rm --image {shared}:{gone}")
+        else:
+            lines.append(f"umoci tag --image {shared}:{rng.choice(sorted(tags))} t{step}")
+            tags.add(f"t{step}")
+    lines += [f"umoci rm --image {shared}:{tag}" for tag in sorted(tags)[:4]]
+    script = tmp_path / "burst.sh"
+    script.write_text("\n".join(lines) + "\n")
+    subprocess.run(["bash", str(script)], check=True, capture_output=True, timeout=120)
+
+    wait_until(lambda: caught_up(shared), "the database to hold the last index.json")
+    assert_equals_the_oracle(shared)
+    assert len(sk.root_digests(shared)) == len(tags) - 4
+    assert trash(shared)  # the script did leave some image with no tag: it was freed
+    assert watcher.proc.poll() is None
+
+
 def test_index_json_written_slowly_in_pieces_frees_nothing(
     store: Path, watch: Callable[..., Watcher]
 ) -> None:
