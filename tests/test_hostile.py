@@ -1055,6 +1055,19 @@ def test_an_entry_with_a_bad_tag_is_reported_and_its_delete_refused(
 
 
 @pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
+def test_sync_keeps_the_image_of_an_entry_whose_tag_an_outside_tool_made_bad(
+    cli: Cli, images: Site, tag: object
+) -> None:
+    assert cli(*images.args("init")).code == 0
+    index = read_index(images.store)
+    index["manifests"][1]["annotations"][REF_NAME] = tag  # b's entry
+    (images.store / "index.json").write_bytes(json.dumps(index).encode())
+    with nothing_changes(images):
+        result = cli(*images.args("sync"))
+    skipped(result, "manifests[1]", repr(tag))
+
+
+@pytest.mark.parametrize("tag", BAD_TAGS, ids=label)
 def test_gc_sweeps_nothing_of_an_image_whose_entry_has_a_bad_tag(
     cli: Cli, images: Site, tag: object
 ) -> None:

@@ -1,0 +1,415 @@
+"""Hypothesis fuzz of the parser and of `sync` over random, partly hostile stores (issue 4).
+
+- The parser (`parse_index`, `parse_children`) fed random JSON and random bytes lets only
+  the library's typed errors (`RefcountError`) escape, and what it returns is safe to use.
+- `sync` and `verify`, run through the CLI's error boundary over random store trees (mostly
+  valid images mixed with broken entries, misnamed, crafted and non-regular files, links out
+  of the store), exit 0, 1 or 2, never 3 and never with a traceback; they change no file
+  outside `blobs/` and `.refcount/` (nor anything beside the store), never touch an entry of
+  `blobs/` that is not a regular file with a blob name, and never remove a blob that
+  index.json still reaches (per the independent oracle, `storekit.reachable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from storekit import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_ARTIFACT,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    REF_NAME,
+    blob_files,
+    listing,
+    make_layout,
+    reachable,
+)
+
+from refcount.cli import main
+from refcount.errors import RefcountError
+from refcount.oci import Digest, parse_children, parse_index
+
+# On a failure hypothesis suggests a patch through libcst, whose import warns (mypy_extensions'
+# TypedDict); with filterwarnings=error that would turn the report into an INTERNALERROR.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import libcst.metadata  # noqa: F401
+
+MANIFEST_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, OCI_ARTIFACT]
+MEDIA_TYPES: list[Any] = [*MANIFEST_TYPES, OCI_LAYER, OCI_CONFIG, "text/plain", None, 7]
+KEYS = [
+    "schemaVersion",
+    "mediaType",
+    "manifests",
+    "config",
+    "layers",
+    "blobs",
+    "subject",
+    "digest",
+    "size",
+    "urls",
+    "annotations",
+    REF_NAME,
+]
+VALID_MISSING = ["sha256:" + "0" * 64, "sha512:" + "1" * 128]
+BAD_DIGESTS: list[Any] = [
+    "sha256:../../etc/passwd",
+    "sha256:../../../../etc/passwd",
+    "sha256:" + "A" * 64,
+    "sha256:" + "a" * 63,
+    "md5:" + "0" * 32,
+    "sha256:",
+    "",
+    None,
+    42,
+]
+BAD_TAGS: list[Any] = ["bad\nname", "nul\x00", "\udcff", "", 42, ["x"]]
+
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# =============================================================================================
+# The parser
+# =============================================================================================
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from([*VALID_MISSING, *BAD_DIGESTS[:6], *MANIFEST_TYPES, "\udcff", "a\x00"])
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=6)
+    ),
+    max_leaves=40,
+)
+documents = (
+    json_values.map(lambda v: json.dumps(v).encode())
+    | st.binary(max_size=200)
+    | st.integers(1, 100_000).map(lambda n: b'{"manifests":' + b"[" * n + b"]" * n + b"}")
+)
+
+
+@FUZZ
+@given(documents)
+def test_parse_index_lets_only_typed_errors_escape_and_returns_safe_roots(data: bytes) -> None:
+    try:
+        index = parse_index(data, "index.json")
+    except RefcountError:
+        return
+    for root in index.roots:
+        assert str(Digest.parse(root.digest)) == root.digest
+        assert root.tag is None or (isinstance(root.tag, str) and root.tag.isprintable())
+    for problem in index.problems:
+        assert "\n" not in str(problem)
+
+
+@FUZZ
+@given(st.sampled_from([*MEDIA_TYPES[:-1]]), documents)
+def test_parse_children_lets_only_typed_errors_escape_and_returns_valid_digests(
+    declared: str | None, data: bytes
+) -> None:
+    try:
+        parsed = parse_children(declared, data, "sha256:" + "f" * 64)
+    except RefcountError:
+        return
+    for child in parsed.children:
+        assert str(Digest.parse(child.digest)) == child.digest
+    if parsed.subject is not None:
+        Digest.parse(parsed.subject)
+
+
+# =============================================================================================
+# Random store trees
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A descriptor: of an earlier blob (by number), or a literal digest value."""
+
+    target: int | tuple[str, Any]
+    media_type: Any
+    size: Any  # "real" for the target's true size
+    urls: bool = False
+    tag: Any = "absent"  # for index.json entries
+
+
+@dataclass(frozen=True)
+class Blob:
+    kind: str  # layer, manifest, index, json, bytes
+    payload: Any  # bytes, a JSON value, or (media type, [Ref], subject)
+    name: str  # right, wrong, invalid, sha512, unknown-alg
+    node: str  # file, dir, link-out, link-in, dangling, link-dir-out
+
+
+targets = st.integers(0, 30) | st.sampled_from([*VALID_MISSING, *BAD_DIGESTS]).map(
+    lambda value: ("literal", value)
+)
+
+
+def refs(max_size: int) -> st.SearchStrategy[list[Ref]]:
+    ref = st.builds(
+        Ref,
+        target=targets,
+        media_type=st.sampled_from(MEDIA_TYPES),
+        size=st.sampled_from(["real", "real", "real", None, 999, -1, "12"]),
+        urls=st.booleans(),
+    )
+    return st.lists(ref, max_size=max_size)
+
+
+entries = st.builds(
+    Ref,
+    target=targets,
+    media_type=st.sampled_from([OCI_MANIFEST, OCI_MANIFEST, OCI_INDEX, *MEDIA_TYPES]),
+    size=st.sampled_from(["real", "real", None, 999]),
+    tag=st.sampled_from(["a", "b", "c", "a", None, "absent", *BAD_TAGS]),
+)
+
+blobs = st.builds(
+    Blob,
+    kind=st.sampled_from(["layer", "layer", "manifest", "manifest", "index", "json", "bytes"]),
+    payload=st.tuples(
+        st.binary(max_size=16),
+        json_values,
+        st.sampled_from(MEDIA_TYPES),
+        refs(4),
+        st.none() | refs(1),
+    ),
+    name=st.sampled_from(["right"] * 6 + ["wrong", "invalid", "sha512", "unknown-alg"]),
+    node=st.sampled_from(
+        ["file"] * 10 + ["dir", "link-out", "link-in", "dangling", "link-dir-out"]
+    ),
+)
+
+index_docs = st.one_of(
+    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
+    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
+    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
+    st.binary(max_size=40).map(lambda b: ("bytes", b)),
+    json_values.map(lambda v: ("json", v)),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    blobs: list[Blob]
+    index: tuple[str, Any]
+    second_index: tuple[str, Any] | None  # phase 2: an outside tool rewrites index.json
+    removed: list[int]  # phase 2: an outside tool deletes these blob files
+
+
+plans = st.builds(
+    Plan,
+    blobs=st.lists(blobs, max_size=12),
+    index=index_docs,
+    second_index=st.none() | index_docs,
+    removed=st.lists(st.integers(0, 30), max_size=3),
+)
+
+
+class Tree:
+    """A materialized plan: the store, and a sibling directory nothing may touch."""
+
+    def __init__(self, root: Path, plan: Plan) -> None:
+        self.store = make_layout(root / "store")
+        self.beside = root / "beside"
+        self.beside.mkdir()
+        (self.beside / "secret").write_text("not yours\n")
+        (self.beside / "dir").mkdir()
+        (self.beside / "dir" / "file").write_text("not yours either\n")
+        self.names: list[str] = []  # digest each blob was written under
+        self.sizes: list[int] = []
+        for number, blob in enumerate(plan.blobs):
+            self._write(number, blob)
+
+    def _resolve(self, ref: Ref) -> dict[str, Any]:
+        if isinstance(ref.target, tuple) or not self.names:
+            digest: Any = ref.target[1] if isinstance(ref.target, tuple) else VALID_MISSING[0]
+            size: Any = 10 if ref.size == "real" else ref.size
+        else:
+            number = ref.target % len(self.names)
+            digest = self.names[number]
+            size = self.sizes[number] if ref.size == "real" else ref.size
+        desc: dict[str, Any] = {"digest": digest}
+        if ref.media_type is not None:
+            desc["mediaType"] = ref.media_type
+        if size is not None:
+            desc["size"] = size
+        if ref.urls:
+            desc["urls"] = ["https://example.invalid/foreign"]
+        if ref.tag != "absent":
+            desc["annotations"] = {REF_NAME: ref.tag}
+        return desc
+
+    def _content(self, blob: Blob) -> bytes:
+        raw, value, media_type, children, subject = blob.payload
+        if blob.kind == "layer":
+            return b"layer:" + raw
+        if blob.kind == "bytes":
+            return raw
+        if blob.kind == "json":
+            return json.dumps(value).encode()
+        body: dict[str, Any] = {"schemaVersion": 2, "mediaType": media_type}
+        descs = [self._resolve(r) for r in children]
+        if blob.kind == "index":
+            body["mediaType"] = OCI_INDEX if media_type in (7, None) else media_type
+            body["manifests"] = descs
+        else:
+            body["mediaType"] = OCI_MANIFEST if media_type in (7, None) else media_type
+            body["config"] = descs[0] if descs else {"digest": VALID_MISSING[0], "size": 2}
+            body["layers"] = descs[1:]
+            body["blobs"] = descs[1:]
+        if subject:
+            body["subject"] = self._resolve(subject[0])
+        return json.dumps(body).encode()
+
+    def _write(self, number: int, blob: Blob) -> None:
+        data = self._content(blob)
+        hexdigest = hashlib.sha256(data).hexdigest()
+        name, directory = {
+            "right": (hexdigest, "sha256"),
+            "wrong": (hashlib.sha256(data + b"!").hexdigest(), "sha256"),
+            "invalid": (f"{hexdigest[:20].upper()}.partial{number}", "sha256"),
+            "sha512": (hashlib.sha512(data).hexdigest(), "sha512"),
+            "unknown-alg": (hexdigest[:32], "md5"),
+        }[blob.name]
+        path = self.store / "blobs" / directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(path):
+            return  # the same content twice: keep the first
+        self.names.append(f"{directory}:{name}")
+        self.sizes.append(len(data))
+        if blob.node == "file":
+            path.write_bytes(data)
+        elif blob.node == "dir":
+            path.mkdir()
+            (path / "inside").write_bytes(data)
+        elif blob.node == "link-out":
+            path.symlink_to(self.beside / "secret")
+        elif blob.node == "link-in":
+            others = sorted(p for p in path.parent.iterdir() if p != path)
+            path.symlink_to(others[0].name if others else "nowhere")
+        elif blob.node == "dangling":
+            path.symlink_to(self.beside / "no-such-file")
+        else:
+            path.symlink_to(self.beside / "dir")
+
+    def write_index(self, doc: tuple[str, Any]) -> None:
+        form, value = doc
+        if form == "entries":
+            data = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_INDEX,
+                    "manifests": [self._resolve(e) for e in value],
+                }
+            ).encode()
+        elif form == "json":
+            data = json.dumps(value).encode()
+        else:
+            data = value
+        temp = self.store / ".index.json.tmp"
+        temp.write_bytes(data)
+        temp.replace(self.store / "index.json")
+
+    def remove(self, numbers: list[int]) -> None:
+        for number in numbers:
+            if self.names:
+                algorithm, name = self.names[number % len(self.names)].split(":", 1)
+                path = self.store / "blobs" / algorithm / name
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+
+
+# --- what must hold around every command ----------------------------------------------------
+
+_BLOB_PATH = re.compile(r"blobs/(sha256/[0-9a-f]{64}|sha512/[0-9a-f]{128})")
+
+
+def protected(store: Path) -> dict[str, tuple[int, str]]:
+    """Every file of the store refcount must leave alone: all but .refcount/ and the regular
+    files of blobs/ that carry a blob name."""
+    return {
+        path: value
+        for path, value in listing(store).items()
+        if not (_BLOB_PATH.fullmatch(path) and not value[1].startswith("symlink->"))
+    }
+
+
+def oracle_reachable(store: Path) -> set[str] | None:
+    """What index.json reaches per the oracle; None when index.json is not a usable index."""
+    try:
+        return reachable(store)
+    except (ValueError, AttributeError, TypeError, OSError):
+        return None
+
+
+def run(*args: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_and_check(tree: Tree, *command: str) -> None:
+    before_protected = protected(tree.store)
+    before_beside = listing(tree.beside)
+    before_blobs = blob_files(tree.store)
+    code, out, err = run("--store", tree.store, *command)
+    note(f"refcount {' '.join(command)} -> {code}\n{out}{err}")
+    assert code in (0, 1, 2), (command, code, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert protected(tree.store) == before_protected
+    assert listing(tree.beside) == before_beside
+    roots = oracle_reachable(tree.store)
+    gone = before_blobs - blob_files(tree.store)
+    if roots is None:
+        assert not gone, gone
+    else:
+        assert not gone & roots, gone & roots
+
+
+@FUZZ
+@given(plans)
+def test_sync_and_verify_over_random_stores_fail_cleanly_and_lose_nothing(plan: Plan) -> None:
+    root = Path(tempfile.mkdtemp(prefix="refcount-fuzz-"))
+    try:
+        tree = Tree(root, plan)
+        tree.write_index(plan.index)
+        run_and_check(tree, "sync")
+        run_and_check(tree, "verify")
+        if plan.second_index is not None:
+            tree.write_index(plan.second_index)
+        tree.remove(plan.removed)
+        run_and_check(tree, "sync")
+        run_and_check(tree, "verify")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
