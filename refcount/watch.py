@@ -275,6 +275,9 @@ class _StopNoise(logging.Filter):
         return True
 
 
+_STOP_NOISE = _StopNoise()
+
+
 # ---------------------------------------------------------------------------
 # The daemon
 # ---------------------------------------------------------------------------
@@ -327,7 +330,6 @@ class Daemon:
         self._observer: BaseObserver | None = None
         self._watching_blobs = False
         self._spy = _WatchdogSpy(self.report_lost)
-        self._stop_noise = _StopNoise()
         self._worker = threading.Thread(target=self._run, name="refcount-watch", daemon=True)
         self._last_success: float | None = None
         self.failed: BaseException | None = None
@@ -425,7 +427,9 @@ class Daemon:
         except OSError as exc:  # e.g. the inotify watch or instance limit is reached
             raise CannotWatch(f"{self.layout.root}: cannot watch: {exc.strerror or exc}") from None
         logging.getLogger("watchdog").addHandler(self._spy)
-        logging.getLogger("watchdog.observers.inotify").addFilter(self._stop_noise)
+        # Never removed: an observer being closed may still log it afterwards.
+        # addFilter ignores a filter it already has.
+        logging.getLogger("watchdog.observers.inotify").addFilter(_STOP_NOISE)
         self.request_full("start")
         self._worker.start()
 
@@ -435,7 +439,6 @@ class Daemon:
             self._worker.join(timeout)
         self._close_observer()
         logging.getLogger("watchdog").removeHandler(self._spy)
-        logging.getLogger("watchdog.observers.inotify").removeFilter(self._stop_noise)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to finish; True when it has."""
@@ -688,15 +691,30 @@ class Daemon:
             return
         self.request_full(f"observer rebuilt: {problem}")
 
-    def _close_observer(self) -> None:
+    def _close_observer(self, wait: float = 0.1) -> None:
+        """Stop the observer, waiting at most `wait` seconds for its threads.
+
+        watchdog's stop() joins its emitters, and an emitter holding an unpaired
+        move (every quarantine is a move out of blobs/) first sleeps out its 0.5 s
+        pairing delay. That must not hold up a SIGTERM or a rebuild: the threads
+        are daemon threads and finish on their own.
+        """
         observer, self._observer = self._observer, None
         if observer is None:
             return
-        try:
-            observer.stop()
-            observer.join(5.0)
-        except Exception:
-            log.debug("watch: error while stopping the observer", exc_info=True)
+        closer = threading.Thread(
+            target=_stop_observer, args=(observer,), name="refcount-watch-close", daemon=True
+        )
+        closer.start()
+        closer.join(wait)
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        observer.join(5.0)
+    except Exception:
+        log.debug("watch: error while stopping the observer", exc_info=True)
 
 
 # ---------------------------------------------------------------------------
