@@ -174,8 +174,8 @@ class Layout:
         self.blobs = root / "blobs"
 
     def classify(self, path: str) -> str | None:
-        """ "index" for index.json, a digest for a blob file, None for anything else
-        (temp names such as .umoci-* or oci-put-blob*, .refcount/, junk)."""
+        """What `path` is to the store: "index" for index.json, a digest for a blob
+        file, None for anything else (.umoci-*, oci-put-blob*, .refcount/, junk)."""
         where = Path(path)
         if where == self.index:
             return "index"
