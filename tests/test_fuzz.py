@@ -169,8 +169,12 @@ class Blob:
     node: str  # file, dir, link-out, link-in, dangling, link-dir-out
 
 
-targets = st.integers(0, 30) | st.sampled_from([*VALID_MISSING, *BAD_DIGESTS]).map(
-    lambda value: ("literal", value)
+blob_numbers = st.integers(0, 30)
+targets = st.one_of(
+    blob_numbers,
+    blob_numbers,
+    blob_numbers,
+    st.sampled_from([*VALID_MISSING, *BAD_DIGESTS]).map(lambda value: ("literal", value)),
 )
 
 
@@ -209,12 +213,21 @@ blobs = st.builds(
     ),
 )
 
-index_docs = st.one_of(
-    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
-    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
-    st.lists(entries, max_size=6).map(lambda e: ("entries", e)),
-    st.binary(max_size=40).map(lambda b: ("bytes", b)),
-    json_values.map(lambda v: ("json", v)),
+entry_lists = st.lists(entries, min_size=1, max_size=6).map(lambda e: ("entries", e))
+garbage = st.binary(max_size=40).map(lambda b: ("bytes", b)) | json_values.map(
+    lambda v: ("json", v)
+)
+
+
+def mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], one_in: int) -> Any:
+    """`rare` about once in `one_in` draws, `common` otherwise."""
+    return st.integers(1, one_in).flatmap(lambda n: rare if n == one_in else common)
+
+
+index_docs = mostly(entry_lists, garbage, 8)
+# Phase 2 mostly drops some of the first entries (what frees blobs), else writes anew.
+second_docs = mostly(
+    st.lists(st.booleans(), min_size=6, max_size=6).map(lambda k: ("keep", k)), index_docs, 3
 )
 
 
@@ -228,9 +241,9 @@ class Plan:
 
 plans = st.builds(
     Plan,
-    blobs=st.lists(blobs, max_size=12),
+    blobs=st.lists(blobs, min_size=1, max_size=12),
     index=index_docs,
-    second_index=st.none() | index_docs,
+    second_index=mostly(second_docs, st.none(), 5),
     removed=st.lists(st.integers(0, 30), max_size=3),
 )
 
@@ -245,6 +258,7 @@ class Tree:
         (self.beside / "secret").write_text("not yours\n")
         (self.beside / "dir").mkdir()
         (self.beside / "dir" / "file").write_text("not yours either\n")
+        self.entries: list[Ref] = []  # the last index.json entries written
         self.names: list[str] = []  # digest each blob was written under
         self.sizes: list[int] = []
         for number, blob in enumerate(plan.blobs):
@@ -324,7 +338,10 @@ class Tree:
 
     def write_index(self, doc: tuple[str, Any]) -> None:
         form, value = doc
+        if form == "keep":
+            form, value = "entries", [e for e, k in zip(self.entries, value, strict=False) if k]
         if form == "entries":
+            self.entries = value
             data = json.dumps(
                 {
                     "schemaVersion": 2,
