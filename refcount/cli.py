@@ -254,20 +254,33 @@ def show(
 def watch(
     ctx: typer.Context,
     debounce: Annotated[
-        float, typer.Option(help="Quiet period before a batch is applied, in seconds.")
+        float,
+        typer.Option(help="Quiet period after the last event before a batch is applied, seconds."),
     ] = 0.1,
-    resync: Annotated[str, typer.Option(help="Full reconcile interval.")] = "5m",
+    resync: Annotated[
+        str, typer.Option(help="Interval between full reconciles that catch missed events.")
+    ] = "5m",
+    gc_interval: Annotated[
+        str,
+        typer.Option(help="Interval between sweeps of orphans past --grace and expired trash."),
+    ] = "5m",
     metrics_addr: Annotated[
         str | None, typer.Option(help="HOST:PORT for /metrics and /healthz (default off).")
     ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
-    """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop)."""
+    """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
+    reconcile fully)."""
     from refcount.watch import WatchOptions, run_daemon
 
     settings = _settings(ctx)
-    _configure_logging(log_format, logging.INFO)
-    run_daemon(settings.open, WatchOptions(debounce, parse_duration(resync), metrics_addr))
+    _configure_logging(log_format)
+    if log.getEffectiveLevel() > logging.INFO:  # refcount's own lines; not alembic's
+        log.setLevel(logging.INFO)
+    options = WatchOptions(
+        debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
+    )
+    run_daemon(settings.open, options)
 
 
 @db_app.command("upgrade")
@@ -283,7 +296,11 @@ def db_current(ctx: typer.Context) -> None:
     from refcount.db.engine import current_revision, default_url, make_engine
 
     settings = _settings(ctx)
-    revision = current_revision(make_engine(settings.db or default_url(settings.store.absolute())))
+    engine = make_engine(settings.db or default_url(settings.store.absolute()))
+    try:
+        revision = current_revision(engine)
+    finally:
+        engine.dispose()
     typer.echo(revision or "none (run `refcount init`)")
 
 

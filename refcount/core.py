@@ -17,6 +17,7 @@ start finishes them. No file is removed before the commit that decided it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from refcount import graph
 from refcount.db.engine import (
@@ -39,14 +40,13 @@ from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, Invali
 from refcount.oci import (
     Descriptor,
     Digest,
-    Index,
+    Removal,
     Root,
-    dump_index,
+    apply_cuts,
+    cuts,
     is_manifest_type,
-    load_index,
     parse_children,
     parse_index,
-    without_entries,
 )
 from refcount.reports import (
     Aged,
@@ -85,6 +85,14 @@ class Policy:
     """Keep untagged entries that only the deleted tag's image reached."""
     max_manifest: int = DEFAULT_MAX_MANIFEST
     """Manifest-like blobs larger than this many bytes are not parsed (reported)."""
+
+
+@dataclass(frozen=True)
+class _Select:
+    """Which index.json entries a delete names."""
+
+    tag: str | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +336,21 @@ def _no_progress(_phase: str, _done: int, _total: int) -> None:
     return None
 
 
+def _root_row(root: Root) -> RootRow:
+    return RootRow(
+        root.position, root.digest, root.tag, root.media_type, root.size, root.start, root.end
+    )
+
+
+def _span_holds(data: bytes, root: RootRow) -> bool:
+    """Whether index.json's bytes at the recorded span are the recorded entry."""
+    try:
+        entry = json.loads(data[root.start : root.end])
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("digest") == root.digest
+
+
 def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progress) -> _Scan:
     index = parse_index(snapshot.data, str(store.index_path))
     files, file_problems = store.list_blobs()
@@ -406,7 +429,7 @@ class Refcounter:
     def init(self) -> SyncReport:
         """Index the store: a bulk build on an empty database, else a full sync."""
         with self.store.locked():
-            self._settle()
+            self._recover()
             with transaction(self.engine) as repo:
                 empty = repo.get_meta(INDEX_HASH) is None
             if not empty:
@@ -432,15 +455,14 @@ class Refcounter:
         InvalidStore and changes nothing: it is never read as "no roots".
         """
         with self.store.locked():
-            self._settle()
+            self._recover()
             return self._sync_locked(changes)
 
     def _sync_locked(self, changes: Changes | None) -> SyncReport:
         snapshot = self.store.read_index()
-        index = parse_index(snapshot.data, str(self.store.index_path))
         with transaction(self.engine) as repo:
             work = _Work(repo, self.store, self.policy)
-            added, removed = self._catch_up(work, index, snapshot.hash)
+            added, removed = self._catch_up(work, snapshot)
             if changes is None:
                 files, problems = self.store.list_blobs()
                 work.problems.extend(str(p) for p in problems)
@@ -461,11 +483,16 @@ class Refcounter:
         self._settle()
         return report
 
-    def _catch_up(self, work: _Work, index: Index, index_hash: str) -> tuple[int, int]:
-        """Apply the difference between the recorded roots and index.json's."""
+    def _catch_up(self, work: _Work, snapshot: IndexSnapshot) -> tuple[int, int]:
+        """Apply the difference between the recorded roots and index.json's.
+
+        A no-op costs one hash comparison: index.json is parsed only when it
+        changed since the database last applied it (or lacks entry spans).
+        """
         repo = work.repo
-        if repo.get_meta(INDEX_HASH) == index_hash:
+        if repo.get_meta(INDEX_HASH) == snapshot.hash and repo.spans_complete():
             return 0, 0
+        index = parse_index(snapshot.data, str(self.store.index_path))
         old = Counter(r.digest for r in repo.roots())
         new = Counter(r.digest for r in index.roots)
         work.problems.extend(str(p) for p in index.problems)
@@ -473,29 +500,23 @@ class Refcounter:
         added, removed = new - old, old - new
         work.acquire(added.elements())
         work.release(removed.elements())
-        repo.replace_roots(
-            [RootRow(r.position, r.digest, r.tag, r.media_type, r.size) for r in index.roots]
-        )
-        repo.set_meta(INDEX_HASH, index_hash)
+        repo.replace_roots([_root_row(r) for r in index.roots])
+        repo.set_meta(INDEX_HASH, snapshot.hash)
         return sum(added.values()), sum(removed.values())
 
     # --- delete ---------------------------------------------------------------
     def delete_tag(self, tag: str, *, dry_run: bool = False) -> DeleteReport:
         """Remove every index.json entry tagged `tag` and free what nothing else needs."""
-        return self._delete(tag, lambda root: root.tag == tag, f"tag {tag!r}", dry_run)
+        return self._delete(tag, _Select(tag=tag), f"tag {tag!r}", dry_run)
 
     def delete_manifest(self, digest: str, *, dry_run: bool = False) -> DeleteReport:
         """Remove every index.json entry pointing at `digest` (tagged or not)."""
         wanted = str(Digest.parse(digest))
-        return self._delete(
-            wanted, lambda root: root.digest == wanted, f"manifest {wanted}", dry_run
-        )
+        return self._delete(wanted, _Select(digest=wanted), f"manifest {wanted}", dry_run)
 
-    def _delete(
-        self, target: str, selects: Callable[[Root], bool], what: str, dry_run: bool
-    ) -> DeleteReport:
+    def _delete(self, target: str, selects: _Select, what: str, dry_run: bool) -> DeleteReport:
         with self.store.locked():
-            self._settle()
+            self._recover()
             for _attempt in range(REWRITE_ATTEMPTS):
                 try:
                     report = self._delete_once(target, selects, what, dry_run)
@@ -507,54 +528,41 @@ class Refcounter:
                 return report
         raise ConcurrentChange(f"{self.store.index_path}: kept changing; {what} not deleted")
 
-    def _delete_once(
-        self, target: str, selects: Callable[[Root], bool], what: str, dry_run: bool
-    ) -> DeleteReport:
+    def _delete_once(self, target: str, selects: _Select, what: str, dry_run: bool) -> DeleteReport:
+        """One attempt. Cost: the deleted image, plus reading and writing index.json's
+        bytes once; the rest of index.json is not parsed while the database is current."""
         snapshot = self.store.read_index()
-        index = parse_index(snapshot.data, str(self.store.index_path))
-        raw = load_index(snapshot.data)
         with transaction(self.engine) as repo:
-            self._catch_up(_Work(repo, self.store, self.policy), index, snapshot.hash)
+            self._catch_up(_Work(repo, self.store, self.policy), snapshot)
             work = _Work(repo, self.store, self.policy)
-            removed = {r.position for r in index.roots if selects(r)}
+            removed = {
+                r.position: r for r in repo.roots_where(tag=selects.tag, digest=selects.digest)
+            }
             if not removed:
-                for problem in index.problems:
-                    if problem.tag == target:
-                        raise InvalidStore(str(problem))
-                raise NotFound(f"{target}: no such {what.split()[0]} in {self.store.index_path}")
-            self._refuse_damaged(repo, {r.digest for r in index.roots if r.position in removed})
+                self._explain_not_found(snapshot, target, what)
+            self._refuse_damaged(repo, {r.digest for r in removed.values()})
             if not self.policy.keep_untagged:
-                removed |= self._untagged_children(repo, index, removed)
-            by_position = {r.position: r for r in index.roots}
-            freed = work.release(by_position[p].digest for p in sorted(removed))
+                removed.update((r.position, r) for r in self._untagged_children(repo, removed))
+            freed = work.release(r.digest for r in removed.values())
             while freed and not self.policy.keep_referrers:
-                referrers = self._untagged_referrers(repo, index, removed, freed)
-                removed |= referrers
-                freed = work.release(by_position[p].digest for p in sorted(referrers))
+                referrers = [
+                    r
+                    for r in repo.roots_where(digests=repo.referrers_of(freed), untagged=True)
+                    if r.position not in removed
+                ]
+                removed.update((r.position, r) for r in referrers)
+                freed = work.release(r.digest for r in referrers)
+            ordered = sorted(removed.values(), key=lambda r: r.position)
             report = DeleteReport(
                 target=target,
                 dry_run=dry_run,
-                removed=tuple(
-                    Entry(p, by_position[p].digest, by_position[p].tag) for p in sorted(removed)
-                ),
+                removed=tuple(Entry(repo.index_of(r.start or 0), r.digest, r.tag) for r in ordered),
                 freed=tuple(work.freed),
             )
             if dry_run:
                 repo.rollback()
                 return report
-            entries = Counter((by_position[p].digest, by_position[p].tag) for p in removed)
-            for (digest, tag), number in entries.items():
-                rows = (
-                    repo.roots_where(digest=digest, tag=tag)
-                    if tag
-                    else [r for r in repo.roots_where(digest=digest) if r.tag is None]
-                )
-                repo.delete_roots(r.position for r in rows[:number])
-            crash_point("delete-before-index")
-            new_hash = self.store.replace_index(
-                dump_index(without_entries(raw, removed)), snapshot.hash
-            )
-            repo.set_meta(INDEX_HASH, new_hash)
+            self._rewrite_index(repo, snapshot, ordered)
             crash_point("delete-before-commit")
         log.info(
             "deleted %s: %d entries, %d blobs freed (%d bytes)",
@@ -564,6 +572,36 @@ class Refcounter:
             report.freed_bytes,
         )
         return report
+
+    def _explain_not_found(self, snapshot: IndexSnapshot, target: str, what: str) -> NoReturn:
+        for problem in parse_index(snapshot.data, str(self.store.index_path)).problems:
+            if problem.tag == target:
+                raise InvalidStore(str(problem))
+        raise NotFound(f"{target}: no such {what.split()[0]} in {self.store.index_path}")
+
+    def _rewrite_index(self, repo: Repo, snapshot: IndexSnapshot, removed: list[RootRow]) -> None:
+        """Cut the removed entries out of index.json's bytes and replace the file.
+
+        The spans come from the database; each is checked to still hold the entry
+        it should before anything is written (ConcurrentChange makes the caller
+        start over with a fresh parse).
+        """
+        positions = [r.position for r in removed]
+        removals = []
+        for root in removed:
+            if not _span_holds(snapshot.data, root):
+                repo.set_meta(INDEX_HASH, "")
+                raise ConcurrentChange(f"{self.store.index_path}: entry moved; re-reading")
+            assert root.start is not None and root.end is not None
+            before, after = repo.kept_neighbours(root.start, positions)
+            removals.append(Removal(root.start, root.end, before, after))
+        ranges = cuts(removals)
+        crash_point("delete-before-index")
+        new_hash = self.store.replace_index(apply_cuts(snapshot.data, ranges), snapshot.hash)
+        repo.delete_roots(positions)
+        for start, end in ranges:  # highest first, so lower offsets stay valid
+            repo.shift_spans(end, end - start)
+        repo.set_meta(INDEX_HASH, new_hash)
 
     @staticmethod
     def _refuse_damaged(repo: Repo, roots: set[str]) -> None:
@@ -578,35 +616,43 @@ class Refcounter:
             if row.problem is not None:
                 raise InvalidBlob(f"{row.problem}; not deleting an image that holds it")
 
-    def _untagged_children(self, repo: Repo, index: Index, removed: set[int]) -> set[int]:
-        """Untagged entries below the deleted roots that no remaining tagged root reaches."""
-        deleted = {r.digest for r in index.roots if r.position in removed}
-        below = graph.descendants(deleted, lambda d: [c for c, _ in repo.children(d)])
-        remaining_tagged = {
-            r.digest for r in index.roots if r.tag is not None and r.position not in removed
-        }
-        return {
-            r.position
-            for r in index.roots
-            if r.tag is None
-            and r.position not in removed
-            and r.digest in below
-            and not graph.reachable_from_any(
-                r.digest, remaining_tagged.__contains__, lambda d: [p for p, _ in repo.parents(d)]
-            )
-        }
+    def _untagged_children(self, repo: Repo, removed: dict[int, RootRow]) -> list[RootRow]:
+        """Untagged entries below the deleted roots that no remaining tagged root reaches.
 
-    def _untagged_referrers(
-        self, repo: Repo, index: Index, removed: set[int], freed: list[str]
-    ) -> set[int]:
-        referrers = repo.referrers_of(freed)
-        return {
-            r.position
-            for r in index.roots
-            if r.tag is None and r.position not in removed and r.digest in referrers
-        }
+        Cost: the deleted image's subtree, and the ancestors of each candidate.
+        """
+        deleted = {r.digest for r in removed.values()}
+        below = graph.descendants(deleted, lambda d: [c for c, _ in repo.children(d)])
+
+        def tagged_and_kept(digest: str) -> bool:
+            return any(
+                r.tag is not None and r.position not in removed
+                for r in repo.roots_where(digest=digest)
+            )
+
+        return [
+            r
+            for r in repo.roots_where(digests=below, untagged=True)
+            if r.position not in removed
+            and not graph.reachable_from_any(
+                r.digest, tagged_and_kept, lambda d: [p for p, _ in repo.parents(d)]
+            )
+        ]
 
     # --- the journal -----------------------------------------------------------
+    def _recover(self) -> None:
+        """At the start of every operation: finish what a dead process left.
+
+        index.json is caught up first, because an outside tool may have listed an
+        image again while the journal waited; its blobs must be counted before a
+        pending unlink or quarantine is re-checked against the database.
+        """
+        with transaction(self.engine) as repo:
+            if not repo.pending_actions():
+                return
+            self._catch_up(_Work(repo, self.store, self.policy), self.store.read_index())
+        self._settle()
+
     def _settle(self) -> None:
         """Carry out the file actions committed transactions decided; idempotent."""
         with transaction(self.engine) as repo:
@@ -632,7 +678,7 @@ class Refcounter:
         """Sweep orphans older than the grace period; purge trash older than its TTL."""
         grace = self.policy.grace if grace is None else grace
         with self.store.locked():
-            self._settle()
+            self._recover()
             if not dry_run:
                 self._sync_locked(None)
             now = _now()
@@ -673,7 +719,7 @@ class Refcounter:
         `repair` rewrites the database to match the disk; it never deletes content.
         """
         with self.store.locked():
-            self._settle()
+            self._recover()
             snapshot = self.store.read_index()
             scan = _scan(self.store, snapshot, self.progress)
             with transaction(self.engine, write=repair) as repo:
@@ -802,7 +848,7 @@ class Refcounter:
             for parent, kids in scan.edges.items()
             for child, kind in kids.items()
         ]
-        roots = [RootRow(r.position, r.digest, r.tag, r.media_type, r.size) for r in scan.roots]
+        roots = [_root_row(r) for r in scan.roots]
         repo.replace_all(rows, edges, roots)
         repo.set_meta(INDEX_HASH, index_hash)
 

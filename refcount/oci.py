@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore
 
@@ -33,7 +33,7 @@ _CHILD_FIELDS: dict[str, tuple[str, ...]] = {
 MANIFEST_TYPES = frozenset(_CHILD_FIELDS)
 
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
-_HEX = re.compile(r"[0-9a-f]+")
+_ACCEPTED = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 # image-spec: algorithm-component (separator algorithm-component)* ":" encoded
 _GRAMMAR = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 
@@ -47,20 +47,29 @@ class Digest:
 
     @classmethod
     def parse(cls, text: object) -> Digest:
-        if not isinstance(text, str) or not _GRAMMAR.fullmatch(text):
-            raise InvalidDigest(f"{text!r}: invalid digest: not algorithm:hex")
-        algorithm, encoded = text.split(":", 1)
-        length = _HEX_LENGTH.get(algorithm)
-        if length is None:
-            raise InvalidDigest(f"{text}: invalid digest: unsupported algorithm {algorithm!r}")
-        if len(encoded) != length or not _HEX.fullmatch(encoded):
-            raise InvalidDigest(
-                f"{text}: invalid digest: {algorithm} needs {length} lowercase hex characters"
-            )
-        return cls(algorithm, encoded)
+        return cls(*check_digest(text).split(":", 1))
 
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.encoded}"
+
+
+def check_digest(text: object) -> str:
+    """`text` itself when it is a digest refcount accepts; InvalidDigest saying why otherwise."""
+    if isinstance(text, str) and _ACCEPTED.fullmatch(text):
+        return text
+    _reject(text)
+
+
+def _reject(text: object) -> NoReturn:
+    if not isinstance(text, str) or not _GRAMMAR.fullmatch(text):
+        raise InvalidDigest(f"{text!r}: invalid digest: not algorithm:hex")
+    algorithm = text.split(":", 1)[0]
+    length = _HEX_LENGTH.get(algorithm)
+    if length is None:
+        raise InvalidDigest(f"{text}: invalid digest: unsupported algorithm {algorithm!r}")
+    raise InvalidDigest(
+        f"{text}: invalid digest: {algorithm} needs {length} lowercase hex characters"
+    )
 
 
 @dataclass(frozen=True)
@@ -74,13 +83,17 @@ class Descriptor:
 
 @dataclass(frozen=True)
 class Root:
-    """One entry of index.json `manifests[]`, at its position."""
+    """One entry of index.json `manifests[]`: its position, and the byte span
+    `[start, end)` of its JSON object in the file, so it can be cut out of the
+    file without re-serializing the rest."""
 
     position: int
     digest: str
     media_type: str | None
     size: int | None
     tag: str | None
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,7 +134,7 @@ _KIND = {"config": "config", "layers": "layer", "manifests": "manifest", "blobs"
 def _descriptor(raw: object, where: str, field: str = "root") -> Descriptor:
     if not isinstance(raw, dict):
         raise InvalidBlob(f"{where}: descriptor is not an object")
-    digest = str(Digest.parse(raw.get("digest")))
+    digest = check_digest(raw.get("digest"))
     media_type = raw.get("mediaType")
     size = raw.get("size")
     return Descriptor(
@@ -146,13 +159,86 @@ def _load_object(
     return value
 
 
-def load_index(data: bytes, where: str = "index.json") -> dict[str, Any]:
-    """The raw index.json object (every field kept), validated to have a manifests list."""
-    index = _load_object(data, where, InvalidStore)
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _walk_index(text: str) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """Decode index.json, noting where each element of `manifests` starts and ends.
+
+    The C decoder parses every value; only the top-level object and the
+    manifests array are walked here, so the cost stays close to json.loads.
+    """
+
+    def space(i: int) -> int:
+        match = _SPACE.match(text, i)
+        return match.end() if match else i
+
+    def expect(i: int, char: str) -> int:
+        if text[i : i + 1] != char:
+            raise ValueError(f"expected {char!r} at character {i}")
+        return space(i + 1)
+
+    obj: dict[str, Any] = {}
+    spans: list[tuple[int, int]] = []
+    i = expect(space(0), "{")
+    while text[i : i + 1] != "}":
+        if obj or spans:
+            i = expect(i, ",")
+        key, i = _DECODER.raw_decode(text, i)
+        if not isinstance(key, str):
+            raise ValueError(f"object key is not a string at character {i}")
+        i = expect(space(i), ":")
+        if key == "manifests" and text[i : i + 1] == "[":
+            items: list[Any] = []
+            spans = []
+            i = space(i + 1)
+            while text[i : i + 1] != "]":
+                if items:
+                    i = expect(i, ",")
+                item, end = _DECODER.raw_decode(text, i)
+                items.append(item)
+                spans.append((i, end))
+                i = space(end)
+            obj[key], i = items, space(i + 1)
+        else:
+            obj[key], i = _DECODER.raw_decode(text, i)
+            i = space(i)
+    if space(i + 1) != len(text):
+        raise ValueError(f"extra data at character {i + 1}")
+    return obj, spans
+
+
+def _byte_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character offsets as byte offsets of the UTF-8 file (the same for ASCII)."""
+    if text.isascii():
+        return spans
+    result, chars, byte = [], 0, 0
+    for start, end in spans:
+        byte += len(text[chars:start].encode())
+        length = len(text[start:end].encode())
+        result.append((byte, byte + length))
+        byte, chars = byte + length, end
+    return result
+
+
+def load_index(
+    data: bytes, where: str = "index.json"
+) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """The raw index.json object, and the byte span of each manifests[] element."""
+    if not data.strip():
+        raise InvalidStore(f"{where}: empty")
+    try:
+        text = data.decode("utf-8")
+        index, spans = _walk_index(text)
+    except UnicodeDecodeError:
+        raise InvalidStore(f"{where}: invalid JSON (not UTF-8)") from None
+    except (ValueError, RecursionError, IndexError) as exc:
+        raise InvalidStore(f"{where}: invalid JSON ({exc})") from None
     manifests = index.get("manifests")
     if manifests is not None and not isinstance(manifests, list):
         raise InvalidStore(f"{where}: manifests is not a list")
-    return index
+    return index, _byte_spans(text, spans)
 
 
 def parse_index(data: bytes, where: str = "index.json") -> Index:
@@ -161,9 +247,12 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
     An entry with a bad digest or tag is skipped and reported as a problem: one
     broken entry must not stop the rest of the store from being counted.
     """
+    index, spans = load_index(data, where)
     roots: list[Root] = []
     problems: list[Problem] = []
-    for position, raw in enumerate(load_index(data, where).get("manifests") or []):
+    for position, (raw, (start, end)) in enumerate(
+        zip(index.get("manifests") or [], spans, strict=True)
+    ):
         entry = f"{where}: manifests[{position}]"
         try:
             descriptor = _descriptor(raw, entry)
@@ -171,8 +260,58 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
         except (InvalidDigest, InvalidBlob) as exc:
             problems.append(Problem(entry, str(exc), _raw_tag(raw)))
             continue
-        roots.append(Root(position, descriptor.digest, descriptor.media_type, descriptor.size, tag))
+        roots.append(
+            Root(
+                position, descriptor.digest, descriptor.media_type, descriptor.size, tag, start, end
+            )
+        )
     return Index(tuple(roots), tuple(problems))
+
+
+@dataclass(frozen=True)
+class Removal:
+    """An entry to cut out of index.json, with the nearest entries that stay."""
+
+    start: int
+    end: int
+    kept_before_end: int | None  # end of the closest kept entry before it
+    kept_after_start: int | None  # start of the closest kept entry after it
+
+
+def cuts(removals: list[Removal]) -> list[tuple[int, int]]:
+    """Byte ranges to delete so the removed entries and their commas vanish.
+
+    Removed entries with no kept entry between them form a run. A run after a
+    kept entry is cut from that entry's end to the run's end (taking the comma
+    before the run); a run at the front is cut up to the next kept entry; a run
+    that is everything is cut alone. Returned highest first, so applying them in
+    order leaves the lower offsets valid.
+    """
+    runs: dict[tuple[int | None, int | None], tuple[int, int]] = {}
+    for r in removals:
+        key = (r.kept_before_end, r.kept_after_start)
+        low, high = runs.get(key, (r.start, r.end))
+        runs[key] = (min(low, r.start), max(high, r.end))
+    result = []
+    for (before, after), (low, high) in runs.items():
+        if before is not None:
+            result.append((before, high))
+        elif after is not None:
+            result.append((low, after))
+        else:
+            result.append((low, high))
+    return sorted(result, reverse=True)
+
+
+def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """`data` without the byte ranges (given highest first, as `cuts` returns them)."""
+    pieces = []
+    tail = len(data)
+    for start, end in ranges:
+        pieces.append(data[end:tail])
+        tail = start
+    pieces.append(data[:tail])
+    return b"".join(reversed(pieces))
 
 
 def _raw_tag(raw: object) -> str | None:
@@ -227,13 +366,3 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
         except (InvalidDigest, InvalidBlob) as exc:
             problems.append(Problem(f"{where}: subject", str(exc)))
     return Parsed(media_type, tuple(children), subject, tuple(problems))
-
-
-def without_entries(index: dict[str, Any], positions: set[int]) -> dict[str, Any]:
-    """index.json with the entries at `positions` removed and everything else kept as is."""
-    kept = [e for i, e in enumerate(index.get("manifests") or []) if i not in positions]
-    return {**index, "manifests": kept}
-
-
-def dump_index(index: dict[str, Any]) -> bytes:
-    return json.dumps(index, ensure_ascii=False, separators=(",", ":")).encode()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore
 from refcount.oci import (
@@ -14,11 +16,11 @@ from refcount.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
     Digest,
-    dump_index,
-    load_index,
+    Removal,
+    apply_cuts,
+    cuts,
     parse_children,
     parse_index,
-    without_entries,
 )
 
 A = "sha256:" + "a" * 64
@@ -177,7 +179,22 @@ def test_a_manifest_that_is_not_json_is_an_invalid_blob() -> None:
         parse_children(OCI_MANIFEST, b"\x1f\x8b not json", "m")
 
 
-def test_removing_entries_keeps_every_other_field_and_the_order() -> None:
+def remove(data: bytes, positions: set[int]) -> bytes:
+    """Cut entries out of index.json the way a delete does, from their byte spans."""
+    roots = parse_index(data).roots
+    kept = [r for r in roots if r.position not in positions]
+    removals = []
+    for r in roots:
+        if r.position in positions:
+            before = [k.end for k in kept if k.start < r.start]
+            after = [k.start for k in kept if k.start > r.start]
+            removals.append(
+                Removal(r.start, r.end, max(before, default=None), min(after, default=None))
+            )
+    return apply_cuts(data, cuts(removals))
+
+
+def test_removing_entries_keeps_every_other_byte_field_and_the_order() -> None:
     raw = {
         "schemaVersion": 2,
         "x-unknown": {"keep": True},
@@ -188,7 +205,57 @@ def test_removing_entries_keeps_every_other_field_and_the_order() -> None:
             desc(C, OCI_MANIFEST, extra_field=1),
         ],
     }
-    out = json.loads(dump_index(without_entries(load_index(json.dumps(raw).encode()), {1})))
-    assert list(out) == list(raw)
-    assert out["x-unknown"] == raw["x-unknown"] and out["annotations"] == raw["annotations"]
-    assert out["manifests"] == [raw["manifests"][0], raw["manifests"][2]]
+    data = json.dumps(raw, indent=3).encode()
+    out = remove(data, {1})
+    after = json.loads(out)
+    assert list(after) == list(raw)
+    assert after["x-unknown"] == raw["x-unknown"] and after["annotations"] == raw["annotations"]
+    assert after["manifests"] == [raw["manifests"][0], raw["manifests"][2]]
+    last = parse_index(data).roots[2]
+    assert data[last.start : last.end] in out  # untouched entries keep their exact bytes
+
+
+entries = st.lists(
+    st.fixed_dictionaries(
+        {"digest": st.sampled_from([A, B, C]), "mediaType": st.just(OCI_MANIFEST)},
+        optional={
+            "annotations": st.dictionaries(st.text(max_size=5), st.text(max_size=8), max_size=2)
+        },
+    ),
+    max_size=8,
+)
+
+
+@given(
+    manifests=entries,
+    chosen=st.sets(st.integers(0, 7)),
+    indent=st.sampled_from([None, 0, 2, "\t"]),
+    prefix=st.sampled_from([True, False]),
+)
+def test_cutting_any_entries_leaves_valid_json_without_exactly_them(
+    manifests: list[dict[str, object]], chosen: set[int], indent: object, prefix: bool
+) -> None:
+    doc = (
+        {"schemaVersion": 2, "manifests": manifests} if prefix else {"manifests": manifests, "z": 1}
+    )
+    data = json.dumps(doc, indent=indent, ensure_ascii=False).encode()  # type: ignore[arg-type]
+    out = json.loads(remove(data, chosen))
+    assert out["manifests"] == [m for i, m in enumerate(manifests) if i not in chosen]
+    assert {k: v for k, v in out.items() if k != "manifests"} == {
+        k: v for k, v in doc.items() if k != "manifests"
+    }
+
+
+def test_spans_are_byte_offsets_even_with_non_ascii_tags() -> None:
+    data = json.dumps(
+        {
+            "manifests": [
+                desc(A, annotations={"org.opencontainers.image.ref.name": "caf\u00e9"}),
+                desc(B),
+            ]
+        },
+        ensure_ascii=False,
+    ).encode()
+    roots = parse_index(data).roots
+    assert roots[0].tag == "caf\u00e9"
+    assert json.loads(data[roots[1].start : roots[1].end])["digest"] == B

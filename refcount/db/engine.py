@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from refcount.db.models import SCHEMA_HEAD
@@ -36,7 +36,7 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise DatabaseError(f"{_redact(url)}: cannot open database: {exc}") from None
+        raise DatabaseError(f"{_redact(url)}: cannot open database: {_one_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return engine
@@ -56,6 +56,12 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(connection: Any) -> None:
         mode = connection.get_execution_options().get("refcount_begin", "IMMEDIATE")
         connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The driver's own message, first line only (SQLAlchemy appends help links)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _redact(url: str) -> str:
@@ -82,17 +88,21 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
                 repo = Repo(connection, tx)
                 yield repo
     except SQLAlchemyError as exc:
-        raise DatabaseError(
-            f"{_redact(str(engine.url))}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
-        ) from None
+        raise DatabaseError(f"{_redact(str(engine.url))}: {_one_line(exc)}") from None
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The schema revision, or None for a database refcount has not set up yet."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and not Path(database).exists():
+        return None  # the default database file is created by the first command that writes
     try:
         with engine.connect() as connection:
+            if not inspect(connection).has_table("alembic_version"):
+                return None
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:
-        return None
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"{_redact(str(engine.url))}: {_one_line(exc)}") from None
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -111,7 +121,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"{_redact(str(engine.url))}: migration failed: {exc}") from None
+        raise DatabaseError(
+            f"{_redact(str(engine.url))}: migration failed: {_one_line(exc)}"
+        ) from None
 
 
 def alembic_config(url: str) -> Any:

@@ -13,7 +13,7 @@ from sqlalchemy import BigInteger, DateTime, Index, Integer, MetaData, String, T
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 
 class TZDateTime(TypeDecorator[datetime]):
@@ -85,7 +85,8 @@ class Edge(Base):
 
 class Root(Base):
     """An entry of index.json as last reconciled. `position` orders entries; it may
-    have gaps after a delete (only order matters)."""
+    have gaps after a delete (only order matters). `start`/`end` are the byte span
+    of the entry in the file, so a delete can cut it out without parsing the rest."""
 
     __tablename__ = "roots"
 
@@ -94,6 +95,8 @@ class Root(Base):
     tag: Mapped[str | None] = mapped_column(String(1000), index=True)
     media_type: Mapped[str | None] = mapped_column(String(255))
     size: Mapped[int | None] = mapped_column(BigInteger)
+    start: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    end: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class PendingAction(Base):

@@ -47,6 +47,8 @@ class RootRow:
     tag: str | None
     media_type: str | None
     size: int | None
+    start: int | None = None
+    end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,13 +173,64 @@ class Repo:
     def count_roots(self) -> int:
         return int(self.connection.execute(select(func.count()).select_from(roots)).scalar_one())
 
-    def roots_where(self, *, tag: str | None = None, digest: str | None = None) -> list[RootRow]:
-        query = select(roots).order_by(roots.c.position)
+    def roots_where(
+        self,
+        *,
+        tag: str | None = None,
+        digest: str | None = None,
+        digests: Iterable[str] | None = None,
+        untagged: bool = False,
+    ) -> list[RootRow]:
+        """Roots matching every condition given, in index.json order."""
+        conditions = []
         if tag is not None:
-            query = query.where(roots.c.tag == tag)
+            conditions.append(roots.c.tag == tag)
         if digest is not None:
-            query = query.where(roots.c.digest == digest)
-        return [RootRow(**row._mapping) for row in self.connection.execute(query)]
+            conditions.append(roots.c.digest == digest)
+        if untagged:
+            conditions.append(roots.c.tag.is_(None))
+        if digests is None:
+            query = select(roots).where(*conditions).order_by(roots.c.position)
+            return [RootRow(**row._mapping) for row in self.connection.execute(query)]
+        found: list[RootRow] = []
+        for chunk in _chunks(sorted(set(digests))):
+            query = select(roots).where(*conditions, roots.c.digest.in_(chunk))
+            found.extend(RootRow(**row._mapping) for row in self.connection.execute(query))
+        return sorted(found, key=lambda r: r.position)
+
+    def spans_complete(self) -> bool:
+        query = select(func.count()).select_from(roots).where(roots.c.start.is_(None))
+        return int(self.connection.execute(query).scalar_one()) == 0
+
+    def index_of(self, start: int) -> int:
+        """The current position in index.json of the entry starting at byte `start`."""
+        query = select(func.count()).select_from(roots).where(roots.c.start < start)
+        return int(self.connection.execute(query).scalar_one())
+
+    def kept_neighbours(self, start: int, removed: Sequence[int]) -> tuple[int | None, int | None]:
+        """End of the closest kept entry before byte `start`, start of the closest after."""
+        kept = roots.c.position.not_in(removed)
+        before = self.connection.execute(
+            select(roots.c.end)
+            .where(roots.c.start < start, kept)
+            .order_by(roots.c.start.desc())
+            .limit(1)
+        ).scalar()
+        after = self.connection.execute(
+            select(roots.c.start)
+            .where(roots.c.start > start, kept)
+            .order_by(roots.c.start)
+            .limit(1)
+        ).scalar()
+        return before, after
+
+    def shift_spans(self, at: int, by: int) -> None:
+        """Entries at or after byte `at` moved `by` bytes toward the start of the file."""
+        self.connection.execute(
+            update(roots)
+            .where(roots.c.start >= at)
+            .values(start=roots.c.start - by, end=roots.c.end - by)
+        )
 
     def root_tags(self, digests: Iterable[str]) -> dict[str, list[str]]:
         tags: dict[str, list[str]] = {}
