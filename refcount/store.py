@@ -12,6 +12,7 @@ filesystem, so the replacement is atomic).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -93,10 +94,16 @@ class Store:
             raise InvalidStore(f"{path}: unsupported imageLayoutVersion {version!r}")
 
     def ensure_state_dir(self) -> None:
+        """Create .refcount/ (and its trash and tmp) as real directories, or refuse."""
         for directory in (self.state_dir, self.trash_dir, self.state_dir / "tmp"):
-            directory.mkdir(mode=0o700, exist_ok=True)
-            if directory.is_symlink():
-                raise InvalidStore(f"{directory}: is a symbolic link")
+            try:
+                directory.mkdir(mode=0o700, exist_ok=True)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise InvalidStore(f"{directory}: cannot create: {exc.strerror}") from None
+            if not stat.S_ISDIR(directory.lstat().st_mode):
+                raise InvalidStore(f"{directory}: exists and is not a directory (or is a link)")
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
@@ -112,10 +119,11 @@ class Store:
 
         Raises ConcurrentChange when the file's hash is no longer `expected_hash`
         (an outside tool wrote it meanwhile); the caller re-reads and retries.
-        Returns the new hash.
+        Outside tools take no lock, so the check and the rename cannot be one
+        step; instead the new file is swapped in with RENAME_EXCHANGE and the
+        file swapped out is checked: if it is not what was read, an outside
+        write landed in between, and it is swapped back. Returns the new hash.
         """
-        if self.read_index().hash != expected_hash:
-            raise ConcurrentChange(f"{self.index_path}: changed while refcount was rewriting it")
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
         temp = self.state_dir / "tmp" / f"index.json.{os.getpid()}"
         try:
@@ -129,7 +137,12 @@ class Store:
                 raise ConcurrentChange(
                     f"{self.index_path}: changed while refcount was rewriting it"
                 )
-            os.rename(temp, self.index_path)
+            if _exchange(temp, self.index_path):
+                if hashlib.sha256(_read_nofollow(temp, None)).hexdigest() != expected_hash:
+                    _exchange(temp, self.index_path)
+                    raise ConcurrentChange(f"{self.index_path}: written by another tool just now")
+            else:
+                os.rename(temp, self.index_path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
@@ -137,18 +150,41 @@ class Store:
         return hashlib.sha256(data).hexdigest()
 
     # --- blobs --------------------------------------------------------------
-    def blob_path(self, digest: Digest) -> Path:
-        return self.path / "blobs" / digest.algorithm / digest.encoded
+    def _in(self, base: Path, digest: str, *, create: bool = False) -> Path | None:
+        """The path of `digest` under `base` (blobs/ or the trash), or None when a
+        directory on the way is missing or is not a real directory (a symbolic
+        link is never entered). With `create`, missing directories are made."""
+        parsed = Digest.parse(digest)
+        directory = base / parsed.algorithm
+        if create:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        current = self.path
+        for part in directory.relative_to(self.path).parts:
+            current = current / part
+            try:
+                mode = current.lstat().st_mode
+            except OSError:
+                return None
+            if not stat.S_ISDIR(mode):
+                if create:
+                    raise InvalidStore(f"{current}: not a real directory; not entered")
+                return None
+        return directory / parsed.encoded
 
-    def trash_path(self, digest: Digest) -> Path:
-        return self.trash_dir / digest.algorithm / digest.encoded
+    def _blob(self, digest: str, *, create: bool = False) -> Path | None:
+        return self._in(self.path / "blobs", digest, create=create)
+
+    def _trashed(self, digest: str, *, create: bool = False) -> Path | None:
+        return self._in(self.trash_dir, digest, create=create)
 
     def blob_file(self, digest: str) -> BlobFile | None:
         """The blob's file in blobs/ when it is a regular file; None otherwise."""
-        return _regular_file(self.blob_path(Digest.parse(digest)))
+        path = self._blob(digest)
+        return None if path is None else _regular_file(path)
 
     def in_trash(self, digest: str) -> bool:
-        return _regular_file(self.trash_path(Digest.parse(digest))) is not None
+        path = self._trashed(digest)
+        return path is not None and _regular_file(path) is not None
 
     def read_blob(self, digest: str) -> bytes | None:
         """A manifest-like blob's bytes, from blobs/ or else the quarantine; None if absent.
@@ -156,8 +192,9 @@ class Store:
         Raises InvalidBlob for a file that is a link, not regular, unreadable or
         larger than `max_manifest`.
         """
-        parsed = Digest.parse(digest)
-        for path in (self.blob_path(parsed), self.trash_path(parsed)):
+        for path in (self._blob(digest), self._trashed(digest)):
+            if path is None:
+                continue
             try:
                 return _read_nofollow(path, self.max_manifest)
             except FileNotFoundError:
@@ -177,8 +214,19 @@ class Store:
         found: dict[str, BlobFile] = {}
         problems: list[Problem] = []
         root = self.path / "blobs"
-        if not root.is_dir() or root.is_symlink():
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            problems.append(Problem(str(root), "not a real directory; ignored"))
+        if root.is_symlink() or not root.is_dir():
             return found, problems
+        try:
+            return self._scan_blobs(root, found, problems)
+        except OSError as exc:
+            raise InvalidStore(f"{exc.filename or root}: cannot list: {exc.strerror}") from None
+
+    @staticmethod
+    def _scan_blobs(
+        root: Path, found: dict[str, BlobFile], problems: list[Problem]
+    ) -> tuple[dict[str, BlobFile], list[Problem]]:
         for algorithm in os.scandir(root):
             if not algorithm.is_dir(follow_symlinks=False):
                 problems.append(Problem(algorithm.path, "not a directory; ignored"))
@@ -213,41 +261,43 @@ class Store:
 
     def quarantine(self, digest: str) -> bool:
         """Move a blob out of blobs/ into the trash; False when it was not there."""
-        parsed = Digest.parse(digest)
-        source = self.blob_path(parsed)
-        if _regular_file(source) is None:
+        source = self._blob(digest)
+        if source is None or _regular_file(source) is None:
             return False
-        target = self.trash_path(parsed)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self._trashed(digest, create=True)
+        assert target is not None
         os.rename(source, target)
         return True
 
     def restore(self, digest: str) -> bool:
         """Move a quarantined blob back into blobs/; False when it is not in the trash."""
-        parsed = Digest.parse(digest)
-        source = self.trash_path(parsed)
-        if _regular_file(source) is None:
+        source = self._trashed(digest)
+        if source is None or _regular_file(source) is None:
             return False
-        target = self.blob_path(parsed)
+        target = self._blob(digest, create=True)
+        assert target is not None
         if _regular_file(target) is not None:  # someone wrote it again meanwhile
             source.unlink()
             return True
-        target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(source, target)
         return True
 
     def unlink_blob(self, digest: str) -> bool:
-        return _unlink_regular(self.blob_path(Digest.parse(digest)))
+        path = self._blob(digest)
+        return path is not None and _unlink_regular(path)
 
     def purge(self, digest: str) -> bool:
-        return _unlink_regular(self.trash_path(Digest.parse(digest)))
+        path = self._trashed(digest)
+        return path is not None and _unlink_regular(path)
 
     def hash_blob(self, digest: str) -> str | None:
         """The hex digest of a blob's bytes under its own algorithm; None if unreadable."""
-        parsed = Digest.parse(digest)
-        hasher = hashlib.new(parsed.algorithm)
+        path = self._blob(digest)
+        if path is None:
+            return None
+        hasher = hashlib.new(Digest.parse(digest).algorithm)
         try:
-            fd = os.open(self.blob_path(parsed), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
         with os.fdopen(fd, "rb") as handle:
@@ -312,6 +362,23 @@ def _unlink_regular(path: Path) -> bool:
         return False
     path.unlink()
     return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the kernel or libc lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
 
 
 def _fsync_dir(path: Path) -> None:
