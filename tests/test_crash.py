@@ -67,7 +67,7 @@ from storekit import (
 )
 
 import refcount
-from refcount import ConcurrentChange, InvalidStore, Refcounter
+from refcount import Changes, ConcurrentChange, InvalidStore, Refcounter
 from refcount.store import CRASH_ENV, Store
 
 SEED = int(os.environ.get("CRASH_SEED", "20240917"))
@@ -87,7 +87,7 @@ POINTS = (
 )
 BEFORE_INDEX_REWRITE = {"delete-before-index", "index-before-rename"}
 DELETES = ("delete tag", "delete manifest")
-RECONCILES = ("sync", "init")
+RECONCILES = ("sync", "init", "watch batch")
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "delete-before-index": DELETES,
     "index-before-rename": DELETES,
@@ -311,6 +311,7 @@ def plan_trial(built: Built, op: str, rng: random.Random, scratch: Path) -> Plan
     # sync, init, gc: first a refcount delete (so something sits in the trash), then
     # outside edits the crashed operation has to apply.
     deleted, removed = rng.sample(built.tags, 2)
+    files_before = blob_files(store)
     with refcount.open(store) as rc:
         rc.delete_tag(deleted)
     if op == "gc":
@@ -329,7 +330,14 @@ def plan_trial(built: Built, op: str, rng: random.Random, scratch: Path) -> Plan
             + (f", outside re-push {deleted}" if readded else "")
             + ", outside push"
         )
-        action = (lambda rc: rc.sync()) if op == "sync" else (lambda rc: rc.init())
+        # What the daemon's event handler would hand over: index.json and every blob file
+        # that came or went (refcount's own quarantines included: seeing them is harmless).
+        batch = Changes(index=True, blobs=frozenset(files_before ^ blob_files(store)))
+        action = {
+            "sync": lambda rc: rc.sync(),
+            "init": lambda rc: rc.init(),
+            "watch batch": lambda rc: rc.sync(batch),
+        }[op]
     return Plan(describe, action, ttl, {"untouched": (store / "index.json").read_bytes()})
 
 
