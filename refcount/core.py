@@ -36,7 +36,14 @@ from refcount.db.engine import (
     transaction,
 )
 from refcount.db.repo import Repo, RootRow
-from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, InvalidStore, NotFound
+from refcount.errors import (
+    BlobTooLarge,
+    ConcurrentChange,
+    InvalidBlob,
+    InvalidDigest,
+    InvalidStore,
+    NotFound,
+)
 from refcount.oci import (
     Descriptor,
     Digest,
@@ -47,6 +54,8 @@ from refcount.oci import (
     is_manifest_type,
     parse_children,
     parse_index,
+    salvage,
+    usable_tag,
 )
 from refcount.reports import (
     Aged,
@@ -109,6 +118,67 @@ def _now() -> datetime:
 
 def _mtime(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    """What a manifest-like blob holds: distinct children (never itself), and why
+    it is not fully trusted when it is not."""
+
+    children: tuple[Descriptor, ...]
+    media_type: str | None
+    subject: str | None = None
+    problem: str | None = None
+    blind: bool = False  # could not be read at all: what it holds is unknown
+
+
+_LEAF = _Expansion((), None)
+
+
+def _expand(store: Store, digest: str, media_type: str | None) -> _Expansion | None:
+    """Read a blob's children; `_LEAF` for a blob never read, None when it is absent.
+
+    A manifest that cannot be parsed, or parses with problems, also holds every
+    digest its bytes mention (`salvage`): whatever it may need is never freed
+    because of damage. One function, so the incremental path and verify's
+    from-scratch count always agree.
+    """
+    if media_type is not None and not is_manifest_type(media_type):
+        return _LEAF  # a layer or config: a leaf, never read
+    try:
+        data = store.read_blob(digest)
+    except BlobTooLarge as exc:
+        salvaged = salvage(store.read_chunks(digest))
+        return _Expansion(_distinct(salvaged, digest), media_type, problem=str(exc))
+    except InvalidBlob as exc:
+        return _Expansion((), media_type, problem=str(exc), blind=True)
+    if data is None:
+        return None
+    if media_type is None and data.lstrip()[:1] != b"{":
+        return _Expansion((), None)
+    try:
+        parsed = parse_children(media_type, data, digest)
+    except InvalidBlob as exc:
+        return _Expansion(_distinct(salvage([data]), digest), media_type, problem=str(exc))
+    problems = [str(p) for p in parsed.problems]
+    if any(child.digest == digest for child in parsed.children):
+        problems.append(f"{digest}: refers to itself; edge ignored")
+    children = parsed.children + (salvage([data]) if problems else ())
+    return _Expansion(
+        _distinct(children, digest),
+        parsed.media_type or media_type,
+        parsed.subject,
+        "; ".join(problems) or None,
+    )
+
+
+def _distinct(children: Iterable[Descriptor], parent: str) -> tuple[Descriptor, ...]:
+    """One edge per distinct child (a layer listed twice counts once), none to itself."""
+    unique: dict[str, Descriptor] = {}
+    for child in children:
+        if child.digest != parent:
+            unique.setdefault(child.digest, child)
+    return tuple(unique.values())
 
 
 # ---------------------------------------------------------------------------
@@ -200,46 +270,20 @@ class _Work:
         """Parse a manifest-like blob that just became live and record its edges."""
         row = self.repo.blob(digest)
         assert row is not None
-        media_type = row.media_type
-        if media_type is not None and not is_manifest_type(media_type):
-            return []  # a layer or config: a leaf, never read
-        try:
-            data = self.store.read_blob(digest)
-        except InvalidBlob as exc:
-            self._problem(digest, str(exc))
+        found = _expand(self.store, digest, row.media_type)
+        if found is None or found is _LEAF:
             return []
-        if data is None:
-            return []  # missing: expanded when its file appears
-        if media_type is None and data.lstrip()[:1] != b"{":
-            self.repo.update_blob(digest, expanded=True)
-            return []
-        try:
-            parsed = parse_children(media_type, data, digest)
-        except InvalidBlob as exc:
-            self._problem(digest, str(exc))
-            return []
-        children: dict[str, Descriptor] = {}
-        for child in parsed.children:
-            if child.digest == digest:
-                self.problems.append(f"{digest}: refers to itself; edge ignored")
-                continue
-            children.setdefault(child.digest, child)  # one edge per distinct child
-        self.repo.add_edges(digest, [(c.digest, c.kind) for c in children.values()])
-        problem = "; ".join(str(p) for p in parsed.problems) or None
-        if problem:
-            self.problems.append(problem)
+        self.repo.add_edges(digest, [(c.digest, c.kind) for c in found.children])
+        if found.problem:
+            self.problems.append(found.problem)
         self.repo.update_blob(
             digest,
-            expanded=True,
-            subject=parsed.subject,
-            media_type=parsed.media_type or media_type,
-            problem=problem,
+            expanded=not found.blind,
+            subject=found.subject,
+            media_type=found.media_type,
+            problem=found.problem[:1000] if found.problem else None,
         )
-        return self.hint(children.values())
-
-    def _problem(self, digest: str, message: str) -> None:
-        self.problems.append(message)
-        self.repo.update_blob(digest, expanded=True, problem=message[:1000])
+        return self.hint(found.children)
 
     def free(self, digest: str) -> None:
         row = self.repo.blob(digest)
@@ -326,6 +370,7 @@ class _Scan:
     parsed: dict[str, tuple[str | None, str | None, str | None]]  # media type, subject, problem
     files: dict[str, Any]
     problems: list[str]
+    blind: set[str]  # manifests that could not be read at all
 
 
 Progress = Callable[[str, int, int], None]
@@ -360,6 +405,7 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
         hints.setdefault(root.digest, Descriptor(root.digest, root.media_type, root.size))
     edges: dict[str, dict[str, str]] = {}
     parsed: dict[str, tuple[str | None, str | None, str | None]] = {}
+    blind: set[str] = set()
     problems = [str(p) for p in (*index.problems, *file_problems)]
 
     def children(digest: str) -> list[str]:
@@ -368,33 +414,22 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
         if visited % 512 == 0:
             progress("counting", visited, len(files))
         hint = hints.get(digest)
-        media_type = hint.media_type if hint else None
-        if (media_type is not None and not is_manifest_type(media_type)) or digest not in files:
+        found = _expand(store, digest, hint.media_type if hint else None)
+        if found is None or found is _LEAF:
             return []
-        try:
-            data = store.read_blob(digest)
-            if data is None or (media_type is None and data.lstrip()[:1] != b"{"):
-                return []
-            result = parse_children(media_type, data, digest)
-        except InvalidBlob as exc:
-            problems.append(str(exc))
-            parsed[digest] = (media_type, None, str(exc)[:1000])
-            return []
-        kids: dict[str, str] = {}
-        for child in result.children:
-            if child.digest != digest:
-                hints.setdefault(child.digest, child)
-                kids.setdefault(child.digest, child.kind)
-        problem = "; ".join(str(p) for p in result.problems) or None
-        if problem:
-            problems.append(problem)
-        edges[digest] = kids
-        parsed[digest] = (result.media_type or media_type, result.subject, problem)
-        return list(kids)
+        for child in found.children:
+            hints.setdefault(child.digest, child)
+        if found.problem:
+            problems.append(found.problem)
+        edges[digest] = {c.digest: c.kind for c in found.children}
+        parsed[digest] = (found.media_type, found.subject, found.problem)
+        if found.blind:
+            blind.add(digest)
+        return list(edges[digest])
 
     counts = graph.mark((r.digest for r in index.roots), children)
     progress("counting", len(files), len(files))
-    return _Scan(index.roots, counts, edges, hints, parsed, files, problems)
+    return _Scan(index.roots, counts, edges, hints, parsed, files, problems, blind)
 
 
 # ---------------------------------------------------------------------------
@@ -536,11 +571,16 @@ class Refcounter:
             self._catch_up(_Work(repo, self.store, self.policy), snapshot)
             work = _Work(repo, self.store, self.policy)
             removed = {
-                r.position: r for r in repo.roots_where(tag=selects.tag, digest=selects.digest)
+                r.position: r
+                for r in (
+                    repo.roots_where(tag=selects.tag, digest=selects.digest)
+                    if selects.tag is None or usable_tag(selects.tag)
+                    else []
+                )
             }
             if not removed:
                 self._explain_not_found(snapshot, target, what)
-            self._refuse_damaged(repo, {r.digest for r in removed.values()})
+            self._refuse_damaged(repo, {r.digest for r in removed.values()}, what)
             if not self.policy.keep_untagged:
                 removed.update((r.position, r) for r in self._untagged_children(repo, removed))
             freed = work.release(r.digest for r in removed.values())
@@ -552,6 +592,12 @@ class Refcounter:
                 ]
                 removed.update((r.position, r) for r in referrers)
                 freed = work.release(r.digest for r in referrers)
+            blind = repo.blind_manifests() if work.freed else []
+            if blind:
+                raise InvalidBlob(
+                    f"{what}: not deleted: live manifests {', '.join(blind)} could not be read, "
+                    "so the blobs they need are unknown; fix or delete them first"
+                )
             ordered = sorted(removed.values(), key=lambda r: r.position)
             report = DeleteReport(
                 target=target,
@@ -577,7 +623,8 @@ class Refcounter:
         for problem in parse_index(snapshot.data, str(self.store.index_path)).problems:
             if problem.tag == target:
                 raise InvalidStore(str(problem))
-        raise NotFound(f"{target}: no such {what.split()[0]} in {self.store.index_path}")
+        shown = target if target.isprintable() else ascii(target)
+        raise NotFound(f"{shown}: no such {what.split()[0]} in {self.store.index_path}")
 
     def _rewrite_index(self, repo: Repo, snapshot: IndexSnapshot, removed: list[RootRow]) -> None:
         """Cut the removed entries out of index.json's bytes and replace the file.
@@ -604,7 +651,7 @@ class Refcounter:
         repo.set_meta(INDEX_HASH, new_hash)
 
     @staticmethod
-    def _refuse_damaged(repo: Repo, roots: set[str]) -> None:
+    def _refuse_damaged(repo: Repo, roots: set[str], what: str) -> None:
         """Refuse to delete an image whose own manifests could not be parsed.
 
         Their children were never counted, so freeing would leave them behind (or,
@@ -614,7 +661,9 @@ class Refcounter:
         below = graph.descendants(roots, lambda d: [c for c, _ in repo.children(d)])
         for row in repo.blobs_in(below | roots).values():
             if row.problem is not None:
-                raise InvalidBlob(f"{row.problem}; not deleting an image that holds it")
+                raise InvalidBlob(
+                    f"{what}: not deleted: its image holds a damaged blob: {row.problem}"
+                )
 
     def _untagged_children(self, repo: Repo, removed: dict[int, RootRow]) -> list[RootRow]:
         """Untagged entries below the deleted roots that no remaining tagged root reaches.
@@ -685,7 +734,14 @@ class Refcounter:
             with transaction(self.engine) as repo:
                 work = _Work(repo, self.store, self.policy, now)
                 swept = []
-                for row in repo.blobs_with_state("orphan"):
+                damaged = repo.count_problems()
+                if damaged:
+                    log.warning(
+                        "gc: not sweeping orphans while %d live manifests could not be read "
+                        "(they may need them); see refcount verify",
+                        damaged,
+                    )
+                for row in [] if damaged else repo.blobs_with_state("orphan"):
                     file = self.store.blob_file(row.digest)
                     if file is None or now - _mtime(file.mtime) < grace:
                         continue
@@ -817,9 +873,9 @@ class Refcounter:
                     if hint and hint.size is not None
                     else (file.size if file else None),
                     "media_type": media_type or (hint.media_type if hint else None),
-                    "expanded": digest in scan.parsed,
+                    "expanded": digest in scan.parsed and digest not in scan.blind,
                     "subject": subject,
-                    "problem": problem,
+                    "problem": problem[:1000] if problem else None,
                     "first_seen": now,
                     "freed_at": None,
                 }
@@ -896,6 +952,8 @@ class Refcounter:
             return 0 if row is None else row.count
 
     def _resolve(self, repo: Repo, ref: str) -> str:
+        if not usable_tag(ref):
+            raise NotFound(f"{ref!a}: no such tag in {self.store.index_path}")
         if ":" in ref and ref.split(":", 1)[0] in ("sha256", "sha512"):
             return str(Digest.parse(ref))
         roots = repo.roots_where(tag=ref)

@@ -33,6 +33,10 @@ class InvalidBlob(RefcountError):
     """A manifest-like blob that cannot be parsed, is too large, or is unsafe to read."""
 
 
+class BlobTooLarge(InvalidBlob):
+    """A manifest-like blob over the parsing size cap."""
+
+
 class StoreBusy(RefcountError):
     """Another refcount process holds the store (a second daemon, a lock timeout)."""
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
+# Marks a recorded tag that index.json spells unusably (control characters, not a
+# string): the entry stays a tagged root, but no tag typed by a user can match it.
+UNUSABLE_TAG = "\x01"
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -256,10 +260,16 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
         entry = f"{where}: manifests[{position}]"
         try:
             descriptor = _descriptor(raw, entry)
-            tag = _tag_of(raw, entry)
         except (InvalidDigest, InvalidBlob) as exc:
-            problems.append(Problem(entry, str(exc), _raw_tag(raw)))
+            problems.append(_problem(entry, exc, _raw_tag(raw)))
             continue
+        try:
+            tag = _tag_of(raw, entry)
+        except InvalidBlob as exc:
+            # The digest is sound, so the entry still holds its image; only its tag is
+            # unusable (it cannot be named on the command line or stored as text).
+            problems.append(_problem(entry, exc, _raw_tag(raw)))
+            tag = UNUSABLE_TAG + ascii(raw["annotations"][TAG_ANNOTATION])
         roots.append(
             Root(
                 position, descriptor.digest, descriptor.media_type, descriptor.size, tag, start, end
@@ -314,10 +324,27 @@ def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
     return b"".join(reversed(pieces))
 
 
+def _problem(where: str, exc: Exception, tag: str | None = None) -> Problem:
+    return Problem(where, str(exc).removeprefix(f"{where}: "), tag)
+
+
 def _raw_tag(raw: object) -> str | None:
     annotations = raw.get("annotations") if isinstance(raw, dict) else None
     tag = annotations.get(TAG_ANNOTATION) if isinstance(annotations, dict) else None
     return tag if isinstance(tag, str) else None
+
+
+def usable_tag(tag: str) -> bool:
+    """A tag a user can name: printable, non-empty, and storable as text."""
+    return bool(tag) and tag.isprintable() and _encodable(tag)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tag_of(raw: dict[str, Any], where: str) -> str | None:
@@ -327,7 +354,7 @@ def _tag_of(raw: dict[str, Any], where: str) -> str | None:
     tag = annotations.get(TAG_ANNOTATION)
     if tag is None:
         return None
-    if not isinstance(tag, str) or not tag or not tag.isprintable():
+    if not isinstance(tag, str) or not usable_tag(tag):
         raise InvalidBlob(f"{where}: tag {tag!r}: empty or has control characters")
     return tag
 
@@ -341,9 +368,15 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
     (SPEC §1). A type outside the table is a leaf.
     """
     blob = _load_object(data, where, InvalidBlob)
-    own_type = blob.get("mediaType")
-    media_type = own_type if isinstance(own_type, str) else declared_type
+    own_type = blob.get("mediaType") if isinstance(blob.get("mediaType"), str) else None
+    media_type = own_type or declared_type
     problems: list[Problem] = []
+    if own_type and declared_type and own_type != declared_type:
+        problems.append(
+            Problem(where, f"mediaType {own_type} differs from its descriptor's {declared_type}")
+        )
+        if not is_manifest_type(own_type):
+            media_type = declared_type  # count what it lists rather than drop it
     children: list[Descriptor] = []
     for field in _CHILD_FIELDS.get(media_type or "", ()):
         raw_children = blob.get(field)
@@ -358,11 +391,33 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
             try:
                 children.append(_descriptor(raw, label, field))
             except (InvalidDigest, InvalidBlob) as exc:
-                problems.append(Problem(label, str(exc)))
+                problems.append(_problem(label, exc))
     subject = None
     if media_type in MANIFEST_TYPES and "subject" in blob:
         try:
             subject = _descriptor(blob["subject"], f"{where}: subject").digest
         except (InvalidDigest, InvalidBlob) as exc:
-            problems.append(Problem(f"{where}: subject", str(exc)))
+            problems.append(_problem(f"{where}: subject", exc))
     return Parsed(media_type, tuple(children), subject, tuple(problems))
+
+
+_ANY_DIGEST = re.compile(rb"sha(?:256:[0-9a-f]{64}|512:[0-9a-f]{128})(?![0-9a-f])")
+
+
+def salvage(chunks: Iterable[bytes]) -> tuple[Descriptor, ...]:
+    """Every digest a manifest's bytes mention, for a manifest that could not be parsed.
+
+    Such a manifest may still be needed by the tools that wrote it; holding what it
+    mentions means a damaged manifest never lets a blob it names be freed. Takes
+    the bytes in chunks (overlapping by a digest's length) so size is no limit.
+    """
+    seen: dict[str, None] = {}
+    tail = b""
+    for chunk in chunks:
+        window = tail + chunk
+        seen.update(dict.fromkeys(m.decode() for m in _ANY_DIGEST.findall(window)))
+        tail = window[-_LONGEST_DIGEST:]
+    return tuple(Descriptor(d, None, None, kind="unparsed") for d in seen)
+
+
+_LONGEST_DIGEST = len("sha512:") + 128

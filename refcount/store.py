@@ -23,7 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from refcount.errors import ConcurrentChange, InvalidBlob, InvalidDigest, InvalidStore, StoreBusy
+from refcount.errors import (
+    BlobTooLarge,
+    ConcurrentChange,
+    InvalidBlob,
+    InvalidDigest,
+    InvalidStore,
+    StoreBusy,
+)
 from refcount.oci import Digest, Problem
 
 DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
@@ -102,8 +109,11 @@ class Store:
                 pass
             except OSError as exc:
                 raise InvalidStore(f"{directory}: cannot create: {exc.strerror}") from None
-            if not stat.S_ISDIR(directory.lstat().st_mode):
-                raise InvalidStore(f"{directory}: exists and is not a directory (or is a link)")
+            mode = directory.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise InvalidStore(f"{directory}: is a symbolic link; not followed")
+            if not stat.S_ISDIR(mode):
+                raise InvalidStore(f"{directory}: exists and is not a directory")
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
@@ -200,7 +210,7 @@ class Store:
             except FileNotFoundError:
                 continue
             except _TooLarge:
-                raise InvalidBlob(
+                raise BlobTooLarge(
                     f"{path}: manifest larger than the {self.max_manifest}-byte limit"
                 ) from None
             except OSError as exc:
@@ -290,6 +300,16 @@ class Store:
         path = self._trashed(digest)
         return path is not None and _unlink_regular(path)
 
+    def read_chunks(self, digest: str, size: int = 1 << 20) -> Iterator[bytes]:
+        """A blob's bytes from blobs/ in chunks, however large (for salvaging digests)."""
+        path = self._blob(digest)
+        if path is None:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            while chunk := handle.read(size):
+                yield chunk
+
     def hash_blob(self, digest: str) -> str | None:
         """The hex digest of a blob's bytes under its own algorithm; None if unreadable."""
         path = self._blob(digest)
@@ -352,8 +372,10 @@ def _read_nofollow(path: Path, limit: int | None) -> bytes:
 def _regular_file(path: Path) -> BlobFile | None:
     try:
         info = path.lstat()
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:  # e.g. a directory refcount may not enter: never guess "absent"
+        raise InvalidStore(f"{path}: cannot read: {exc.strerror}") from None
     return BlobFile(info.st_size, info.st_mtime) if stat.S_ISREG(info.st_mode) else None
 
 

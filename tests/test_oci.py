@@ -102,7 +102,9 @@ def test_a_bad_entry_is_skipped_and_reported_while_the_rest_count() -> None:
         }
     ).encode()
     index = parse_index(data)
-    assert [r.digest for r in index.roots] == [A]
+    # the entry with a sound digest still holds its image; only its tag is unusable
+    assert [r.digest for r in index.roots] == [B, A]
+    assert index.roots[0].tag is not None and "bad" in index.roots[0].tag
     assert len(index.problems) == 2
     assert "manifests[0]" in str(index.problems[0]) and "invalid digest" in str(index.problems[0])
     assert "control characters" in str(index.problems[1])

@@ -140,8 +140,22 @@ class Repo:
             found.update(row[0] for row in self.connection.execute(query))
         return found
 
+    def blind_manifests(self) -> list[str]:
+        """Live manifests that could not be read at all: nothing is known of what they hold."""
+        query = (
+            select(blobs.c.digest)
+            .where(blobs.c.problem.is_not(None), blobs.c.count > 0, blobs.c.expanded.is_(False))
+            .order_by(blobs.c.digest)
+            .limit(3)
+        )
+        return [row[0] for row in self.connection.execute(query)]
+
     def count_problems(self) -> int:
-        query = select(func.count()).select_from(blobs).where(blobs.c.problem.is_not(None))
+        query = (
+            select(func.count())
+            .select_from(blobs)
+            .where(blobs.c.problem.is_not(None), blobs.c.count > 0)
+        )
         return int(self.connection.execute(query).scalar_one())
 
     # --- edges --------------------------------------------------------------
