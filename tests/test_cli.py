@@ -201,3 +201,21 @@ def test_python_dash_m_and_the_console_script_run_the_same_cli(images: Path) -> 
     )
     assert bad.returncode == 1 and bad.stderr.startswith("refcount: error: nope")
     assert "Traceback" not in bad.stderr
+
+
+def test_the_direct_delete_path_imports_sqlalchemy_core_only(images: Path) -> None:
+    """`refcount delete tag` without a daemon loads no ORM, Alembic, watchdog, rich or
+    Prometheus: whole-process latency is import time plus the deleted image's work."""
+    env = {**os.environ, "REFCOUNT_STORE": str(images), "REFCOUNT_NO_DAEMON": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "refcount", "init"], env=env, check=True, capture_output=True
+    )
+    probe = (
+        "import sys\n"
+        "from refcount.cli import main\n"
+        "code = main(['delete', 'tag', 'a'])\n"
+        "heavy = ('sqlalchemy.orm', 'alembic', 'watchdog', 'rich', 'prometheus_client')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import refcount.db.models
+import refcount.db.tables
 
 revision = '0001'
 down_revision = None
@@ -30,8 +30,8 @@ def upgrade() -> None:
     sa.Column('expanded', sa.Boolean(), nullable=False),
     sa.Column('subject', sa.String(length=200), nullable=True),
     sa.Column('problem', sa.String(length=1000), nullable=True),
-    sa.Column('first_seen', refcount.db.models.TZDateTime(), nullable=False),
-    sa.Column('freed_at', refcount.db.models.TZDateTime(), nullable=True),
+    sa.Column('first_seen', refcount.db.tables.TZDateTime(), nullable=False),
+    sa.Column('freed_at', refcount.db.tables.TZDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('digest', name=op.f('pk_blobs'))
     )
     with op.batch_alter_table('blobs', schema=None) as batch_op:
@@ -55,7 +55,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('action', sa.String(length=16), nullable=False),
     sa.Column('digest', sa.String(length=200), nullable=False),
-    sa.Column('created', refcount.db.models.TZDateTime(), nullable=False),
+    sa.Column('created', refcount.db.tables.TZDateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_pending_actions'))
     )
     op.create_table('roots',

@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from refcount.db.models import SCHEMA_HEAD
 from refcount.db.repo import Repo
+from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import DatabaseError
 
 BUSY_TIMEOUT_MS = 60_000

@@ -13,15 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RootTransaction, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, RootTransaction, delete, func, insert, select, update
 
-from refcount.db.models import Blob, Edge, Meta, PendingAction, Root
-
-blobs: Table = Blob.__table__  # type: ignore[assignment]
-edges: Table = Edge.__table__  # type: ignore[assignment]
-roots: Table = Root.__table__  # type: ignore[assignment]
-journal: Table = PendingAction.__table__  # type: ignore[assignment]
-meta: Table = Meta.__table__  # type: ignore[assignment]
+from refcount.db.tables import blobs, edges, meta, roots
+from refcount.db.tables import pending_actions as journal
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 

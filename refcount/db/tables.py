@@ -1,0 +1,121 @@
+"""The schema, once, as SQLAlchemy Core tables.
+
+The query code (`repo.py`) and the migrations use these tables directly, so the
+CLI's direct path imports SQLAlchemy Core only, never the ORM. `models.py` maps
+typed ORM classes onto the same tables for library users who want them.
+
+Every change here is an Alembic revision in `migrations/versions/`;
+`SCHEMA_HEAD` names the newest one, and a test proves tables and migrations agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+
+SCHEMA_HEAD = "0002"
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class TZDateTime(TypeDecorator[datetime]):
+    """Stores UTC; returns aware datetimes (SQLite keeps no time zone of its own)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+DIGEST = String(200)  # "sha512:" + 128 hex fits
+
+blobs = Table(
+    "blobs",
+    metadata,
+    # One content-addressed blob the store has, had, or needs. state: `live` (count > 0,
+    # file in blobs/), `missing` (count > 0, file gone), `foreign` (count > 0, absent but
+    # allowed: a descriptor with `urls`), `orphan` (count 0, file in blobs/, never
+    # reachable), `trash` (count 0, quarantined in .refcount/trash/ until its TTL ends).
+    Column("digest", DIGEST, primary_key=True),
+    Column("size", BigInteger),
+    Column("media_type", String(255)),
+    Column("count", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    # Whether the children are recorded as edges (false for a manifest still missing,
+    # or one that could not be read at all).
+    Column("expanded", Boolean, nullable=False),
+    Column("subject", DIGEST, index=True),
+    Column("problem", String(1000)),
+    Column("first_seen", TZDateTime(), nullable=False),
+    Column("freed_at", TZDateTime()),
+)
+
+edges = Table(
+    "edges",
+    metadata,
+    # A live parent's reference to a child; one row per distinct (parent, child).
+    Column("parent", DIGEST, primary_key=True),
+    Column("child", DIGEST, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Index("ix_edges_child", "child"),
+)
+
+roots = Table(
+    "roots",
+    metadata,
+    # An entry of index.json as last reconciled. `position` orders entries and may have
+    # gaps after a delete; `start`/`end` are its byte span in the file, so a delete can
+    # cut it out without parsing the rest.
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("digest", DIGEST, nullable=False, index=True),
+    Column("tag", String(1000), index=True),
+    Column("media_type", String(255)),
+    Column("size", BigInteger),
+    Column("start", BigInteger, index=True),
+    Column("end", BigInteger),
+)
+
+pending_actions = Table(
+    "pending_actions",
+    metadata,
+    # The journal: a file action decided by a committed transaction, not yet done.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("action", String(16), nullable=False),
+    Column("digest", DIGEST, nullable=False),
+    Column("created", TZDateTime(), nullable=False),
+)
+
+meta = Table(
+    "meta",
+    metadata,
+    # Small facts about the store, e.g. the hash of the index.json last applied.
+    Column("key", String(64), primary_key=True),
+    Column("value", String(200), nullable=False),
+)
