@@ -387,6 +387,20 @@ def _root_row(root: Root) -> RootRow:
     )
 
 
+def _store_roots(repo: Repo, new: list[RootRow]) -> None:
+    """Record index.json's entries, rewriting rows only from the first that differs:
+    tools mostly append, so a push costs its new entries, not the whole index."""
+    old = repo.roots()
+    same = 0
+    while same < min(len(old), len(new)) and replace(old[same], position=0) == replace(
+        new[same], position=0
+    ):
+        same += 1
+    base = old[same - 1].position + 1 if same else 0
+    repo.delete_roots(r.position for r in old[same:])
+    repo.insert_roots([replace(r, position=base + i) for i, r in enumerate(new[same:])])
+
+
 def _span_holds(data: bytes, root: RootRow) -> bool:
     """Whether index.json's bytes at the recorded span are the recorded entry."""
     try:
@@ -535,7 +549,7 @@ class Refcounter:
         added, removed = new - old, old - new
         work.acquire(added.elements())
         work.release(removed.elements())
-        repo.replace_roots([_root_row(r) for r in index.roots])
+        _store_roots(repo, [_root_row(r) for r in index.roots])
         repo.set_meta(INDEX_HASH, snapshot.hash)
         return sum(added.values()), sum(removed.values())
 

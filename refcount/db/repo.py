@@ -255,8 +255,11 @@ class Repo:
 
     def replace_roots(self, rows: Sequence[RootRow]) -> None:
         self.connection.execute(delete(roots))
-        if rows:
-            self.connection.execute(insert(roots), [r.__dict__ for r in rows])
+        self.insert_roots(rows)
+
+    def insert_roots(self, rows: Sequence[RootRow]) -> None:
+        for chunk in _chunks(rows):
+            self.connection.execute(insert(roots), [r.__dict__ for r in chunk])
 
     def delete_roots(self, positions: Iterable[int]) -> None:
         for chunk in _chunks(sorted(set(positions))):
