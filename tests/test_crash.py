@@ -347,7 +347,7 @@ def crash_trials() -> Iterator[Any]:
         yield pytest.param(number, point, id=f"{point}-{number}")
 
 
-@pytest.mark.parametrize(("number", "point"), crash_trials())
+@pytest.mark.parametrize(("number", "point"), list(crash_trials()))
 def test_a_process_killed_at_a_crash_point_heals_at_the_next_start(
     templates: dict[str, Built], tmp_path: Path, number: int, point: str
 ) -> None:
