@@ -7,8 +7,12 @@ For N minutes, at random: outside pushes (umoci new/insert/tag/config/rm and
 skopeo copy, including multi-arch `--all` copies, when they are installed; else
 storekit-style writes), `refcount delete tag|manifest` and `refcount gc` as
 separate CLI processes, and a `refcount watch --debounce 0.05` daemon that is
-SIGKILLed and restarted. About a third of the steps run two operations at once
-(a delete racing a push is the case the quarantine exists for).
+SIGKILLed and restarted. About a third of the steps run two operations at once.
+Two kinds of step aim at the race the quarantine exists for (SPEC §3): a delete
+while skopeo copies an image reusing the deleted image's layer, and a scripted
+tool that checks a layer exists, lets `refcount delete` free it, then pushes an
+image reusing it. Between steps, every listed blob must be in blobs/ or waiting
+in the quarantine.
 
 At the end the daemon is killed, `refcount sync` and `refcount verify` run, and
 the store is checked against the independent oracle in tests/storekit.py:
@@ -30,15 +34,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -55,6 +62,7 @@ import storekit as sk  # noqa: E402
 
 GRACE_SECONDS = 3600  # refcount's default --grace
 MIN_TAGS, MAX_TAGS = 6, 24
+RACE_LAYER_BYTES = 8 << 20
 ROOTLESS = [] if os.geteuid() == 0 else ["--rootless"]
 
 
@@ -66,6 +74,12 @@ class Soak:
         self.umoci = shutil.which("umoci") is not None
         self.skopeo = shutil.which("skopeo") is not None
         self.source = work / "source"
+        self.copied: dict[str, str] = {}  # tag in the store -> image in the source
+        self.delete_seconds = [0.8]  # how long recent `refcount delete` processes took
+        self.trash_dir = store / ".refcount" / "trash"
+        self.race_hits = 0  # scripted races where the tool's layer was freed under it
+        self.waited: set[str] = set()  # listed blobs seen in the quarantine between steps
+        self.absent: set[str] = set()  # listed blobs seen nowhere between steps
         self.ops: Counter[str] = Counter()
         self.tool_errors: Counter[str] = Counter()
         self.refused: list[str] = []
@@ -258,18 +272,100 @@ class Soak:
             image = f"{self.store}:{self.rng.choice(tags)}"
             self.tool("umoci rm", ["umoci", "rm", "--image", image])
 
+    def skopeo_copy(self, name: str, tag: str) -> None:
+        cmd = ["skopeo", "copy", "--quiet", *(["--all"] if name == "multi" else [])]
+        if self.tool("skopeo copy", [*cmd, f"oci:{self.source}:{name}", f"oci:{self.store}:{tag}"]):
+            self.copied[tag] = name
+
     def op_skopeo_copy(self) -> None:
         name = self.rng.choice(["s0", "s1", "s2", "s3", "multi"])
-        tag = self.fresh("m" if name == "multi" else "s")
-        cmd = [
-            "skopeo",
-            "copy",
-            "--quiet",
-            *(["--all"] if name == "multi" else []),
-            f"oci:{self.source}:{name}",
-            f"oci:{self.store}:{tag}",
+        self.skopeo_copy(name, self.fresh("m" if name == "multi" else "s"))
+
+    def op_race(self) -> None:
+        """The race the quarantine exists for: delete an image while skopeo copies an image
+        that reuses its layer. skopeo skips the layers it sees in blobs/; when refcount
+        frees one before skopeo lists the copy, the next reconcile must restore it from
+        the quarantine. Each race uses new source images: NAME-a = [A] and NAME-b =
+        [A, B], where A is held only by the copy being deleted, and B is a big layer,
+        so that skopeo spends a while writing between its check of A and its index.json."""
+        name = self.fresh("r")
+        small = self.work / "files" / name
+        small.write_text(f"{name}\n")
+        big = self.work / "files" / f"{name}.tar"
+        with tarfile.open(big, "w") as tar:
+            info = tarfile.TarInfo(f"big-{name}")
+            info.size = RACE_LAYER_BYTES
+            tar.addfile(info, io.BytesIO(bytes(RACE_LAYER_BYTES)))
+        a, b = f"{self.source}:{name}-a", f"{self.source}:{name}-b"
+        built = (
+            self.tool("umoci new", ["umoci", "new", "--image", a])
+            and self.tool(
+                "umoci insert", ["umoci", "insert", *ROOTLESS, "--image", a, str(small), "/s"]
+            )
+            and self.tool("umoci tag", ["umoci", "tag", "--image", a, f"{name}-b"])
+            and self.tool(
+                "umoci raw add-layer", ["umoci", "raw", "add-layer", "--image", b, str(big)]
+            )
+        )
+        big.unlink()
+        if not built:
+            return
+        self.skopeo_copy(f"{name}-a", f"{name}-1")
+        # skopeo should check A just before the delete frees it: start it after a random
+        # part of the time a CLI delete takes (mostly the interpreter's start-up).
+        recent = sorted(self.delete_seconds[-7:])
+        delay = recent[len(recent) // 2] * self.rng.uniform(0.7, 1.0)
+
+        def copy() -> None:
+            time.sleep(delay)  # a random offset between the two, not a wait for anything
+            self.skopeo_copy(f"{name}-b", f"{name}-2")
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            copying = pool.submit(copy)
+            start = time.monotonic()
+            self.check_refcount("delete tag", self.refcount("delete", "tag", f"{name}-1"))
+            self.delete_seconds.append(time.monotonic() - start)
+            copying.result()
+
+    def op_scripted_race(self) -> None:
+        """The same race with the timing forced: a scripted tool sees layer L of image T
+        in blobs/, `refcount delete` removes T (freeing L when T was its only holder),
+        then the tool writes a new config, a manifest reusing L and its index.json entry."""
+        try:
+            entries = sk.read_index(self.store).get("manifests") or []
+        except ValueError:
+            return
+        listed = Counter(e.get("digest") for e in entries)
+        images = [  # tagged images listed once: deleting the tag does free something
+            e
+            for e in entries
+            if sk.tag_of(e) and e.get("mediaType") == sk.OCI_MANIFEST and listed[e["digest"]] == 1
         ]
-        self.tool("skopeo copy", cmd)
+        if not images:
+            return
+        entry = self.rng.choice(images)
+        try:
+            manifest = json.loads(sk.blob_path(self.store, entry["digest"]).read_bytes())
+            layer = manifest["layers"][-1]  # the top layer: the likeliest to be its own
+        except (OSError, ValueError, KeyError, IndexError):
+            return
+        if not sk.blob_path(self.store, layer["digest"]).exists():  # the tool's check
+            return
+        self.check_refcount("delete tag", self.refcount("delete", "tag", sk.tag_of(entry)))
+        if not sk.blob_path(self.store, layer["digest"]).exists():
+            self.race_hits += 1
+            self.note(f"race hit: {layer['digest']} freed after the tool saw it")
+        config = sk.write_blob(
+            self.store, json.dumps({"race": self.fresh("c")}).encode(), sk.OCI_CONFIG
+        )
+        body = {
+            "schemaVersion": 2,
+            "mediaType": sk.OCI_MANIFEST,
+            "config": config,
+            "layers": [{k: layer[k] for k in ("mediaType", "digest", "size")}],
+        }
+        pushed = sk.write_blob(self.store, json.dumps(body).encode(), sk.OCI_MANIFEST)
+        sk.add_entry(self.store, pushed, self.fresh("x"))
 
     def op_storekit_push(self) -> None:
         """Without the tools: write blobs, then append an entry (umoci's order)."""
@@ -316,6 +412,7 @@ class Soak:
 
     def operations(self) -> list[tuple[str, float, Callable[[], None]]]:
         ops: list[tuple[str, float, Callable[[], None]]] = [
+            ("race: check, delete, push", 1.5, self.op_scripted_race),
             ("refcount delete tag", 4, self.op_delete_tag),
             ("refcount delete manifest", 1, self.op_delete_manifest),
             ("refcount gc", 0.5, self.op_gc),
@@ -328,7 +425,10 @@ class Soak:
                 ("umoci rm", 2.5, self.op_umoci_rm),
             ]
         if self.skopeo and self.umoci:
-            ops.append(("skopeo copy", 3, self.op_skopeo_copy))
+            ops += [
+                ("skopeo copy", 3, self.op_skopeo_copy),
+                ("race: delete || skopeo copy", 1.5, self.op_race),
+            ]
         if not self.umoci:
             ops += [
                 ("storekit push", 4, self.op_storekit_push),
@@ -361,6 +461,13 @@ class Soak:
             for digest in sorted(reachable - self.ever_reachable):
                 self.note(f"sampled: {digest} reachable")
             self.ever_reachable |= reachable
+            # Between steps, a listed blob may be absent from blobs/ only while it waits
+            # in the quarantine for the next reconcile (the race above).
+            trash = {f"{p.parent.name}:{p.name}" for p in self.trash_dir.glob("*/*")}
+            for digest in sorted(reachable - sk.blob_files(self.store)):
+                waiting = digest in trash
+                (self.waited if waiting else self.absent).add(digest)
+                self.note(f"sampled: {digest} listed, {'in the trash' if waiting else 'ABSENT'}")
 
     # --- the run ----------------------------------------------------------------
     def run(self, minutes: float) -> None:
@@ -403,7 +510,7 @@ class Soak:
             and now - sk.blob_path(self.store, d).stat().st_mtime < GRACE_SECONDS
         }
         leaked = sorted(unreachable - young)
-        trash = list((self.store / ".refcount" / "trash").glob("*/*"))
+        trash = list(self.trash_dir.glob("*/*"))
 
         total = sum(v for k, v in self.ops.items() if not k.startswith("daemon"))
         daemon = "refcount watch --debounce 0.05" if self.daemon_usable else "NOT USABLE: sync"
@@ -416,10 +523,23 @@ class Soak:
         for name, count in sorted(self.ops.items()):
             print(f"  {name:<26} {count}")
         print(f"tool errors: {sum(self.tool_errors.values())} {dict(self.tool_errors)}")
+        restored = [int(n) for n in re.findall(r"(\d+) restored", self.daemon_log.read_text())]
+        print(
+            f"outside-push races: {self.ops['race: delete || skopeo copy']} with skopeo, "
+            f"{self.ops['race: check, delete, push']} scripted ({self.race_hits} freed the "
+            f"layer under the tool); {len(self.waited)} listed blobs seen waiting in the "
+            "quarantine between steps; "
+            f"the daemon restored {sum(restored)} blobs in {sum(map(bool, restored))} batches"
+        )
+        print(
+            f"listed blobs seen absent from blobs/ and the trash between steps: {len(self.absent)}"
+        )
         print(f"refcount refusals (exit 1/2): {len(self.refused)}")
         for message, count in Counter(r.split(": /")[0] for r in self.refused).most_common(6):
             print(f"  {count} x {message}")
-        print(f"final sync: exit {sync.returncode} {sync.stderr.strip()}".rstrip())
+        print(
+            f"final sync: exit {sync.returncode}; {sync.stdout.strip()} {sync.stderr.strip()}".rstrip()
+        )
         print(
             f"verify: exit {verify.returncode}, ok={report.get('ok')}, roots {report.get('roots')}, "
             f"live {report.get('live')}, drift {len(report.get('drift', []))}, "
@@ -459,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         soak.run(args.minutes)
     finally:
         soak.kill_daemon()
-    return soak.finish()
+    code = soak.finish()
+    shutil.rmtree(soak.source, ignore_errors=True)  # the big race layers; not needed after
+    return code
 
 
 if __name__ == "__main__":
