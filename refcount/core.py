@@ -710,6 +710,7 @@ class Refcounter:
         image again while the journal waited; its blobs must be counted before a
         pending unlink or quarantine is re-checked against the database.
         """
+        self.store.clear_temp()
         with transaction(self.engine) as repo:
             if not repo.pending_actions():
                 return

@@ -115,6 +115,16 @@ class Store:
             if not stat.S_ISDIR(mode):
                 raise InvalidStore(f"{directory}: exists and is not a directory")
 
+    def clear_temp(self) -> None:
+        """Remove temporary files a dead refcount process left in .refcount/tmp/.
+
+        Called with the store's lock held, when no other refcount writer can be
+        in the middle of writing one.
+        """
+        for entry in os.scandir(self.state_dir / "tmp"):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
         self._regular(self.index_path, "index.json")

@@ -170,6 +170,8 @@ def assert_healed(store: Path, why: str) -> None:
     leaked = blob_files(store) - reachable(store)
     assert not leaked, f"{why}: unreachable blobs outlived grace 0: {sorted(leaked)}"
     assert not trash_files(store), f"{why}: trash outlived TTL 0: {sorted(trash_files(store))}"
+    leftovers = sorted(p.name for p in (store / ".refcount" / "tmp").iterdir())
+    assert not leftovers, f"{why}: temporary files outlived the next start: {leftovers}"
 
 
 # --------------------------------------------------------------------------
