@@ -5,31 +5,75 @@ with refcount.open("/srv/store") as rc:
     rc.init()
     report = rc.delete_tag("app:1.0")
     assert rc.verify().ok
+
+The names below are loaded on first use (PEP 562), not when the package is
+imported: `python -m refcount` and the console script import this package
+before anything else, and the client that hands a command to a running daemon
+(`refcount.client`) must not pay for SQLAlchemy (SPEC §6). `import refcount`
+itself is therefore free; `refcount.open` imports the library.
 """
 
-from refcount.core import Changes, Policy, Refcounter, open
-from refcount.errors import (
-    ConcurrentChange,
-    DatabaseError,
-    InvalidBlob,
-    InvalidDigest,
-    InvalidStore,
-    NotFound,
-    RefcountError,
-    StoreBusy,
-)
-from refcount.oci import Digest
-from refcount.reports import (
-    BlobInfo,
-    BlobRef,
-    DeleteReport,
-    Entry,
-    GcReport,
-    Stats,
-    SyncReport,
-    TagInfo,
-    VerifyReport,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from refcount.core import Changes, Policy, Refcounter, open
+    from refcount.errors import (
+        ConcurrentChange,
+        DatabaseError,
+        InvalidBlob,
+        InvalidDigest,
+        InvalidStore,
+        NotFound,
+        RefcountError,
+        StoreBusy,
+    )
+    from refcount.oci import Digest
+    from refcount.reports import (
+        BlobInfo,
+        BlobRef,
+        DeleteReport,
+        Entry,
+        GcReport,
+        Stats,
+        SyncReport,
+        TagInfo,
+        VerifyReport,
+    )
+
+_HOME = {
+    **dict.fromkeys(["Changes", "Policy", "Refcounter", "open"], "refcount.core"),
+    **dict.fromkeys(
+        [
+            "ConcurrentChange",
+            "DatabaseError",
+            "InvalidBlob",
+            "InvalidDigest",
+            "InvalidStore",
+            "NotFound",
+            "RefcountError",
+            "StoreBusy",
+        ],
+        "refcount.errors",
+    ),
+    "Digest": "refcount.oci",
+    **dict.fromkeys(
+        [
+            "BlobInfo",
+            "BlobRef",
+            "DeleteReport",
+            "Entry",
+            "GcReport",
+            "Stats",
+            "SyncReport",
+            "TagInfo",
+            "VerifyReport",
+        ],
+        "refcount.reports",
+    ),
+}
 
 __all__ = [
     "BlobInfo",
@@ -55,3 +99,16 @@ __all__ = [
     "VerifyReport",
     "open",
 ]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,5 +1,5 @@
-import sys
+"""`python -m refcount`: the same entry point as the console script."""
 
-from refcount.cli import main
+from refcount.client import run
 
-sys.exit(main(sys.argv[1:]))
+run()

@@ -1,19 +1,32 @@
 """The command line: a thin Typer layer over `refcount.Refcounter`.
 
 Each command parses its options, calls one library method and renders one
-report. `main()` is the only place that turns errors into messages and exit
+report. `_run()` is the only place that turns errors into messages and exit
 codes (SPEC §4): 0 success, 1 a problem found or a name that does not exist,
 2 usage or input error, 3 an internal error (a bug: the traceback is logged
 with -v, never shown otherwise).
+
+The same boundary serves two callers. `main()` is a process of its own: it
+configures logging and runs one command. `serve_request()` runs one command
+inside a `refcount watch` daemon on behalf of `refcount.client` (SPEC §6) and
+returns what the command printed instead of printing it; `watch` hands it to
+the daemon, so the daemon never imports this module and both paths run the
+very same commands, renderers and error mapping.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +51,15 @@ from refcount.reports import (
 log = logging.getLogger("refcount")
 
 INTERNAL_ERROR = 3
+
+SERVED_COMMANDS = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
+"""The commands a daemon runs for a client: not `watch` (a daemon in a daemon)
+nor `db` (migrations are run by hand, next to the process that owns the schema)."""
+
+
+class NotServed(RefcountError):
+    """A request for a command the daemon does not run for clients (exit 2)."""
+
 
 app = typer.Typer(
     name="refcount",
@@ -140,7 +162,14 @@ def configure(
     * 1024,
 ) -> None:
     """Reference counts for an OCI image layout."""
-    logging.getLogger().setLevel(logging.WARNING - 10 * min(verbose, 2))
+    level = logging.WARNING - 10 * min(verbose, 2)
+    request_log = _REQUEST_LOG.get()
+    if request_log is None:
+        logging.getLogger().setLevel(level)
+    else:  # inside a daemon: this request's verbosity, never the daemon's own
+        request_log.setLevel(level)
+        if ctx.invoked_subcommand not in SERVED_COMMANDS:
+            raise NotServed(f"{ctx.invoked_subcommand}: not run by the daemon; run it directly")
     ctx.obj = Settings(
         store,
         db,
@@ -280,7 +309,12 @@ def watch(
     options = WatchOptions(
         debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
     )
-    run_daemon(settings.open, options)
+    # The daemon parses its clients' command lines in this process: only what a
+    # client sent (it sends --store, and --db from its own environment) may
+    # count, never the daemon's REFCOUNT_STORE or REFCOUNT_DB.
+    for name in ("REFCOUNT_STORE", "REFCOUNT_DB"):
+        os.environ.pop(name, None)
+    run_daemon(settings.open, options, serve_request)
 
 
 @db_app.command("upgrade")
@@ -426,34 +460,115 @@ def _configure_logging(log_format: str, level: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; the one place errors become messages and exit codes."""
+    """Run the CLI in this process; returns the exit code."""
     _configure_logging("text")
     logging.getLogger().setLevel(logging.WARNING)
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="refcount")
-        code = result if isinstance(result, int) else 0
+        return _run(argv)
+    finally:
+        logging.shutdown()
+
+
+@functools.cache
+def _command() -> Any:
+    """The Click command Typer builds from `app`, built once: a daemon serving
+    many requests pays for it once (10-20 ms), not on every request."""
+    return typer.main.get_command(app)
+
+
+def _run(argv: list[str] | None) -> int:
+    """Run one command: the one place errors become messages and exit codes."""
+    try:
+        result = _command().main(args=argv, standalone_mode=False, prog_name="refcount")
+        return result if isinstance(result, int) else 0
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
         typer.echo(f"refcount: error: {exc}", err=True)
-        code = exc.exit_code
+        return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("refcount: interrupted", err=True)
-        code = 130
+        return 130
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
         typer.echo(f"refcount: error: {exc.format_message()}", err=True)
-        code = getattr(exc, "exit_code", 2)
+        code: int = getattr(exc, "exit_code", 2)
+        return code
     except Exception as exc:
         log.debug("internal error", exc_info=True)
         typer.echo(
             f"refcount: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
             err=True,
         )
-        code = INTERNAL_ERROR
-    finally:
-        logging.shutdown()
-    return code
+        return INTERNAL_ERROR
+
+
+# --- commands run inside the daemon ----------------------------------------------
+_REQUEST_LOG: ContextVar[logging.Handler | None] = ContextVar("_REQUEST_LOG", default=None)
+"""Set while `serve_request` runs: the handler that takes this request's log lines."""
+_SERVING = threading.Lock()
+
+
+class _ThreadOnly(logging.Filter):
+    """Passes the records of one thread: a request's own, not the watcher's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.thread
+
+
+def serve_request(argv: list[str]) -> tuple[int, str, str]:
+    """Run one command for a client of the daemon; returns (exit code, stdout, stderr).
+
+    What the client gets is exactly what `main(argv)` would have printed: the
+    same Typer app, renderers and error mapping, a stdout that is not a
+    terminal (so no progress bar), and the request's log lines at WARNING and
+    above, formatted as `main` formats them. (With -v a request would get only
+    the lines the daemon's own logger levels let through, so the client runs
+    -v commands itself.) The
+    daemon's own logging is not touched: the callback sets the request's level
+    on the request's handler instead of the root logger, and nothing here
+    reconfigures or shuts down logging.
+
+    Why `redirect_stdout`/`redirect_stderr`, which swap `sys.stdout` for the
+    whole process: Typer's echo writes to whatever `sys.stdout` is when it is
+    called, so a command's output can only be caught there. That is safe here
+    because (1) requests run one at a time (`_SERVING`), (2) the daemon's other
+    threads never print: they log, and the daemon's handlers were made by
+    `_configure_logging` with `StreamHandler(sys.stderr)`, which keeps the
+    stream object it was given, so their lines still reach the daemon's real
+    stderr while a request runs, and (3) a request's log lines are picked by
+    thread (`_ThreadOnly`), so a batch the watcher logs meanwhile never reaches
+    the client. Log records of the request also reach the daemon's own log at
+    the daemon's level, which is a record of what clients did.
+
+    Cost: the warm interpreter's import time is saved; each request still opens
+    its own `Refcounter` (engine, schema check) and takes the store's lock like
+    any CLI process, so it waits for a batch in progress and vice versa.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("refcount: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_ThreadOnly())
+    root = logging.getLogger()
+    with _SERVING:
+        token = _REQUEST_LOG.set(handler)
+        root.addHandler(handler)
+        started = time.monotonic()
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                code = _run(argv)
+        finally:
+            root.removeHandler(handler)
+            _REQUEST_LOG.reset(token)
+    log.debug(
+        "served %s: exit %d, %.1f ms", " ".join(argv), code, (time.monotonic() - started) * 1000
+    )
+    return code, out.getvalue(), err.getvalue()
 
 
 def run() -> None:
-    """The console script."""
+    """Run the CLI in this process (`refcount.client.run` is the console script)."""
     sys.exit(main())

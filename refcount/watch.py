@@ -13,7 +13,10 @@ How the pieces work together:
   `resync`, and after any sign of lost events; gc every `gc_interval`; and a
   check, every second, that watchdog's threads are still alive.
 - `run_daemon` is the process around it: the store's daemon lock (a second
-  daemon fails with StoreBusy), the metrics server, signal handlers, shutdown.
+  daemon fails with StoreBusy), the metrics server, the command socket
+  (`refcount.serve`: CLI commands answered from this warm process, run by a
+  callable the caller passes in, since the CLI sits above this module), signal
+  handlers, shutdown.
 
 Why a full reconcile is never far away: watchdog cannot be trusted to deliver
 every event. An inotify queue overflow is only logged (and on a non-recursive
@@ -65,6 +68,7 @@ from refcount.core import Changes, Refcounter
 from refcount.errors import InvalidStore, RefcountError
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import GcReport, SyncReport
+from refcount.serve import SOCKET_NAME, CannotServe, CommandServer, Handler
 
 log = logging.getLogger(__name__)
 
@@ -746,16 +750,25 @@ def _signals(daemon: Daemon) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def run_daemon(open_refcounter: Callable[[], Refcounter], options: WatchOptions) -> None:
+def run_daemon(
+    open_refcounter: Callable[[], Refcounter],
+    options: WatchOptions,
+    serve: Handler | None = None,
+) -> None:
     """Run the watch daemon in this process until SIGTERM or SIGINT.
 
+    With `serve`, CLI commands sent to `STORE/.refcount/refcount.sock` are run
+    with it (see `refcount.serve`); the socket exists only while the daemon
+    holds the store's daemon lock, and is removed on a clean stop.
+
     Raises StoreBusy when another daemon holds the store, InvalidAddress for a
-    bad `metrics_addr`. Returns normally after a clean stop.
+    bad `metrics_addr`. A socket that cannot be made is logged, and the daemon
+    watches without it. Returns normally after a clean stop.
     """
     with open_refcounter() as rc:
         lock = rc.store.hold_daemon_lock()
         try:
-            _serve(rc, options)
+            _serve(rc, options, serve)
         finally:
             os.close(lock)
 
@@ -769,7 +782,7 @@ def _duration(value: timedelta) -> str:
     return f"{seconds:g}s" if seconds else "0"
 
 
-def _serve(rc: Refcounter, options: WatchOptions) -> None:
+def _serve(rc: Refcounter, options: WatchOptions, serve: Handler | None) -> None:
     metrics = Metrics()
     daemon = Daemon(rc, options, metrics)
     server = (
@@ -777,6 +790,7 @@ def _serve(rc: Refcounter, options: WatchOptions) -> None:
         if options.metrics_addr
         else None
     )
+    commands = None if serve is None else CommandServer(rc.store.state_dir / SOCKET_NAME, serve)
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
         rc.store.path,
@@ -787,10 +801,18 @@ def _serve(rc: Refcounter, options: WatchOptions) -> None:
     try:
         with _signals(daemon):
             daemon.start()
+            if commands is not None:
+                try:
+                    commands.start()
+                except CannotServe as exc:  # watching matters more than the shortcut
+                    log.warning("%s; refcount commands will run on their own", exc)
+                    commands = None
             # Wake up now and then: a signal handler runs only between bytecodes.
             while not daemon.join(0.5):
                 pass
     finally:
+        if commands is not None:  # first: a request in hand finishes, none starts
+            commands.close()
         daemon.stop()
         if server is not None:
             server.close()

@@ -1,0 +1,214 @@
+"""The `refcount` entry point: hand the command to the store's daemon, or run it here.
+
+Starting Python and importing SQLAlchemy costs far more than a `delete tag`
+itself (SPEC §6, issue 5). When a `refcount watch` daemon runs on the store, it
+listens on `STORE/.refcount/refcount.sock` and runs CLI commands in its warm
+process; this module finds that socket, sends the command line and prints the
+answer. It imports only the standard library, and `refcount/__init__.py` loads
+nothing eagerly, so on that path the process never imports the library, Typer,
+SQLAlchemy or rich.
+
+Everything else runs here, through `refcount.cli.main`, exactly as if there were
+no daemon: no socket, a socket nobody listens on (a killed daemon's), a refused
+connection, `REFCOUNT_NO_DAEMON=1`, a command the daemon does not serve (`watch`,
+`db`), help, `-v` (the log lines a user asks for are this process's, at the level
+asked for), anything this small parser is not sure of (an unknown option: the
+CLI's own error is the right answer), and a relative SQLite URL (it would mean
+another file in the daemon's working directory).
+
+The answer is the same either way: the daemon runs the same Typer app through
+the same error boundary (`refcount.cli.serve_request`), with this process's
+store made absolute and its REFCOUNT_DB sent along; stdout is never a terminal
+there, so no progress bar is drawn on the daemon path.
+
+A command is run at most once: the daemon sends one ACCEPTED byte when it has
+the whole request, and only a client that never received it runs the command
+itself. A connection lost after it is an error (exit 3), since the command may
+have done its work. The protocol is described in `refcount.serve`, which this
+module cannot import at module level; `tests/test_fastpath.py` checks that the
+two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
+STATE_DIR = ".refcount"  # refcount.store.STATE_DIR
+SOCKET_NAME = "refcount.sock"  # refcount.serve.SOCKET_NAME
+ACCEPTED = b"\x01"  # refcount.serve.ACCEPTED
+CONNECT_TIMEOUT = 1.0
+"""Seconds to wait for the daemon to take the connection before running here."""
+INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
+
+SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
+"""refcount.cli.SERVED_COMMANDS: what the daemon runs for a client."""
+_VALUE_OPTIONS = frozenset({"--store", "--db", "--trash-ttl", "--grace", "--max-manifest"})
+_FLAG_OPTIONS = frozenset(
+    {"--json", "--keep-referrers", "--no-keep-referrers", "--keep-untagged", "--no-keep-untagged"}
+)
+_HEADER = struct.Struct("!I")
+
+
+class _NotSent(Exception):
+    """The daemon did not take the command: run it here."""
+
+
+def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None:
+    """The command line to send to the daemon, or None when it must run here.
+
+    The store is resolved as the CLI resolves it (the last `--store` before the
+    command, else REFCOUNT_STORE, else the working directory), made absolute and
+    put first; REFCOUNT_DB becomes `--db` unless the command line has one.
+    Global options other than `--store` are sent as they are.
+    """
+    if environ.get(NO_DAEMON_ENV, "") not in ("", "0"):
+        return None
+    if "--help" in argv or "-h" in argv:
+        return None
+    store: str | None = None
+    db: str | None = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in _VALUE_OPTIONS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    return None
+                i += 1
+                value = argv[i]
+            if name == "--store":
+                store = value
+            else:
+                if name == "--db":
+                    db = value
+                rest.append(f"{name}={value}")
+        elif arg in _FLAG_OPTIONS:
+            rest.append(arg)
+        elif arg.startswith("-"):  # -v, --verbose, --, or something the CLI must judge
+            return None
+        else:
+            break
+        i += 1
+    command = argv[i:]
+    if not command or command[0] not in SERVED:
+        return None
+    if command[0] == "delete" and (len(command) < 2 or command[1] not in ("tag", "manifest")):
+        return None
+    if db is None and environ.get("REFCOUNT_DB"):
+        db = environ["REFCOUNT_DB"]
+        rest.append(f"--db={db}")
+    if db is not None and _relative_sqlite(db):
+        return None
+    if store is None:
+        store = environ.get("REFCOUNT_STORE") or "."
+    return ["--store", os.path.abspath(store), *rest, *command]
+
+
+def _relative_sqlite(url: str) -> bool:
+    """A SQLite URL naming a file relative to the working directory."""
+    scheme, sep, path = url.partition(":///")
+    return bool(sep) and scheme.split("+")[0] == "sqlite" and not path.startswith("/")
+
+
+@contextmanager
+def _short_path(path: str) -> Iterator[str]:
+    """`path`, or the same file through /proc/self/fd when it is too long for
+    sockaddr_un (as `refcount.serve` binds it)."""
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    try:
+        fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    except OSError as exc:
+        raise _NotSent from exc
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection before it answered")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def ask_daemon(socket_path: str, argv: list[str]) -> tuple[int, str, str]:
+    """Have the daemon on `socket_path` run `argv`; returns (code, stdout, stderr).
+
+    Raises _NotSent when the command did not run there (no daemon, a stale
+    socket, refused, busy past CONNECT_TIMEOUT), and OSError when the
+    connection was lost after the daemon took the command.
+    """
+    request = json.dumps({"argv": argv, "stdout_isatty": False}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            with _short_path(socket_path) as name:
+                sock.connect(name)
+            # A daemon that is busy reads this only when the command before it
+            # is done: wait as long as that takes (Ctrl-C stops waiting).
+            sock.settimeout(None)
+            sock.sendall(_HEADER.pack(len(request)) + request)
+            if sock.recv(1) != ACCEPTED:
+                raise _NotSent
+        except OSError as exc:
+            raise _NotSent from exc
+        (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+        answer = json.loads(_recv_exact(sock, size))
+    return int(answer["code"]), str(answer["out"]), str(answer["err"])
+
+
+def _direct(argv: list[str]) -> int:
+    from refcount.cli import main
+
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `refcount ARGV`, through the daemon when one serves the store."""
+    args = sys.argv[1:] if argv is None else argv
+    request = daemon_argv(args, os.environ)
+    if request is None:
+        return _direct(args)
+    socket_path = os.path.join(request[1], STATE_DIR, SOCKET_NAME)
+    if not os.path.exists(socket_path):
+        return _direct(args)
+    try:
+        code, out, err = ask_daemon(socket_path, request)
+    except _NotSent:
+        return _direct(args)
+    except (OSError, ValueError, KeyError) as exc:
+        print(
+            f"refcount: error: {socket_path}: lost the daemon while it ran the command "
+            f"({exc}); it may or may not have taken effect: check with `refcount verify`",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
+    except KeyboardInterrupt:
+        print("refcount: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    sys.stderr.write(err)
+    sys.stderr.flush()
+    return code
+
+
+def run() -> None:
+    """The console script and `python -m refcount`."""
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The daemon's command socket: `refcount` commands answered from a warm process.
+
+How the pieces fit together (SPEC §6): `refcount.client` finds
+`STORE/.refcount/refcount.sock`, connects and sends one request; the
+`CommandServer` here, started by `refcount.watch`, runs it with the callable it
+was given (the CLI's `serve_request`, passed down by the `watch` command, so
+this module knows nothing of the CLI) and sends back what the command printed.
+
+The exchange on one connection, every frame a 4-byte big-endian length and
+that many bytes of UTF-8 JSON:
+
+    client -> server   {"argv": [...], "stdout_isatty": false}
+    server -> client   the single byte ACCEPTED, once the request is read whole
+    server -> client   {"code": int, "out": str, "err": str}
+
+The ACCEPTED byte is what lets the client fall back safely: a client that never
+got it knows the command did not run (the daemon was gone, stopping, or refused
+it) and runs it itself; one that got it and then lost the connection must not
+run it again, since the command may have done its work.
+
+Who may connect: the socket is made mode 0600 before it listens, and a peer
+whose uid (SO_PEERCRED) is not the daemon's is refused anyway (root ignores file
+modes). Requests are served one at a time on one thread; each takes the store's
+lock like any CLI process, so the watcher's batches go on between them.
+
+Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from refcount.errors import RefcountError
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "refcount.sock"
+"""The socket's name inside the store's `.refcount/` directory."""
+ACCEPTED = b"\x01"
+MAX_REQUEST = 1 << 20
+"""Largest request frame read, in bytes (an argv; a bigger one is not a client's)."""
+READ_TIMEOUT = 10.0
+"""Seconds a connected peer has to send its request before it is dropped."""
+POLL = 0.2
+"""Seconds between checks for a stop while waiting for connections."""
+_HEADER = struct.Struct("!I")
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+Handler = Callable[[list[str]], tuple[int, str, str]]
+"""Runs one command line; returns (exit code, stdout, stderr)."""
+
+
+class CannotServe(RefcountError):
+    """The command socket cannot be made (a path too long, a read-only .refcount/)."""
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def send_frame(sock: socket.socket, obj: Any) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise _BadRequest("the connection closed mid-frame")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_request(sock: socket.socket) -> list[str]:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if size > MAX_REQUEST:
+        raise _BadRequest(f"a request of {size} bytes")
+    try:
+        request = json.loads(_recv_exact(sock, size))
+    except ValueError as exc:
+        raise _BadRequest(f"not JSON: {exc}") from None
+    argv = request.get("argv") if isinstance(request, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise _BadRequest("no argv list of strings")
+    return argv
+
+
+@contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A name for `path` that fits in sockaddr_un (108 bytes): the path itself,
+    or, when it is too long, the same file reached through an open descriptor
+    of its directory (/proc/self/fd/N/NAME; Linux)."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+class CommandServer:
+    """Serve `handler` on a Unix socket at `path` from one thread.
+
+    Call `start()` only while holding the store's daemon lock: a socket file
+    already there is then a dead daemon's and is replaced. `close()` stops
+    accepting, lets a request in hand finish (up to `timeout`), and removes the
+    socket file.
+    """
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="refcount-serve", daemon=True)
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _short_path(self.path) as name:
+                with suppress(FileNotFoundError):
+                    os.unlink(name)  # a killed daemon's socket: nobody answers on it
+                listener.bind(name)
+                # Nobody can connect before listen(), so 0600 is in place before
+                # anyone could use the file's first, wider mode.
+                os.chmod(name, 0o600)
+            listener.listen(16)
+            listener.settimeout(POLL)
+        except OSError as exc:
+            listener.close()
+            raise CannotServe(
+                f"{self.path}: cannot serve commands: {exc.strerror or exc}"
+            ) from None
+        self._listener = listener
+        self._thread.start()
+        log.debug("serving commands on %s", self.path)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        try:
+            with _short_path(self.path) as name:
+                os.unlink(name)
+        except OSError:
+            pass
+        listener.close()
+
+    def _run(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
+                    self._stopping.wait(POLL)  # out of descriptors: try again soon
+                    continue
+                log.error("serve: cannot accept on %s: %s; no longer serving", self.path, exc)
+                return
+            with conn:
+                try:
+                    self._serve_one(conn)
+                except Exception:
+                    log.exception("serve: a request failed")
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        conn.settimeout(READ_TIMEOUT)
+        pid, uid, _gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid != os.geteuid():
+            log.warning(
+                "serve: refused a connection from pid %d of uid %d (not the daemon's uid %d)",
+                pid,
+                uid,
+                os.geteuid(),
+            )
+            return  # closed without ACCEPTED: that client runs the command itself
+        try:
+            argv = _read_request(conn)
+        except (_BadRequest, OSError) as exc:
+            log.warning("serve: dropped a request from pid %d: %s", pid, exc)
+            return
+        try:
+            conn.sendall(ACCEPTED)
+        except OSError:  # the client gave up; it runs the command itself
+            log.debug("serve: pid %d went away before its request ran", pid)
+            return
+        try:
+            code, out, err = self.handler(argv)
+        except Exception as exc:  # the handler maps errors itself; this is a bug
+            log.exception("serve: the command failed")
+            code, out, err = 3, "", f"refcount: internal error in the daemon: {exc!r}\n"
+        conn.settimeout(None)  # the answer may be large; the client reads it whole
+        try:
+            send_frame(conn, {"code": code, "out": out, "err": err})
+        except OSError as exc:
+            log.warning("serve: could not answer pid %d: %s", pid, exc)
