@@ -925,16 +925,23 @@ class Refcounter:
 
     # --- reading --------------------------------------------------------------
     def tags(self) -> list[TagInfo]:
-        """Every tag in index.json order, with the bytes of its whole image."""
+        """Every tag in index.json order, with the bytes of its whole image.
+
+        Reads the edges and sizes once and walks each image in memory: one pass
+        over the database, however many tags there are.
+        """
         self.sync_roots()
         with transaction(self.engine, write=False) as repo:
+            children: dict[str, list[str]] = {}
+            for parent, child in repo.all_edges():
+                children.setdefault(parent, []).append(child)
+            sizes = repo.sizes()
             result = []
             for root in repo.roots():
                 if root.tag is None:
                     continue
-                below = graph.descendants([root.digest], lambda d: [c for c, _ in repo.children(d)])
-                sizes = repo.blobs_in(below | {root.digest})
-                total = sum(b.size or 0 for b in sizes.values())
+                image = graph.descendants([root.digest], lambda d: children.get(d, ()))
+                total = sum(sizes.get(d) or 0 for d in image | {root.digest})
                 result.append(TagInfo(root.tag, root.digest, root.media_type, total))
             return result
 

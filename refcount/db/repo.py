@@ -298,6 +298,10 @@ class Repo:
         query = select(blobs.c.digest, blobs.c.count).where(blobs.c.count > 0)
         return {row[0]: int(row[1]) for row in self.connection.execute(query)}
 
+    def sizes(self) -> dict[str, int | None]:
+        query = select(blobs.c.digest, blobs.c.size).where(blobs.c.count > 0)
+        return {row[0]: row[1] for row in self.connection.execute(query)}
+
     def all_edges(self) -> list[tuple[str, str]]:
         return [
             (r.parent, r.child)

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 metadata = MetaData(
     naming_convention={
@@ -75,6 +75,8 @@ blobs = Table(
     Column("problem", String(1000)),
     Column("first_seen", TZDateTime(), nullable=False),
     Column("freed_at", TZDateTime()),
+    # Damaged manifests are rare; deletes and gc look for live ones every time.
+    Index("ix_blobs_problem", "problem"),
 )
 
 edges = Table(
