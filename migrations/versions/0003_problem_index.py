@@ -1,4 +1,4 @@
-"""Index blobs.problem: every delete and gc asks whether a live manifest is damaged
+"""A partial index on blobs.problem: every delete and gc asks whether a live manifest is damaged
 
 Revision ID: 0003
 Revises: 0002
@@ -7,6 +7,7 @@ Create Date: 2026-11-24
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
@@ -17,7 +18,13 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("blobs", schema=None) as batch_op:
-        batch_op.create_index("ix_blobs_problem", ["problem"], unique=False)
+        batch_op.create_index(
+            "ix_blobs_problem",
+            ["problem"],
+            unique=False,
+            sqlite_where=sa.text("problem IS NOT NULL"),
+            postgresql_where=sa.text("problem IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:

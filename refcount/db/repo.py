@@ -137,13 +137,12 @@ class Repo:
 
     def blind_manifests(self) -> list[str]:
         """Live manifests that could not be read at all: nothing is known of what they hold."""
-        query = (
-            select(blobs.c.digest)
-            .where(blobs.c.problem.is_not(None), blobs.c.count > 0, blobs.c.expanded.is_(False))
-            .order_by(blobs.c.digest)
-            .limit(3)
+        # No ORDER BY/LIMIT: they would lead SQLite to walk the primary key instead of
+        # the (nearly empty) problem index.
+        query = select(blobs.c.digest).where(
+            blobs.c.problem.is_not(None), blobs.c.count > 0, blobs.c.expanded.is_(False)
         )
-        return [row[0] for row in self.connection.execute(query)]
+        return sorted(row[0] for row in self.connection.execute(query))[:3]
 
     def count_problems(self) -> int:
         query = (
@@ -198,9 +197,10 @@ class Repo:
             conditions.append(roots.c.digest == digest)
         if untagged:
             conditions.append(roots.c.tag.is_(None))
-        if digests is None:
-            query = select(roots).where(*conditions).order_by(roots.c.position)
-            return [RootRow(**row._mapping) for row in self.connection.execute(query)]
+        if digests is None:  # sorted here: ORDER BY position would bypass the tag index
+            query = select(roots).where(*conditions)
+            rows = [RootRow(**row._mapping) for row in self.connection.execute(query)]
+            return sorted(rows, key=lambda r: r.position)
         found: list[RootRow] = []
         for chunk in _chunks(sorted(set(digests))):
             query = select(roots).where(*conditions, roots.c.digest.in_(chunk))

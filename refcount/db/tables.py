@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.engine import Dialect
 
@@ -76,7 +77,12 @@ blobs = Table(
     Column("first_seen", TZDateTime(), nullable=False),
     Column("freed_at", TZDateTime()),
     # Damaged manifests are rare; deletes and gc look for live ones every time.
-    Index("ix_blobs_problem", "problem"),
+    Index(
+        "ix_blobs_problem",
+        "problem",
+        sqlite_where=text("problem IS NOT NULL"),
+        postgresql_where=text("problem IS NOT NULL"),
+    ),
 )
 
 edges = Table(
