@@ -1,0 +1,907 @@
+#!/usr/bin/env python3
+"""refcount against the store's size, and against `umoci rm` + `umoci gc` on the same store.
+
+    bench.py [--sizes 1k,10k] [--out /tmp/refcount-bench] [--json FILE]
+             [--deletes 200] [--process-deletes 20] [--skip-umoci] [--skip-daemon]
+             [--skip-watch] [--watch-singles N] [--watch-burst N]
+
+For each size N it builds (once; cached in OUT/stores/ and reused) a store of N
+images with scripts/mkstore.py (5 layers each, mkstore's defaults otherwise),
+then works on fresh copies of it, so every measurement starts from an
+identical store:
+
+- `refcount init` as a whole process: wall time and peak RSS (/usr/bin/time);
+- no-op `sync`, `verify` and `verify --deep` through the library, and
+  `find blobs -type f -print0 | xargs -0 sha256sum` over the same files as the
+  physical limit of a deep verify (files per second for both);
+- `delete tag` through the library: median and p99 of --deletes deletes of
+  random distinct tags (trash TTL at its default);
+- `refcount delete tag` as a whole process, median of --process-deletes, with
+  REFCOUNT_NO_DAEMON=1 (the direct path), and again while `refcount watch` runs
+  on the store, once it has reconciled (its idle RSS is read then). The fast
+  path counts only when the daemon's socket STORE/.refcount/refcount.sock
+  exists; otherwise that column says n/a;
+- `umoci rm --image S:TAG && umoci gc --layout S`, and `umoci gc` alone, on
+  copies of the same store (median of 3 up to 10k images, 1 above), and their
+  ratio to `refcount delete tag` as a process;
+- once, at the smallest size, scripts/bench_watch.py (the watcher's latency).
+
+It prints every figure as it goes, then one table, the issue's targets with
+the figure each one was judged on, and writes everything to --json. It asserts
+nothing about times: a slow figure is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYERS = 5
+MB = 1024 * 1024
+
+Row = dict[str, Any]
+
+
+# --- small helpers -------------------------------------------------------------------
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """'1k' -> 1000, '100k' -> 100000, '1m' -> 1000000, '200' -> 200."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200, 1k, 100k)")
+    value = int(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size must be at least 1: {text!r}")
+    return value
+
+
+def parse_sizes(text: str) -> list[int]:
+    return sorted({parse_size(part) for part in text.split(",") if part.strip()})
+
+
+def label(n: int) -> str:
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def p99(values: list[float]) -> float:
+    """Nearest rank: the smallest value at or above 99% of the samples."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def repeats(n: int) -> int:
+    """How often the whole-store operations run: 3 up to 10k images, once above."""
+    return 3 if n <= 10_000 else 1
+
+
+def refcount_cmd(store: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "refcount", "--store", str(store), *args]
+
+
+def env_for(*, daemon: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("REFCOUNT_NO_DAEMON", None)
+    if not daemon:
+        env["REFCOUNT_NO_DAEMON"] = "1"
+    return env
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise with its output (a failed step is no figure)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)}: exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return done
+
+
+class Clock:
+    """Wall time, and CPU time (user + system) of this process and of the children it
+    waited for meanwhile. CPU time barely moves when other work shares the machine, so
+    it is printed beside the wall time; it leaves out waiting for the disk."""
+
+    def __enter__(self) -> Clock:
+        self.wall = self.cpu = 0.0
+        self._start = (time.perf_counter(), time.process_time(), _children_cpu())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall, own, children = self._start
+        self.wall = time.perf_counter() - wall
+        self.cpu = time.process_time() - own + _children_cpu() - children
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], **kwargs: Any) -> Clock:
+    with Clock() as clock:
+        run(cmd, **kwargs)
+    return clock
+
+
+# --- the machine ---------------------------------------------------------------------
+def _first(path: str, key: str) -> str | None:
+    with suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == key:
+                return value.strip()
+    return None
+
+
+def _filesystem(path: Path) -> str:
+    """fstype and device of the mount that holds `path` (longest matching mount point)."""
+    best = ("", "?", "?")
+    target = str(path.resolve())
+    with suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, point, fstype, *_ = line.split()
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best[0]):
+                best = (point, fstype, device)
+    return f"{best[1]} ({best[2]} on {best[0]})"
+
+
+def _version(cmd: list[str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def describe_machine(out: Path) -> Row:
+    import refcount
+
+    mem_kb = _first("/proc/meminfo", "MemTotal")
+    source = Path(refcount.__file__).resolve().parent.parent
+    git = _version(["git", "-C", str(source), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(source), "status", "--porcelain", "--", "refcount"])
+    return {
+        "cpu": _first("/proc/cpuinfo", "model name") or platform.processor() or "?",
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "ram_gb": round(int(mem_kb.split()[0]) / MB, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "disk": _filesystem(out),
+        "umoci": _version(["umoci", "--version"]),
+        "loadavg_start": os.getloadavg(),
+        "refcount_source": str(source),
+        "refcount_commit": f"{git}{'+dirty' if dirty else ''}" if git else None,
+    }
+
+
+# --- stores ----------------------------------------------------------------------------
+def mkstore_stamp(n: int) -> Row:
+    mkstore = HERE / "mkstore.py"
+    return {
+        "images": n,
+        "layers": LAYERS,
+        "mkstore_sha256": hashlib.sha256(mkstore.read_bytes()).hexdigest(),
+    }
+
+
+def ensure_store(stores: Path, n: int) -> Path:
+    """The pristine store of n images, built once; rebuilt when mkstore.py changed."""
+    stores.mkdir(parents=True, exist_ok=True)
+    path = stores / f"images-{n}-k{LAYERS}"
+    stamp_path = stores / f"images-{n}-k{LAYERS}.json"
+    stamp = mkstore_stamp(n)
+    with suppress(OSError, ValueError):
+        if path.is_dir() and json.loads(stamp_path.read_text())["stamp"] == stamp:
+            say(f"[{label(n)}] reusing {path}")
+            return path
+    for stale in (path, path.with_name(path.name + ".tmp")):
+        if stale.exists():
+            shutil.rmtree(stale)
+    say(f"[{label(n)}] building {path} with mkstore (once) ...")
+    temp = path.with_name(path.name + ".tmp")
+    start = time.perf_counter()
+    mkstore = [sys.executable, str(HERE / "mkstore.py"), str(temp)]
+    done = run([*mkstore, "--images", str(n), "--layers", str(LAYERS)])
+    temp.rename(path)
+    stamp_path.write_text(json.dumps({"stamp": stamp, "mkstore": done.stdout.strip()}) + "\n")
+    say(f"[{label(n)}]   {done.stdout.strip()} ({time.perf_counter() - start:.1f} s)")
+    return path
+
+
+def copy_store(src: Path, dst: Path) -> float:
+    """An identical copy of a store; returns seconds.
+
+    blobs/ is hard-linked (`cp -al`), everything else (index.json, oci-layout,
+    .refcount/ with the database) is copied. Sharing blob inodes is safe because
+    no writer here changes a blob in place: refcount renames blobs into and out of
+    its trash and unlinks them, umoci gc unlinks. Copying the data instead costs
+    minutes per copy at 100k images and leaves gigabytes of dirty pages that slow
+    every measurement after it.
+    """
+    forget(dst)
+    dst.mkdir(parents=True)
+    start = time.perf_counter()
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.name == "blobs" and entry.is_dir() and not entry.is_symlink():
+            linked = subprocess.run(["cp", "-al", str(entry), str(target)], capture_output=True)
+            if linked.returncode == 0:
+                continue
+            remove(target)  # another file system, or no hard links: copy the bytes
+        run(["cp", "-a", str(entry), str(target)])
+    return time.perf_counter() - start
+
+
+@contextmanager
+def scratch(src: Path, dst: Path) -> Iterator[Path]:
+    """A fresh copy of `src` at `dst`, set aside afterwards (see `forget`)."""
+    copy_store(src, dst)
+    try:
+        yield dst
+    finally:
+        forget(dst)
+
+
+def forget(path: Path) -> None:
+    """Move a used copy into a `.gone` directory beside it, removed at the end of the run:
+    removing a few hundred thousand files while measuring would slow the measurements."""
+    if path.exists() or path.is_symlink():
+        gone = path.parent / ".gone"
+        gone.mkdir(exist_ok=True)
+        path.rename(gone / f"{path.name}-{time.monotonic_ns()}")
+
+
+def remove(path: Path) -> None:
+    """rm -rf (much faster than shutil.rmtree on a few hundred thousand files)."""
+    subprocess.run(["rm", "-rf", "--", str(path)], check=False)
+
+
+def store_facts(store: Path) -> Row:
+    index = json.loads((store / "index.json").read_bytes())
+    entries = index.get("manifests") or []
+    files = 0
+    nbytes = 0
+    with os.scandir(store / "blobs" / "sha256") as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False):
+                files += 1
+                nbytes += entry.stat(follow_symlinks=False).st_size
+    return {
+        "roots": len(entries),
+        "tags": len(tags_of(store)),
+        "blobs": files,
+        "blob_bytes": nbytes,
+        "index_json_bytes": (store / "index.json").stat().st_size,
+    }
+
+
+def tags_of(store: Path) -> list[str]:
+    index = json.loads((store / "index.json").read_bytes())
+    return [
+        e["annotations"][REF_NAME]
+        for e in index.get("manifests") or []
+        if isinstance(e.get("annotations"), dict) and REF_NAME in e["annotations"]
+    ]
+
+
+# --- measurements ---------------------------------------------------------------------
+def measure_init(store: Path) -> Row:
+    """`refcount init` as one process: wall time and peak RSS (MB)."""
+    with tempfile.NamedTemporaryFile(prefix="rss-", suffix=".txt") as rss_file:
+        if Path("/usr/bin/time").exists():
+            cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *refcount_cmd(store, "init")]
+            clock = timed(cmd, env=env_for(daemon=False))
+            kb = int(Path(rss_file.name).read_text().split()[-1])
+        else:  # a fresh parent, so RUSAGE_CHILDREN holds only this child
+            probe = (
+                "import resource,subprocess,sys;"
+                "subprocess.run(sys.argv[1:],check=True,capture_output=True);"
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+            )
+            cmd = [sys.executable, "-c", probe, *refcount_cmd(store, "init")]
+            with Clock() as clock:
+                kb = int(run(cmd, env=env_for(daemon=False)).stdout.split()[-1])
+    db = store / ".refcount" / "refcount.db"
+    return {
+        "init_s": clock.wall,
+        "init_cpu_s": clock.cpu,
+        "init_peak_rss_mb": kb / 1024,
+        "db_bytes": db.stat().st_size if db.exists() else None,
+    }
+
+
+def measure_read_ops(store: Path, n: int) -> Row:
+    """No-op sync (median of 5), verify and verify --deep, and sha256sum over the blobs."""
+    import refcount
+
+    blobs = sum(1 for _ in (store / "blobs" / "sha256").iterdir())
+    row: Row = {}
+    with refcount.open(store) as rc:
+        syncs = []
+        for _ in range(5):
+            with Clock() as clock:
+                report = rc.sync()
+            syncs.append(clock)
+        row["sync_noop_median_s"] = median([c.wall for c in syncs])
+        row["sync_noop_cpu_median_s"] = median([c.cpu for c in syncs])
+        row["sync_noop_changed"] = bool(report.roots_added or report.roots_removed)
+        say(
+            f"[{label(n)}] no-op sync (library): median {row['sync_noop_median_s']:.3f} s of 5 "
+            f"(cpu {row['sync_noop_cpu_median_s']:.3f} s)"
+        )
+
+        for deep in (False, True):
+            clocks = []
+            for _ in range(repeats(n)):
+                with Clock() as clock:
+                    verdict = rc.verify(deep=deep)
+                clocks.append(clock)
+            key = "verify_deep" if deep else "verify"
+            row[f"{key}_s"] = median([c.wall for c in clocks])
+            row[f"{key}_cpu_s"] = median([c.cpu for c in clocks])
+            row[f"{key}_files_per_s"] = blobs / row[f"{key}_s"]
+            row[f"{key}_ok"] = verdict.ok
+            say(
+                f"[{label(n)}] {key.replace('_', ' --')} (library): {row[f'{key}_s']:.3f} s "
+                f"(cpu {row[f'{key}_cpu_s']:.3f} s), {row[f'{key}_files_per_s']:,.0f} files/s, "
+                f"ok={verdict.ok}"
+            )
+
+    shell = "find blobs -type f -print0 | xargs -0 sha256sum > /dev/null"
+    clocks = [timed(["sh", "-c", shell], cwd=store) for _ in range(repeats(n))]
+    row["sha256sum_s"] = median([c.wall for c in clocks])
+    row["sha256sum_cpu_s"] = median([c.cpu for c in clocks])
+    row["sha256sum_files_per_s"] = blobs / row["sha256sum_s"]
+    say(
+        f"[{label(n)}] sha256sum over {blobs} blobs: {row['sha256sum_s']:.3f} s "
+        f"(cpu {row['sha256sum_cpu_s']:.3f} s), {row['sha256sum_files_per_s']:,.0f} files/s"
+    )
+    return row
+
+
+def measure_library_deletes(store: Path, tags: list[str], n: int) -> Row:
+    import refcount
+
+    clocks = []
+    freed = 0
+    with refcount.open(store) as rc:
+        for tag in tags:
+            with Clock() as clock:
+                report = rc.delete_tag(tag)
+            clocks.append(clock)
+            freed += len(report.freed)
+        ok = rc.verify().ok
+    walls = [c.wall for c in clocks]
+    row = {
+        "delete_lib_n": len(clocks),
+        "delete_lib_median_ms": 1000 * statistics.median(walls),
+        "delete_lib_p99_ms": 1000 * p99(walls),
+        "delete_lib_max_ms": 1000 * max(walls),
+        "delete_lib_cpu_median_ms": 1000 * statistics.median(c.cpu for c in clocks),
+        "delete_lib_freed_blobs": freed,
+        "delete_lib_verify_ok": ok,
+    }
+    say(
+        f"[{label(n)}] delete tag (library) x{len(clocks)}: median "
+        f"{row['delete_lib_median_ms']:.2f} ms (cpu {row['delete_lib_cpu_median_ms']:.2f} ms), "
+        f"p99 {row['delete_lib_p99_ms']:.2f} ms, max {row['delete_lib_max_ms']:.2f} ms; "
+        f"{freed} blobs freed; verify ok={ok}"
+    )
+    return row
+
+
+def process_deletes(store: Path, tags: list[str], *, daemon: bool) -> tuple[float, float]:
+    """Median wall and median CPU (of the client process) of `refcount delete tag`."""
+    env = env_for(daemon=daemon)
+    clocks = [timed(refcount_cmd(store, "delete", "tag", tag), env=env) for tag in tags]
+    return statistics.median(c.wall for c in clocks), statistics.median(c.cpu for c in clocks)
+
+
+def read_rss_mb(pid: int) -> float | None:
+    kb = _first(f"/proc/{pid}/status", "VmRSS")
+    return int(kb.split()[0]) / 1024 if kb else None
+
+
+def _healthz(address: str) -> Row | None:
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=5) as response:
+            return dict(json.loads(response.read()))
+    except OSError:  # 503 while reconciling is an HTTPError, an OSError too
+        return None
+
+
+def _wait(condition: Callable[[], Any], what: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def measure_daemon(store: Path, tags: list[str], n: int, log_path: Path) -> Row:
+    """Start `refcount watch`, wait for its start-up reconcile, read its idle RSS, then
+    time whole `refcount delete tag` processes while it serves the store."""
+    row: Row = {}
+    socket_path = store / ".refcount" / "refcount.sock"
+    with open(log_path, "wb") as log_file:
+        start = time.perf_counter()
+        daemon = subprocess.Popen(
+            refcount_cmd(store, "watch", "--metrics-addr", "127.0.0.1:0"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env_for(daemon=True),
+        )
+        try:
+
+            def address() -> str | None:
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"refcount watch exited: {log_path.read_text()[-2000:]}")
+                found = re.search(r"serving metrics on http://(\S+)/metrics", log_path.read_text())
+                return found.group(1) if found else None
+
+            addr = _wait(address, "the daemon's metrics address", 120)
+
+            def reconciled() -> bool:
+                address()  # raises if the daemon died
+                health = _healthz(addr)
+                return bool(health and health.get("ok") and not health.get("pending"))
+
+            _wait(reconciled, "the daemon's start-up reconcile", 1800)
+            row["daemon_ready_s"] = time.perf_counter() - start
+            # The socket may be created just after the first reconcile.
+            deadline = time.monotonic() + 2.0
+            while not socket_path.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # idle: no batch pending, nothing else touching the store
+            row["daemon_idle_rss_mb"] = read_rss_mb(daemon.pid)
+            row["daemon_fast_path"] = socket_path.exists()
+            say(
+                f"[{label(n)}] daemon ready after {row['daemon_ready_s']:.2f} s; idle RSS "
+                f"{row['daemon_idle_rss_mb']:.1f} MB; socket "
+                f"{'present' if row['daemon_fast_path'] else 'absent (fast path n/a)'}"
+            )
+            if row["daemon_fast_path"] and tags:
+                wall, cpu = process_deletes(store, tags, daemon=True)
+                row["delete_proc_daemon_median_s"] = wall
+                row["delete_proc_daemon_cpu_median_s"] = cpu
+                row["daemon_rss_after_deletes_mb"] = read_rss_mb(daemon.pid)
+                say(
+                    f"[{label(n)}] refcount delete tag (process, daemon) x{len(tags)}: "
+                    f"median {wall:.3f} s (client cpu {cpu:.3f} s)"
+                )
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+    return row
+
+
+def measure_umoci(pristine: Path, work: Path, tags: list[str], n: int) -> Row:
+    """`umoci rm` + `umoci gc` (each on a fresh copy) and `umoci gc` alone."""
+    rm_gc, gc_after_rm, gc_alone = [], [], []
+    for i in range(repeats(n)):
+        tag = tags[i % len(tags)]
+        with scratch(pristine, work / "umoci-rm") as copy:
+            rm = timed(["umoci", "rm", "--image", f"{copy}:{tag}"])
+            gc = timed(["umoci", "gc", "--layout", str(copy)])
+        rm_gc.append((rm.wall + gc.wall, rm.cpu + gc.cpu))
+        gc_after_rm.append(gc.wall)
+        say(
+            f"[{label(n)}] umoci rm + gc: {rm.wall + gc.wall:.3f} s (gc {gc.wall:.3f} s; "
+            f"cpu {rm.cpu + gc.cpu:.3f} s)"
+        )
+    with scratch(pristine, work / "umoci-gc") as copy:
+        for _ in range(repeats(n)):
+            gc_alone.append(timed(["umoci", "gc", "--layout", str(copy)]).wall)
+    say(f"[{label(n)}] umoci gc alone: median {median(gc_alone):.3f} s of {len(gc_alone)}")
+    return {
+        "umoci_rm_gc_median_s": median([wall for wall, _ in rm_gc]),
+        "umoci_rm_gc_cpu_median_s": median([cpu for _, cpu in rm_gc]),
+        "umoci_gc_after_rm_median_s": median(gc_after_rm),
+        "umoci_gc_median_s": median(gc_alone),
+        "umoci_runs": len(rm_gc),
+    }
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> Row:
+    row: Row = {"images": n, **store_facts(pristine)}
+    say(
+        f"[{label(n)}] store: {row['roots']} roots, {row['tags']} tags, {row['blobs']} blobs, "
+        f"{row['blob_bytes'] / MB:.1f} MB of blobs, index.json {row['index_json_bytes'] / MB:.2f} MB"
+    )
+    rng = random.Random(f"bench:{n}")
+    tags = tags_of(pristine)
+    wanted = max(args.deletes, args.process_deletes, 3)
+    picked = rng.sample(tags, min(wanted, len(tags)))
+
+    base = work / "base"
+    row["copy_s"] = copy_store(pristine, base)
+    row.update(measure_init(base))
+    say(
+        f"[{label(n)}] init (process): {row['init_s']:.2f} s, peak RSS "
+        f"{row['init_peak_rss_mb']:.1f} MB (copy took {row['copy_s']:.1f} s)"
+    )
+    with scratch(base, work / "read") as copy:
+        row.update(measure_read_ops(copy, n))
+    with scratch(base, work / "lib") as copy:
+        row.update(measure_library_deletes(copy, picked[: args.deletes], n))
+
+    with scratch(base, work / "proc") as copy:
+        wall, cpu = process_deletes(copy, picked[: args.process_deletes], daemon=False)
+    row["delete_proc_direct_median_s"] = wall
+    row["delete_proc_direct_cpu_median_s"] = cpu
+    say(
+        f"[{label(n)}] refcount delete tag (process, REFCOUNT_NO_DAEMON=1) "
+        f"x{len(picked[: args.process_deletes])}: median {wall:.3f} s (cpu {cpu:.3f} s)"
+    )
+
+    daemon_keys = (
+        "daemon_ready_s",
+        "daemon_idle_rss_mb",
+        "daemon_fast_path",
+        "delete_proc_daemon_median_s",
+        "delete_proc_daemon_cpu_median_s",
+        "daemon_rss_after_deletes_mb",
+    )
+    row.update(dict.fromkeys(daemon_keys))
+    if not args.skip_daemon:
+        with scratch(base, work / "daemon") as copy:
+            log_path = work / f"watch-{n}.log"
+            row.update(measure_daemon(copy, picked[: args.process_deletes], n, log_path))
+
+    umoci_keys = (
+        "umoci_rm_gc_median_s",
+        "umoci_rm_gc_cpu_median_s",
+        "umoci_gc_after_rm_median_s",
+        "umoci_gc_median_s",
+        "umoci_runs",
+    )
+    row.update(dict.fromkeys(umoci_keys))
+    if args.skip_umoci:
+        say(f"[{label(n)}] umoci skipped (--skip-umoci)")
+    elif not shutil.which("umoci"):
+        say(f"[{label(n)}] umoci skipped: not installed")
+    else:
+        row.update(measure_umoci(pristine, work, picked, n))
+    row["verify_deep_vs_sha256sum"] = ratio(
+        row["verify_deep_files_per_s"], row["sha256sum_files_per_s"]
+    )
+    row["ratio_umoci_vs_direct"] = ratio(
+        row["umoci_rm_gc_median_s"], row["delete_proc_direct_median_s"]
+    )
+    row["ratio_umoci_vs_daemon"] = ratio(
+        row["umoci_rm_gc_median_s"], row["delete_proc_daemon_median_s"]
+    )
+    forget(base)
+    return row
+
+
+def measure_watch(pristine: Path, work: Path, args: argparse.Namespace) -> Row:
+    """scripts/bench_watch.py on a copy of the smallest store; its p50/p99 per scenario."""
+    script = HERE / "bench_watch.py"
+    row: Row = {"store_images": None, "single_p50_ms": None, "single_p99_ms": None}
+    row |= {"burst_p50_ms": None, "burst_p99_ms": None, "output": None}
+    if not script.exists():
+        say("watcher latency: scripts/bench_watch.py not present")
+        return row
+    extra = []
+    if args.watch_singles is not None:
+        extra += ["--singles", str(args.watch_singles)]
+    if args.watch_burst is not None:
+        extra += ["--burst", str(args.watch_burst)]
+    with scratch(pristine, work / "watch") as copy:
+        say(f"watcher latency: {script.name} --store <copy of {pristine.name}> {' '.join(extra)}")
+        done = subprocess.run(
+            [sys.executable, str(script), "--store", str(copy), *extra],
+            capture_output=True,
+            text=True,
+            env=env_for(daemon=True),
+        )
+    row["output"] = done.stdout.strip()
+    row["exit"] = done.returncode
+    row["store_images"] = int(pristine.name.split("-")[1])
+    for line in done.stdout.splitlines():
+        found = re.match(r"(single|burst)\s+n=\s*\d+\s+p50\s+([\d.]+) ms\s+p99\s+([\d.]+) ms", line)
+        if found:
+            row[f"{found.group(1)}_p50_ms"] = float(found.group(2))
+            row[f"{found.group(1)}_p99_ms"] = float(found.group(3))
+    for line in done.stdout.splitlines():
+        say(f"  {line}")
+    if done.returncode != 0:
+        say(f"  bench_watch.py exit {done.returncode}: {done.stderr.strip()[-1000:]}")
+    return row
+
+
+# --- the report ------------------------------------------------------------------------
+def _fmt(value: Any, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if unit == "int":
+        return f"{value:,}"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "MB":
+        return f"{value:.0f} MB" if value >= 100 else f"{value:.1f} MB"
+    if unit == "bytes":
+        return f"{value / MB:.1f} MB" if value >= MB else f"{value / 1024:.0f} KB"
+    if unit == "x":
+        return f"{value:,.0f}x" if value >= 10 else f"{value:.2g}x"
+    if unit == "files/s":
+        return f"{value:,.0f}/s"
+    return str(value)
+
+
+TABLE: tuple[tuple[str, str, str], ...] = (
+    ("roots in index.json", "roots", "int"),
+    ("blob files", "blobs", "int"),
+    ("index.json", "index_json_bytes", "bytes"),
+    ("init (process)", "init_s", "s"),
+    ("init (process), CPU", "init_cpu_s", "s"),
+    ("init peak RSS", "init_peak_rss_mb", "MB"),
+    ("delete tag, library, median", "delete_lib_median_ms", "ms"),
+    ("delete tag, library, p99", "delete_lib_p99_ms", "ms"),
+    ("delete tag, library, median CPU", "delete_lib_cpu_median_ms", "ms"),
+    ("refcount delete tag, process, no daemon", "delete_proc_direct_median_s", "s"),
+    ("refcount delete tag, process, no daemon, CPU", "delete_proc_direct_cpu_median_s", "s"),
+    ("refcount delete tag, process, daemon", "delete_proc_daemon_median_s", "s"),
+    ("refcount delete tag, process, daemon, client CPU", "delete_proc_daemon_cpu_median_s", "s"),
+    ("daemon idle RSS", "daemon_idle_rss_mb", "MB"),
+    ("daemon start-up reconcile", "daemon_ready_s", "s"),
+    ("no-op sync (library)", "sync_noop_median_s", "s"),
+    ("no-op sync (library), CPU", "sync_noop_cpu_median_s", "s"),
+    ("verify (library)", "verify_s", "s"),
+    ("verify --deep (library)", "verify_deep_s", "s"),
+    ("verify --deep (library), CPU", "verify_deep_cpu_s", "s"),
+    ("verify --deep files/s", "verify_deep_files_per_s", "files/s"),
+    ("sha256sum (find | xargs)", "sha256sum_s", "s"),
+    ("sha256sum files/s", "sha256sum_files_per_s", "files/s"),
+    ("umoci rm + umoci gc", "umoci_rm_gc_median_s", "s"),
+    ("umoci rm + umoci gc, CPU", "umoci_rm_gc_cpu_median_s", "s"),
+    ("umoci gc alone", "umoci_gc_median_s", "s"),
+    ("umoci rm+gc / refcount (no daemon)", "ratio_umoci_vs_direct", "x"),
+    ("umoci rm+gc / refcount (daemon)", "ratio_umoci_vs_daemon", "x"),
+)
+
+
+def table(results: Row) -> str:
+    sizes = results["sizes"]
+    header = ["images", *(label(int(n)) for n in sizes)]
+    rows = [[name, *(_fmt(sizes[n].get(key), unit) for n in sizes)] for name, key, unit in TABLE]
+    watch = results.get("watch") or {}
+    if watch.get("single_p50_ms") is not None:
+        at = label(watch["store_images"])
+        rows.append(
+            [
+                f"watcher latency p50/p99 (single, {at})",
+                f"{watch['single_p50_ms']:.1f} / {watch['single_p99_ms']:.1f} ms",
+                *([""] * (len(sizes) - 1)),
+            ]
+        )
+    if watch.get("burst_p50_ms") is not None:
+        at = label(watch["store_images"])
+        rows.append(
+            [
+                f"watcher latency p50/p99 (burst, {at})",
+                f"{watch['burst_p50_ms']:.1f} / {watch['burst_p99_ms']:.1f} ms",
+                *([""] * (len(sizes) - 1)),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "| " + " | ".join([first, *rest]) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# The issue's numbers: (what, the size it is judged at or None for every size, the
+# figure's key, "<=" or ">=", the bound, how the figure is shown).
+TARGETS: tuple[tuple[str, int | None, str, str, float, str], ...] = (
+    ("delete tag, library, median <= 3 ms", 100_000, "delete_lib_median_ms", "<=", 3, "{:.2f} ms"),
+    ("delete tag, library, p99 <= 25 ms", 100_000, "delete_lib_p99_ms", "<=", 25, "{:.2f} ms"),
+    ("delete tag, library, median <= 1.5x the median at 1k", 100_000,
+     "delete_lib_median_vs_1k", "<=", 1.5, "{:.2f}x"),
+    ("refcount delete tag, process, daemon, median <= 0.15 s", None,
+     "delete_proc_daemon_median_s", "<=", 0.15, "{:.3f} s"),
+    ("refcount delete tag, process, no daemon, median <= 0.6 s", None,
+     "delete_proc_direct_median_s", "<=", 0.6, "{:.3f} s"),
+    ("umoci rm+gc / refcount delete tag with daemon >= 30x", 10_000,
+     "ratio_umoci_vs_daemon", ">=", 30, "{:.0f}x"),
+    ("umoci rm+gc / refcount delete tag with daemon >= 300x", 100_000,
+     "ratio_umoci_vs_daemon", ">=", 300, "{:.0f}x"),
+    ("umoci rm+gc / refcount delete tag without daemon >= 8x", 10_000,
+     "ratio_umoci_vs_direct", ">=", 8, "{:.1f}x"),
+    ("umoci rm+gc / refcount delete tag without daemon >= 80x", 100_000,
+     "ratio_umoci_vs_direct", ">=", 80, "{:.1f}x"),
+    ("init <= 20 s", 100_000, "init_s", "<=", 20, "{:.1f} s"),
+    ("init peak RSS <= 400 MB", 100_000, "init_peak_rss_mb", "<=", 400, "{:.0f} MB"),
+    ("no-op sync <= 2 s", 100_000, "sync_noop_median_s", "<=", 2, "{:.2f} s"),
+    ("verify <= 30 s", 100_000, "verify_s", "<=", 30, "{:.1f} s"),
+    ("verify --deep files/s >= sha256sum files/s", None,
+     "verify_deep_vs_sha256sum", ">=", 1, "{:.2f}x sha256sum"),
+    ("daemon idle RSS <= 150 MB", 100_000, "daemon_idle_rss_mb", "<=", 150, "{:.0f} MB"),
+)  # fmt: skip
+
+
+def targets(results: Row) -> list[Row]:
+    """Each target judged on the figure of the size it names (not measured: met None)."""
+    sizes = {int(n): row for n, row in results["sizes"].items()}
+    out: list[Row] = []
+    for what, size, key, op, bound, shown in TARGETS:
+        for n in sizes if size is None else [size]:
+            figure = sizes[n].get(key) if n in sizes else None
+            met = None if figure is None else (figure <= bound if op == "<=" else figure >= bound)
+            out.append(
+                {
+                    "target": f"{what} at {label(n)}",
+                    "size": n,
+                    "key": key,
+                    "measured": None if figure is None else shown.format(figure),
+                    "met": met,
+                }
+            )
+    return out
+
+
+def machine_text(machine: Row) -> str:
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores ({machine['cores_usable']} usable), "
+        f"{machine['ram_gb']} GB RAM, Linux {machine['kernel']}, Python {machine['python']}, "
+        f"SQLite {machine['sqlite']}, disk {machine['disk']}, umoci {machine['umoci'] or 'absent'}, "
+        f"refcount {machine['refcount_commit'] or machine['refcount_source']}"
+    )
+
+
+def write_json(path: Path | None, results: Row) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("1k,10k"),
+        help="comma-separated image counts: 200, 1k, 10k, 100k (default 1k,10k)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/refcount-bench"),
+        help="work directory; stores are cached in OUT/stores",
+    )
+    p.add_argument("--json", type=Path, help="write the results here (default OUT/results.json)")
+    p.add_argument("--deletes", type=int, default=200, help="library deletes per size")
+    p.add_argument(
+        "--process-deletes", type=int, default=20, help="whole-process deletes per size, per path"
+    )
+    p.add_argument("--skip-umoci", action="store_true", help="do not run umoci")
+    p.add_argument("--skip-daemon", action="store_true", help="do not start refcount watch")
+    p.add_argument("--skip-watch", action="store_true", help="do not run bench_watch.py")
+    p.add_argument("--watch-singles", type=int, help="bench_watch.py --singles (its default)")
+    p.add_argument("--watch-burst", type=int, help="bench_watch.py --burst (its default)")
+    args = p.parse_args(argv)
+    if not args.sizes:
+        p.error("--sizes names no size")
+    if args.deletes < 1 or args.process_deletes < 1:
+        p.error("--deletes and --process-deletes must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or out / "results.json"
+    machine = describe_machine(out)
+    results: Row = {
+        "command": " ".join(["python", "scripts/bench.py", *(argv or sys.argv[1:])]),
+        "started_unix": time.time(),
+        "machine": machine,
+        "settings": {
+            "sizes": args.sizes,
+            "layers": LAYERS,
+            "deletes": args.deletes,
+            "process_deletes": args.process_deletes,
+            "repeats": {label(n): repeats(n) for n in args.sizes},
+        },
+        "sizes": {},
+        "watch": None,
+        "targets": [],
+    }
+    say(f"machine: {machine_text(machine)}")
+    pristine: dict[int, Path] = {}
+    for n in args.sizes:
+        pristine[n] = ensure_store(out / "stores", n)
+        work = out / "work" / label(n)
+        remove(work)
+        results["sizes"][str(n)] = bench_size(n, pristine[n], work, args)
+        write_json(json_path, results)  # a long run leaves what it measured so far
+    for row in results["sizes"].values():
+        first = results["sizes"].get("1000")
+        row["delete_lib_median_vs_1k"] = ratio(
+            row["delete_lib_median_ms"], first["delete_lib_median_ms"] if first else None
+        )
+    if args.skip_watch:
+        results["watch"] = None
+    else:
+        smallest = min(args.sizes)
+        results["watch"] = measure_watch(pristine[smallest], out / "work" / "watch", args)
+    results["targets"] = targets(results)
+    results["finished_unix"] = time.time()
+    results["loadavg_end"] = os.getloadavg()
+    write_json(json_path, results)
+
+    say()
+    say(f"machine: {machine_text(machine)}")
+    say(f"command: {results['command']}")
+    start_load = ", ".join(f"{x:.1f}" for x in machine["loadavg_start"])
+    end_load = ", ".join(f"{x:.1f}" for x in results["loadavg_end"])
+    say(f"load average at start {start_load}; at end {end_load} (other work on the machine)")
+    say()
+    say(table(results))
+    say()
+    for target in results["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        say(f"  {verdict:<12} {target['target']}: {target['measured'] or '-'}")
+    say(f"\nresults: {json_path}")
+    remove(out / "work")  # the used copies, set aside while measuring
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""scripts/bench.py at a tiny size: a smoke test of the script, never of the times.
+
+The benchmark's figures depend on the machine; this only proves that the script
+runs end to end (store generation, init, deletes both ways, the daemon, umoci
+when installed, the watcher script) and writes every figure's key to its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+SIZE_KEYS = {
+    "images",
+    "roots",
+    "tags",
+    "blobs",
+    "blob_bytes",
+    "index_json_bytes",
+    "init_s",
+    "init_peak_rss_mb",
+    "db_bytes",
+    "sync_noop_median_s",
+    "verify_s",
+    "verify_files_per_s",
+    "verify_ok",
+    "verify_deep_s",
+    "verify_deep_files_per_s",
+    "verify_deep_ok",
+    "sha256sum_s",
+    "sha256sum_files_per_s",
+    "verify_deep_vs_sha256sum",
+    "delete_lib_n",
+    "delete_lib_median_ms",
+    "delete_lib_p99_ms",
+    "delete_lib_median_vs_1k",
+    "delete_proc_direct_median_s",
+    "daemon_ready_s",
+    "daemon_idle_rss_mb",
+    "daemon_fast_path",
+    "delete_proc_daemon_median_s",
+    "umoci_rm_gc_median_s",
+    "umoci_gc_median_s",
+    "ratio_umoci_vs_direct",
+    "ratio_umoci_vs_daemon",
+}
+MACHINE_KEYS = {"cpu", "cores", "ram_gb", "python", "sqlite", "disk"}
+WATCH_KEYS = {"single_p50_ms", "single_p99_ms", "burst_p50_ms", "burst_p99_ms"}
+
+
+def test_the_benchmark_runs_at_a_tiny_size_and_writes_every_figure(tmp_path: Path) -> None:
+    results_path = tmp_path / "results.json"
+    tiny = ["--sizes", "200", "--deletes", "10", "--process-deletes", "3"]
+    short_watch = ["--watch-singles", "5", "--watch-burst", "20"]
+    paths = ["--out", str(tmp_path / "bench"), "--json", str(results_path)]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny, *short_watch, *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads(results_path.read_text())
+    assert not MACHINE_KEYS - results["machine"].keys()
+    assert list(results["sizes"]) == ["200"]
+    size = results["sizes"]["200"]
+    assert not SIZE_KEYS - size.keys()
+    assert size["images"] == 200
+    assert size["delete_lib_n"] == 10
+    assert size["verify_ok"] and size["verify_deep_ok"]
+    assert not WATCH_KEYS - results["watch"].keys()
+    assert results["targets"]
+    assert all(not {"target", "measured", "met"} - t.keys() for t in results["targets"])
+    assert "| images" in done.stdout  # the table was printed
