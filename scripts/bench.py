@@ -702,7 +702,7 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("verify --deep (library)", "verify_deep_s", "s"),
     ("verify --deep (library), CPU", "verify_deep_cpu_s", "s"),
     ("verify --deep files/s", "verify_deep_files_per_s", "files/s"),
-    ("sha256sum (find | xargs)", "sha256sum_s", "s"),
+    ("sha256sum (find + xargs)", "sha256sum_s", "s"),
     ("sha256sum files/s", "sha256sum_files_per_s", "files/s"),
     ("umoci rm + umoci gc", "umoci_rm_gc_median_s", "s"),
     ("umoci rm + umoci gc, CPU", "umoci_rm_gc_cpu_median_s", "s"),
