@@ -34,15 +34,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+
+from refcount.wire import ACCEPTED, SOCKET_NAME, recv_exact, recv_size, send_frame, short_path
 
 NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
 STATE_DIR = ".refcount"  # refcount.store.STATE_DIR
-SOCKET_NAME = "refcount.sock"  # refcount.serve.SOCKET_NAME
-ACCEPTED = b"\x01"  # refcount.serve.ACCEPTED
 CONNECT_TIMEOUT = 1.0
 """Seconds to wait for the daemon to take the connection before running here."""
 INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
@@ -53,7 +51,6 @@ _VALUE_OPTIONS = frozenset({"--store", "--db", "--trash-ttl", "--grace", "--max-
 _FLAG_OPTIONS = frozenset(
     {"--json", "--keep-referrers", "--no-keep-referrers", "--keep-untagged", "--no-keep-untagged"}
 )
-_HEADER = struct.Struct("!I")
 
 
 class _NotSent(Exception):
@@ -119,34 +116,6 @@ def _relative_sqlite(url: str) -> bool:
     return bool(sep) and scheme.split("+")[0] == "sqlite" and not path.startswith("/")
 
 
-@contextmanager
-def _short_path(path: str) -> Iterator[str]:
-    """`path`, or the same file through /proc/self/fd when it is too long for
-    sockaddr_un (as `refcount.serve` binds it)."""
-    if len(os.fsencode(path)) < 100:
-        yield path
-        return
-    try:
-        fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
-    except OSError as exc:
-        raise _NotSent from exc
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the daemon closed the connection before it answered")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
 def ask_daemon(socket_path: str, argv: list[str]) -> tuple[int, str, str]:
     """Have the daemon on `socket_path` run `argv`; returns (code, stdout, stderr).
 
@@ -154,22 +123,21 @@ def ask_daemon(socket_path: str, argv: list[str]) -> tuple[int, str, str]:
     socket, refused, busy past CONNECT_TIMEOUT), and OSError when the
     connection was lost after the daemon took the command.
     """
-    request = json.dumps({"argv": argv, "stdout_isatty": False}).encode()
+    request = {"argv": argv, "stdout_isatty": False}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
-            with _short_path(socket_path) as name:
+            with short_path(socket_path) as name:
                 sock.connect(name)
             # A daemon that is busy reads this only when the command before it
             # is done: wait as long as that takes (Ctrl-C stops waiting).
             sock.settimeout(None)
-            sock.sendall(_HEADER.pack(len(request)) + request)
+            send_frame(sock, request)
             if sock.recv(1) != ACCEPTED:
                 raise _NotSent
         except OSError as exc:
             raise _NotSent from exc
-        (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-        answer = json.loads(_recv_exact(sock, size))
+        answer = json.loads(recv_exact(sock, recv_size(sock)))
     return int(answer["code"]), str(answer["out"]), str(answer["err"])
 
 

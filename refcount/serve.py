@@ -35,25 +35,21 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 from refcount.errors import RefcountError
+from refcount.wire import ACCEPTED, recv_exact, recv_size, send_frame, short_path
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "refcount.sock"
-"""The socket's name inside the store's `.refcount/` directory."""
-ACCEPTED = b"\x01"
 MAX_REQUEST = 1 << 20
 """Largest request frame read, in bytes (an argv; a bigger one is not a client's)."""
 READ_TIMEOUT = 10.0
 """Seconds a connected peer has to send its request before it is dropped."""
 POLL = 0.2
 """Seconds between checks for a stop while waiting for connections."""
-_HEADER = struct.Struct("!I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[list[str]], tuple[int, str, str]]
@@ -68,49 +64,18 @@ class _BadRequest(Exception):
     pass
 
 
-def send_frame(sock: socket.socket, obj: Any) -> None:
-    data = json.dumps(obj).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            raise _BadRequest("the connection closed mid-frame")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
 def _read_request(sock: socket.socket) -> list[str]:
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    size = recv_size(sock)
     if size > MAX_REQUEST:
         raise _BadRequest(f"a request of {size} bytes")
     try:
-        request = json.loads(_recv_exact(sock, size))
+        request = json.loads(recv_exact(sock, size))
     except ValueError as exc:
         raise _BadRequest(f"not JSON: {exc}") from None
     argv = request.get("argv") if isinstance(request, dict) else None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise _BadRequest("no argv list of strings")
     return argv
-
-
-@contextmanager
-def _short_path(path: Path) -> Iterator[str]:
-    """A name for `path` that fits in sockaddr_un (108 bytes): the path itself,
-    or, when it is too long, the same file reached through an open descriptor
-    of its directory (/proc/self/fd/N/NAME; Linux)."""
-    if len(os.fsencode(path)) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 class CommandServer:
@@ -132,7 +97,7 @@ class CommandServer:
     def start(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with _short_path(self.path) as name:
+            with short_path(str(self.path)) as name:
                 with suppress(FileNotFoundError):
                     os.unlink(name)  # a killed daemon's socket: nobody answers on it
                 listener.bind(name)
@@ -158,7 +123,7 @@ class CommandServer:
         if listener is None:
             return
         try:
-            with _short_path(self.path) as name:
+            with short_path(str(self.path)) as name:
                 os.unlink(name)
         except OSError:
             pass

@@ -68,7 +68,8 @@ from refcount.core import Changes, Refcounter
 from refcount.errors import InvalidStore, RefcountError
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import GcReport, SyncReport
-from refcount.serve import SOCKET_NAME, CannotServe, CommandServer, Handler
+from refcount.serve import CannotServe, CommandServer, Handler
+from refcount.wire import SOCKET_NAME
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import pytest
 import storekit as sk
 import typer.main
 
-from refcount import cli, client, serve, store
+from refcount import cli, client, store, wire
 
 DEADLINE = 10.0
 HEAVY = ("sqlalchemy", "alembic", "watchdog", "rich", "prometheus_client", "typer", "refcount.core")
@@ -291,6 +291,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
     assert {m for m in ran.imported if m.startswith("refcount")} == {
         "refcount",
         "refcount.client",
+        "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 
 
@@ -398,7 +399,7 @@ def test_a_peer_of_another_uid_is_refused_even_when_the_file_mode_lets_it_in(
             os.setuid(65534)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(DEADLINE)
-                sock.connect(serve.SOCKET_NAME)
+                sock.connect(wire.SOCKET_NAME)
                 try:
                     sock.sendall(len(request).to_bytes(4, "big") + request)
                     outcome = "refused" if sock.recv(1) == b"" else "accepted"
@@ -425,8 +426,6 @@ def test_a_peer_of_another_uid_is_refused_even_when_the_file_mode_lets_it_in(
 # --------------------------------------------------------------------------
 def test_the_client_agrees_with_the_modules_it_cannot_import() -> None:
     assert client.STATE_DIR == store.STATE_DIR
-    assert client.SOCKET_NAME == serve.SOCKET_NAME
-    assert client.ACCEPTED == serve.ACCEPTED
     assert client.SERVED == cli.SERVED_COMMANDS
     assert client.INTERNAL_ERROR == cli.INTERNAL_ERROR
     # Every global option of the CLI is known to the client's parser: one taking a
@@ -511,7 +510,7 @@ def _read_request(conn: socket.socket) -> None:
     [
         (lambda conn: None, "direct"),  # closed at once, as a refused peer is
         (lambda conn: _read_request(conn), "direct"),  # read, then closed: never ran
-        (lambda conn: (_read_request(conn), conn.sendall(serve.ACCEPTED)), 3),  # ran, then lost
+        (lambda conn: (_read_request(conn), conn.sendall(wire.ACCEPTED)), 3),  # ran, then lost
     ],
     ids=["closed", "read-not-accepted", "accepted-then-lost"],
 )
