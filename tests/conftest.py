@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from storekit import make_layout
@@ -17,6 +19,9 @@ class Result:
     code: int
     out: str
     err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
 
 
 Cli = Callable[..., Result]

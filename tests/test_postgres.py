@@ -16,7 +16,6 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,11 @@ import pytest
 import storekit as sk
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import Cli
+from conftest import Result as Ran
 from sqlalchemy import inspect
 
 import refcount
-from refcount.cli import main
 from refcount.db.engine import current_revision, ensure_schema, make_engine, upgrade
 from refcount.db.models import SCHEMA_HEAD, Base
 
@@ -119,25 +119,10 @@ def _sql(url: str, statement: str, *params: object) -> None:
         conn.execute(statement, params)
 
 
-@dataclass(frozen=True)
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
 @pytest.fixture
-def refcount_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
-    def invoke(*args: str | Path) -> Ran:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Ran(code, captured.out, captured.err)
-
-    return invoke
+def refcount_cli(cli: Cli) -> Cli:
+    """The shared in-process CLI fixture (conftest), under this file's name for it."""
+    return cli
 
 
 def cfg(name: str) -> bytes:

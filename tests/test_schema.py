@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,11 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from conftest import Cli
+from conftest import Result as Ran
 from sqlalchemy import Engine, inspect
 
 import refcount
-from refcount.cli import main
 from refcount.db.engine import (
     alembic_config,
     current_revision,
@@ -35,22 +35,10 @@ from refcount.db.models import SCHEMA_HEAD, Base
 TABLES = {"alembic_version", "blobs", "edges", "meta", "pending_actions", "roots"}
 
 
-@dataclass(frozen=True)
-class Ran:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
-def refcount_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
-    def invoke(*args: str | Path) -> Ran:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Ran(code, captured.out, captured.err)
-
-    return invoke
+def refcount_cli(cli: Cli) -> Cli:
+    """The shared in-process CLI fixture (conftest), under this file's name for it."""
+    return cli
 
 
 @pytest.fixture

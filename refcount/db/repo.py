@@ -111,9 +111,6 @@ class Repo:
         query = select(blobs.c.digest, blobs.c.state)
         return {row[0]: row[1] for row in self.connection.execute(query)}
 
-    def all_blobs(self) -> list[BlobRow]:
-        return [BlobRow(**row._mapping) for row in self.connection.execute(select(blobs))]
-
     def blobs_with_state(self, state: str) -> list[BlobRow]:
         query = select(blobs).where(blobs.c.state == state).order_by(blobs.c.digest)
         return [BlobRow(**row._mapping) for row in self.connection.execute(query)]
