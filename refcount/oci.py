@@ -239,10 +239,27 @@ def load_index(
         raise InvalidStore(f"{where}: invalid JSON (not UTF-8)") from None
     except (ValueError, RecursionError, IndexError) as exc:
         raise InvalidStore(f"{where}: invalid JSON ({exc})") from None
-    manifests = index.get("manifests")
+    _check_image_index(index, where)
+    return index, _byte_spans(text, spans)
+
+
+def _check_image_index(index: dict[str, Any], where: str) -> None:
+    """Refuse a document that parses but is not an image index (SPEC §1).
+
+    `{}`, `{"schemaVersion":2}` or another schema version must never be read as
+    "no roots": that would free every blob. The one empty index that is valid is
+    `"manifests": null`, which umoci writes for an empty layout.
+    """
+    version = index.get("schemaVersion")
+    if "schemaVersion" not in index:
+        raise InvalidStore(f"{where}: not an image index: schemaVersion is missing")
+    if type(version) is not int or version != 2:
+        raise InvalidStore(f"{where}: not an image index: schemaVersion is {version!r}, not 2")
+    if "manifests" not in index:
+        raise InvalidStore(f"{where}: not an image index: manifests is missing")
+    manifests = index["manifests"]
     if manifests is not None and not isinstance(manifests, list):
         raise InvalidStore(f"{where}: manifests is not a list")
-    return index, _byte_spans(text, spans)
 
 
 def parse_index(data: bytes, where: str = "index.json") -> Index:

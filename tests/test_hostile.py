@@ -232,6 +232,16 @@ def index_manifests_not_a_list(site: Site) -> None:
     (site.store / "index.json").write_text('{"schemaVersion":2,"manifests":{"digest":"x"}}')
 
 
+def index_document(text: str) -> Callable[[Site], None]:
+    """A damage that replaces index.json with a document that parses but is no image index."""
+
+    def damage(site: Site) -> None:
+        (site.store / "index.json").write_text(text)
+
+    damage.__name__ = f"index_is_{text}"
+    return damage
+
+
 def index_with_raw_invalid_utf8(site: Site) -> None:
     data = (site.store / "index.json").read_bytes()
     (site.store / "index.json").write_bytes(data.replace(b'"a"', b'"a\xff\xfe"'))
@@ -286,6 +296,27 @@ LAYOUT_DAMAGE = [
     pytest.param(
         index_with_raw_invalid_utf8, "index.json", "invalid JSON", id="index.json bad UTF-8"
     ),
+    # Documents that parse but are not an image index: read as "no roots", each one
+    # used to free every blob of the store (issue 8).
+    pytest.param(index_document("{}"), "index.json", "schemaVersion is missing", id="index {}"),
+    pytest.param(
+        index_document('{"schemaVersion":2}'),
+        "index.json",
+        "manifests is missing",
+        id="index without manifests",
+    ),
+    pytest.param(
+        index_document('{"schemaVersion":3,"manifests":[]}'),
+        "index.json",
+        "schemaVersion is 3, not 2",
+        id="index schema 3",
+    ),
+    pytest.param(
+        index_document('{"schemaVersion":2,"manifests":"none"}'),
+        "index.json",
+        "manifests is not a list",
+        id="manifests a string",
+    ),
     pytest.param(index_is_a_directory, "index.json", "not a regular file", id="index.json dir"),
     pytest.param(index_links_outside, "index.json", "symbolic link", id="index.json link out"),
     pytest.param(index_links_inside, "index.json", "symbolic link", id="index.json link in"),
@@ -310,7 +341,7 @@ def test_a_broken_layout_is_refused_by_every_command_and_nothing_is_touched(
     assert cli(*images.args("init")).code == 0
     damage(images)
     with nothing_changes(images, state=True):
-        result = cli(*images.args(*command))
+        result = cli(*images.args("--trash-ttl", "0", *command))
     one_error_line(result, 2, str(images.store / file), why)
 
 

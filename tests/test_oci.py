@@ -73,6 +73,7 @@ def test_umoci_null_manifests_means_no_roots() -> None:
 def test_roots_keep_position_tag_and_untagged_entries() -> None:
     data = json.dumps(
         {
+            "schemaVersion": 2,
             "manifests": [
                 desc(A, OCI_MANIFEST, annotations={"org.opencontainers.image.ref.name": "app:1.0"}),
                 desc(B, OCI_MANIFEST),
@@ -92,6 +93,7 @@ def test_roots_keep_position_tag_and_untagged_entries() -> None:
 def test_a_bad_entry_is_skipped_and_reported_while_the_rest_count() -> None:
     data = json.dumps(
         {
+            "schemaVersion": 2,
             "manifests": [
                 desc("sha256:../../etc/passwd", OCI_MANIFEST),
                 desc(
@@ -114,6 +116,28 @@ def test_a_bad_entry_is_skipped_and_reported_while_the_rest_count() -> None:
 def test_an_index_that_is_not_a_complete_object_is_an_error_not_an_empty_store(data: bytes) -> None:
     with pytest.raises(InvalidStore, match=r"index\.json"):
         parse_index(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"{}", "schemaVersion is missing"),
+        (b'{"schemaVersion":2}', "manifests is missing"),
+        (b'{"schemaVersion":3,"manifests":[]}', "schemaVersion is 3, not 2"),
+        (b'{"schemaVersion":"2","manifests":[]}', "schemaVersion is '2', not 2"),
+        (b'{"schemaVersion":true,"manifests":[]}', "schemaVersion is True, not 2"),
+        (b'{"manifests":[]}', "schemaVersion is missing"),
+        (b'{"schemaVersion":2,"manifests":"x"}', "manifests is not a list"),
+        (b'{"schemaVersion":2,"manifests":{}}', "manifests is not a list"),
+    ],
+)
+def test_a_document_that_parses_but_is_not_an_image_index_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(InvalidStore, match=r"^index\.json: .*" + why):
+        parse_index(data)
+
+
+def test_an_empty_manifests_array_is_a_valid_index_without_roots() -> None:
+    assert parse_index(b'{"schemaVersion":2,"manifests":[]}').roots == ()
 
 
 @pytest.mark.parametrize("media_type", [OCI_MANIFEST, DOCKER_MANIFEST])
@@ -238,7 +262,9 @@ def test_cutting_any_entries_leaves_valid_json_without_exactly_them(
     manifests: list[dict[str, object]], chosen: set[int], indent: object, prefix: bool
 ) -> None:
     doc = (
-        {"schemaVersion": 2, "manifests": manifests} if prefix else {"manifests": manifests, "z": 1}
+        {"schemaVersion": 2, "manifests": manifests}
+        if prefix
+        else {"manifests": manifests, "z": 1, "schemaVersion": 2}
     )
     data = json.dumps(doc, indent=indent, ensure_ascii=False).encode()  # type: ignore[arg-type]
     out = json.loads(remove(data, chosen))
@@ -251,6 +277,7 @@ def test_cutting_any_entries_leaves_valid_json_without_exactly_them(
 def test_spans_are_byte_offsets_even_with_non_ascii_tags() -> None:
     data = json.dumps(
         {
+            "schemaVersion": 2,
             "manifests": [
                 desc(A, annotations={"org.opencontainers.image.ref.name": "caf\u00e9"}),
                 desc(B),
