@@ -14,12 +14,9 @@ from storekit import make_layout
 
 from refcount.cli import main
 
-
 # Timing health checks and deadlines measure the machine, not the code: on two
 # busy cores they fail at random. Property tests judge behaviour only.
-settings.register_profile(
-    "refcount", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("refcount", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("refcount")
 
 

@@ -78,7 +78,7 @@ def test_roots_keep_position_tag_and_untagged_entries() -> None:
                 desc(A, OCI_MANIFEST, annotations={"org.opencontainers.image.ref.name": "app:1.0"}),
                 desc(B, OCI_MANIFEST),
                 desc(A, None),
-            ]
+            ],
         }
     ).encode()
     roots = parse_index(data).roots
@@ -100,7 +100,7 @@ def test_a_bad_entry_is_skipped_and_reported_while_the_rest_count() -> None:
                     B, OCI_MANIFEST, annotations={"org.opencontainers.image.ref.name": "bad\x07tag"}
                 ),
                 desc(A, OCI_MANIFEST),
-            ]
+            ],
         }
     ).encode()
     index = parse_index(data)
@@ -281,7 +281,7 @@ def test_spans_are_byte_offsets_even_with_non_ascii_tags() -> None:
             "manifests": [
                 desc(A, annotations={"org.opencontainers.image.ref.name": "caf\u00e9"}),
                 desc(B),
-            ]
+            ],
         },
         ensure_ascii=False,
     ).encode()
