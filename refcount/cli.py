@@ -42,6 +42,7 @@ from refcount.reports import (
     BlobInfo,
     DeleteReport,
     GcReport,
+    MassFree,
     SyncReport,
     TagInfo,
     VerifyReport,
@@ -88,6 +89,7 @@ class Settings:
     keep_referrers: bool
     keep_untagged: bool
     max_manifest: int
+    mass_free_threshold: float
 
     def open(self) -> Refcounter:
         return open_store(
@@ -98,6 +100,7 @@ class Settings:
             keep_referrers=self.keep_referrers,
             keep_untagged=self.keep_untagged,
             max_manifest=self.max_manifest,
+            mass_free_threshold=self.mass_free_threshold,
         )
 
     @contextmanager
@@ -160,6 +163,15 @@ def configure(
     max_manifest: Annotated[int, typer.Option(help="Largest manifest parsed, in bytes.")] = 4
     * 1024
     * 1024,
+    mass_free_threshold: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Fraction of the live bytes above which one outside change of index.json "
+            "is a mass free, held in the quarantine whatever --trash-ttl says.",
+        ),
+    ] = 0.5,
 ) -> None:
     """Reference counts for an OCI image layout."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -179,6 +191,7 @@ def configure(
         keep_referrers,
         keep_untagged,
         max_manifest,
+        mass_free_threshold,
     )
 
 
@@ -371,6 +384,8 @@ def _text(report: Any) -> list[str]:
         ]
         lines += [f"missing: {d}" for d in report.missing]
         lines += [f"skipped: {p}" for p in report.problems]
+        if report.mass_free is not None:
+            lines.append(_mass_free_text(report.mass_free))
         return lines
     if isinstance(report, VerifyReport):
         return _verify_text(report)
@@ -420,12 +435,29 @@ def _verify_text(report: VerifyReport) -> list[str]:
     lines += [f"problem {p}" for p in report.problems]
     lines += [f"orphan {a.digest}: {a.size} B, {a.age_seconds:.0f}s old" for a in report.orphans]
     lines += [f"quarantined {a.digest}: {a.size} B" for a in report.quarantined]
+    lines += [_mass_free_text(m) for m in report.mass_frees]
+    if report.behind:
+        lines.append(
+            f"behind: the database is {report.behind} index.json entries behind (the store is "
+            "read-only, so it could not catch up); counts not compared: run `refcount sync` "
+            "where the store is writable"
+        )
     status = "OK" if report.ok else "FAILED"
     lines.append(
         f"{status}: {report.roots} roots, {report.live} live blobs"
         + (", content hashed" if report.deep else "")
     )
     return lines
+
+
+def _mass_free_text(event: MassFree) -> str:
+    return (
+        f"WARNING mass free at {event.at:%Y-%m-%d %H:%M:%S} UTC: an outside change of "
+        f"index.json removed {event.roots_removed} of {event.roots_before} roots and freed "
+        f"{event.blobs} blobs ({event.bytes} of {event.live_bytes} live bytes); held in "
+        f".refcount/trash/ until {event.held_until:%H:%M:%S} UTC: to undo, put the old "
+        "index.json back and run `refcount sync`"
+    )
 
 
 def _tags_text(tags: list[TagInfo]) -> list[str]:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,20 +31,27 @@ from typing import Any, NoReturn
 
 from refcount import graph
 from refcount.db.engine import (
+    Engine,
     current_revision,
     default_url,
     ensure_schema,
     make_engine,
+    redact_url,
+    sqlite_file,
     transaction,
 )
-from refcount.db.repo import Repo, RootRow
+from refcount.db.repo import MassFreeRow, Repo, RootRow
+from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import (
     BlobTooLarge,
     ConcurrentChange,
+    DatabaseError,
+    ForeignDatabase,
     InvalidBlob,
     InvalidDigest,
     InvalidStore,
     NotFound,
+    NotIndexed,
 )
 from refcount.oci import (
     Descriptor,
@@ -67,6 +76,7 @@ from refcount.reports import (
     Entry,
     GcReport,
     Link,
+    MassFree,
     Stats,
     SyncReport,
     TagInfo,
@@ -77,7 +87,11 @@ from refcount.store import DEFAULT_MAX_MANIFEST, BlobFile, IndexSnapshot, Store,
 log = logging.getLogger(__name__)
 
 INDEX_HASH = "index_hash"
+STORE_ID = "store_id"
+STORE_PATH = "store_path"
 REWRITE_ATTEMPTS = 5
+MASS_FREE_HOLD = timedelta(hours=1)
+"""How long gc keeps the blobs of a mass free in the quarantine, whatever --trash-ttl says."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,9 @@ class Policy:
     """Keep untagged entries that only the deleted tag's image reached."""
     max_manifest: int = DEFAULT_MAX_MANIFEST
     """Manifest-like blobs larger than this many bytes are not parsed (reported)."""
+    mass_free_threshold: float = 0.5
+    """An outside change of index.json that frees more than this fraction of the live
+    bytes (or removes every root) is a mass free: held in the quarantine (SPEC §7)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,8 @@ class _Work:
     found: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    mass_free: MassFree | None = None
+    undisposed: dict[str, int] = field(default_factory=dict)  # freed files -> bytes
 
     def hint(self, descriptors: Iterable[Descriptor]) -> list[str]:
         """Remember what descriptors say about their blobs; return their digests."""
@@ -286,18 +305,31 @@ class _Work:
         return self.hint(found.children)
 
     def free(self, digest: str) -> None:
+        """The blob's count reached zero. What happens to its file is decided by
+        `dispose`, once the whole operation's frees are known (a mass free is
+        held in the quarantine whatever the trash TTL says)."""
         row = self.repo.blob(digest)
         assert row is not None
         if self.store.blob_file(digest) is None:
             self.repo.delete_blob(digest)  # missing or foreign: nothing on disk to free
-        elif self.policy.trash_ttl > timedelta(0):
-            self.repo.update_blob(digest, state="trash", freed_at=self.now)
-            self.repo.add_actions("quarantine", [digest], self.now)
         else:
-            self.repo.delete_blob(digest)
-            self.repo.add_actions("unlink", [digest], self.now)
+            self.undisposed[digest] = row.size or 0
         self.freed.append(BlobRef(digest, row.size, row.media_type))
         self.freed_digests.add(digest)
+
+    def dispose(self, *, hold: bool = False) -> None:
+        """Journal the files freed since the last call: quarantine them, or with a
+        zero trash TTL (and no `hold`) unlink them."""
+        digests = list(self.undisposed)
+        self.undisposed.clear()
+        if hold or self.policy.trash_ttl > timedelta(0):
+            for digest in digests:
+                self.repo.update_blob(digest, state="trash", freed_at=self.now)
+            self.repo.add_actions("quarantine", digests, self.now)
+        else:
+            for digest in digests:
+                self.repo.delete_blob(digest)
+            self.repo.add_actions("unlink", digests, self.now)
 
     def _note_missing(self, digest: str) -> None:
         if digest not in self.missing:
@@ -355,6 +387,7 @@ class _Work:
             found=tuple(self.found),
             orphans=tuple(self.orphans),
             problems=tuple(self.problems),
+            mass_free=self.mass_free,
         )
 
 
@@ -399,6 +432,13 @@ def _store_roots(repo: Repo, new: list[RootRow]) -> None:
     base = old[same - 1].position + 1 if same else 0
     repo.delete_roots(r.position for r in old[same:])
     repo.insert_roots([replace(r, position=base + i) for i, r in enumerate(new[same:])])
+
+
+def _entries_changed(recorded: Iterable[RootRow], current: Iterable[Root]) -> int:
+    """How many index.json entries were added or removed since the recorded roots."""
+    old = Counter((r.digest, r.tag) for r in recorded)
+    new = Counter((r.digest, r.tag) for r in current)
+    return (old - new).total() + (new - old).total()
 
 
 def _span_holds(data: bytes, root: RootRow) -> bool:
@@ -454,19 +494,159 @@ class Refcounter:
     runs one transaction, and returns a frozen report.
     """
 
-    def __init__(self, store: Store, db_url: str | None = None, policy: Policy | None = None):
+    def __init__(
+        self,
+        store: Store,
+        db_url: str | None = None,
+        policy: Policy | None = None,
+        *,
+        progress: Progress | None = None,
+    ):
+        """Nothing is opened or created here: the first operation opens the
+        database for reading or for writing, as it needs (`_reader`, `_writer`)."""
         self.store = store
-        self.progress: Progress = _no_progress
+        self.progress: Progress = progress or _no_progress
         self.policy = policy or Policy()
-        store.ensure_state_dir()
-        self.engine = make_engine(db_url or default_url(store.path))
-        ensure_schema(self.engine)
+        self.db_url = db_url or default_url(store.path)
+        self._own_db = db_url is None  # the default database, inside this store's .refcount/
+        self._engine: Engine | None = None
+        self._opened: str | None = None  # "write" or "read", once checked
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine, opened for writing unless an operation opened it already."""
+        if self._opened and self._engine is not None:
+            return self._engine
+        return self._writer()
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
 
     def schema_revision(self) -> str | None:
-        return current_revision(self.engine)
+        return current_revision(self._writer())
+
+    # --- opening ----------------------------------------------------------------
+    def _make_engine(self, *, read_only: bool) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.db_url, read_only=read_only)
+        return self._engine
+
+    def _writer(self) -> Engine:
+        """The engine of a writing operation, ready: refuses a store this process
+        may not change or a database that counts another store (both before
+        anything is created), then makes .refcount/ and brings the schema up."""
+        if self._opened == "write":
+            assert self._engine is not None
+            return self._engine
+        self.store.check_state_dir()
+        self.store.check_writable()
+        engine = self._make_engine(read_only=False)
+        claim = self._check_identity(engine)
+        self.store.ensure_state_dir()
+        ensure_schema(engine)
+        if claim:
+            self._claim_identity(engine)
+        self._opened = "write"
+        return engine
+
+    def _reader(self) -> Engine:
+        """The engine of a reading operation. On a store this process may write it is
+        the writer's (so the caller can catch up first); on a read-only store it is
+        opened without writing anything. NotIndexed, creating nothing, when no
+        database was ever built for this store."""
+        if self._opened is not None:
+            assert self._engine is not None
+            return self._engine
+        self.store.check_state_dir()
+        if self._own_db:
+            self.store.check_readable()
+        database = sqlite_file(self.db_url)
+        if database is not None and not database.exists():
+            raise self._not_indexed()
+        writable = self.store.writable()
+        engine = self._make_engine(read_only=not writable)
+        revision = current_revision(engine)
+        if revision is None:
+            raise self._not_indexed()
+        if writable:
+            self._writer()
+        else:
+            if revision != SCHEMA_HEAD:
+                raise DatabaseError(
+                    f"{redact_url(self.db_url)}: schema {revision} is not this refcount's "
+                    f"{SCHEMA_HEAD}, and the store is read-only: run `refcount db upgrade` "
+                    "where it is writable"
+                )
+            self._check_identity(engine)
+            self._opened = "read"
+        with transaction(engine, write=False) as repo:
+            # A migration may forget the hash to force one re-read; rows remain.
+            if repo.get_meta(INDEX_HASH) is None and repo.is_empty():
+                raise self._not_indexed()
+        return engine
+
+    def _not_indexed(self) -> NotIndexed:
+        return NotIndexed(f"{self.store.path}: not indexed yet: run `refcount init`")
+
+    def _current(self) -> Engine:
+        """The engine of a reading operation, caught up with index.json when it can be."""
+        engine = self._reader()
+        if self._opened == "write":
+            self.sync_roots()
+        return engine
+
+    def _check_identity(self, engine: Engine) -> bool:
+        """Refuse a database that counts another store (SPEC §4). Returns whether
+        this store's identity still has to be recorded (`_claim_identity`).
+
+        A store's identity is a random id in `.refcount/store-id`, recorded in the
+        database by the first writer: a path would change when the store moves,
+        and differs between hosts that share one store over NFS.
+        """
+        if current_revision(engine) is None:
+            return True
+        with transaction(engine, write=False) as repo:
+            recorded, where = repo.get_meta(STORE_ID), repo.get_meta(STORE_PATH)
+        mine = self.store.read_identity()
+        if recorded is None:
+            return True
+        if mine == recorded:
+            return False
+        if mine is None and self._own_db:
+            return True  # its own database: the lost identity file is written again
+        raise ForeignDatabase(
+            f"{redact_url(self.db_url)}: already counts the store at {where} "
+            f"(id {recorded}); refusing to count {self.store.path} with it: "
+            "give each store its own --db"
+        )
+
+    def _claim_identity(self, engine: Engine) -> None:
+        """Record this store's identity in the database (once; racing claimants of
+        one store agree, since the identity file is created exclusively)."""
+        with transaction(engine) as repo:
+            recorded = repo.get_meta(STORE_ID)
+            mine = self.store.read_identity()
+            if recorded is None:
+                mine = mine or self.store.claim_identity(uuid.uuid4().hex)
+                repo.set_meta(STORE_ID, mine)
+                repo.set_meta(STORE_PATH, str(self.store.path)[:200])
+            elif mine is None and self._own_db:
+                self.store.claim_identity(recorded)
+            elif mine != recorded:
+                raise ForeignDatabase(
+                    f"{redact_url(self.db_url)}: already counts another store (id "
+                    f"{recorded}); refusing to count {self.store.path} with it"
+                )
+
+    @contextmanager
+    def _writing(self) -> Iterator[Engine]:
+        """The sequence every writing operation starts with: open for writing, take
+        the store's lock, finish what a dead process left."""
+        engine = self._writer()
+        with self.store.locked():
+            self._recover()
+            yield engine
 
     def __enter__(self) -> Refcounter:
         return self
@@ -477,8 +657,7 @@ class Refcounter:
     # --- reconcile ------------------------------------------------------------
     def init(self) -> SyncReport:
         """Index the store: a bulk build on an empty database, else a full sync."""
-        with self.store.locked():
-            self._recover()
+        with self._writing():
             with transaction(self.engine) as repo:
                 empty = repo.get_meta(INDEX_HASH) is None
             if not empty:
@@ -503,8 +682,7 @@ class Refcounter:
         every blob file is compared too. index.json that does not parse raises
         InvalidStore and changes nothing: it is never read as "no roots".
         """
-        with self.store.locked():
-            self._recover()
+        with self._writing():
             return self._sync_locked(changes)
 
     def _sync_locked(self, changes: Changes | None) -> SyncReport:
@@ -549,9 +727,47 @@ class Refcounter:
         added, removed = new - old, old - new
         work.acquire(added.elements())
         work.release(removed.elements())
+        if self.store.last_rewrite() != snapshot.hash:  # an outside change, not refcount's own
+            work.mass_free = self._mass_free(work, old.total(), removed.total(), new.total())
+        work.dispose(hold=work.mass_free is not None)
         _store_roots(repo, [_root_row(r) for r in index.roots])
         repo.set_meta(INDEX_HASH, snapshot.hash)
-        return sum(added.values()), sum(removed.values())
+        return added.total(), removed.total()
+
+    def _mass_free(self, work: _Work, before: int, removed: int, after: int) -> MassFree | None:
+        """The safety valve for outside mass deletions (SPEC §7).
+
+        An outside change of index.json that frees more than the threshold of the
+        live bytes, or removes every root, is more likely a broken script than a
+        wish: its frees are held in the quarantine for MASS_FREE_HOLD whatever
+        --trash-ttl says, so restoring index.json brings everything back.
+        Cost: one sum over the blobs, only when this change frees files.
+        """
+        if not work.undisposed:
+            return None
+        freed = sum(work.undisposed.values())
+        live = work.repo.sum_sizes("live")[1]  # the freed files are still counted live here
+        every_root = before > 0 and after == 0
+        if not every_root and freed <= self.policy.mass_free_threshold * live:
+            return None
+        row = MassFreeRow(
+            work.now, work.now + MASS_FREE_HOLD, before, removed, len(work.undisposed), freed, live
+        )
+        work.repo.add_mass_free(row)
+        log.warning(
+            "MASS FREE: an outside change of %s removed %d of %d roots and frees %d blobs, "
+            "%d of %d live bytes; they are held in %s until %s whatever --trash-ttl says: "
+            "to undo, put the old index.json back and run `refcount sync`",
+            self.store.index_path,
+            removed,
+            before,
+            len(work.undisposed),
+            freed,
+            live,
+            self.store.trash_dir,
+            f"{row.held_until:%Y-%m-%d %H:%M:%S} UTC",
+        )
+        return MassFree(**row.__dict__)
 
     # --- delete ---------------------------------------------------------------
     def delete_tag(self, tag: str, *, dry_run: bool = False) -> DeleteReport:
@@ -564,8 +780,7 @@ class Refcounter:
         return self._delete(wanted, _Select(digest=wanted), f"manifest {wanted}", dry_run)
 
     def _delete(self, target: str, selects: _Select, what: str, dry_run: bool) -> DeleteReport:
-        with self.store.locked():
-            self._recover()
+        with self._writing():
             for _attempt in range(REWRITE_ATTEMPTS):
                 try:
                     report = self._delete_once(target, selects, what, dry_run)
@@ -606,6 +821,7 @@ class Refcounter:
                 ]
                 removed.update((r.position, r) for r in referrers)
                 freed = work.release(r.digest for r in referrers)
+            work.dispose()  # refcount's own deletes are never a mass free
             blind = repo.blind_manifests() if work.freed else []
             if blind:
                 raise InvalidBlob(
@@ -741,8 +957,7 @@ class Refcounter:
     def gc(self, *, dry_run: bool = False, grace: timedelta | None = None) -> GcReport:
         """Sweep orphans older than the grace period; purge trash older than its TTL."""
         grace = self.policy.grace if grace is None else grace
-        with self.store.locked():
-            self._recover()
+        with self._writing():
             if not dry_run:
                 self._sync_locked(None)
             now = _now()
@@ -764,9 +979,13 @@ class Refcounter:
                         Aged(row.digest, file.size, (now - _mtime(file.mtime)).total_seconds())
                     )
                     work.free(row.digest)
+                work.dispose()
+                held = {m.at for m in repo.held_mass_frees(now)}
                 purged = []
                 for row in repo.blobs_with_state("trash"):
                     if row.freed_at is None or now - row.freed_at < self.policy.trash_ttl:
+                        continue
+                    if row.freed_at in held:  # a mass free: kept until its hold ends
                         continue
                     if row.digest in {a.digest for a in swept}:
                         continue
@@ -787,31 +1006,41 @@ class Refcounter:
     def verify(self, *, deep: bool = False, repair: bool = False) -> VerifyReport:
         """Recount from scratch and compare with the database (SPEC §5).
 
+        The database first catches up with index.json, as for every command, so an
+        outside change since the last sync is never reported as drift. On a store
+        this process cannot write it cannot catch up: the report then says how
+        many entries it is behind (`behind`) instead of comparing counts.
         `repair` rewrites the database to match the disk; it never deletes content.
         """
-        with self.store.locked():
-            self._recover()
-            snapshot = self.store.read_index()
-            scan = _scan(self.store, snapshot, self.progress)
-            with transaction(self.engine, write=repair) as repo:
-                recorded = repo.counts()
-                drift = tuple(
-                    Drift(d, scan.counts.get(d, 0), recorded.get(d, 0))
-                    for d in sorted(set(recorded) | set(scan.counts))
-                    if scan.counts.get(d, 0) != recorded.get(d, 0)
-                )
-                states = repo.blob_states()
-                drift += tuple(
-                    Drift(d, scan.counts[d], recorded.get(d, 0), states.get(d), actual)
-                    for d in sorted(scan.counts)
-                    if scan.counts[d] == recorded.get(d, 0)
-                    and states.get(d) != (actual := self._disk_state(scan, d))
-                )
-                if repair and drift:
-                    self._rebuild(repo, scan, snapshot.hash)
-                    log.warning("verify --repair: %d counts rewritten from the disk", len(drift))
-                freed_at = {r.digest: r.freed_at for r in repo.blobs_with_state("trash")}
-        now = _now()
+        if repair:
+            self._writer()
+        else:
+            self._reader()
+        if self._opened == "read":
+            return self._verify(deep, repair=False)
+        with self._writing():
+            if not repair:
+                self._sync_locked(Changes(index=True))
+            return self._verify(deep, repair)
+
+    def _verify(self, deep: bool, repair: bool) -> VerifyReport:
+        snapshot = self.store.read_index()
+        scan = _scan(self.store, snapshot, self.progress)
+        with transaction(self.engine, write=repair) as repo:
+            behind = 0
+            if self._opened == "read" and repo.get_meta(INDEX_HASH) != snapshot.hash:
+                behind = _entries_changed(repo.roots(), scan.roots)
+            drift = () if behind else self._drift(repo, scan)
+            if repair and drift:
+                self._rebuild(repo, scan, snapshot.hash)
+                log.warning("verify --repair: %d counts rewritten from the disk", len(drift))
+            freed_at = {r.digest: r.freed_at for r in repo.blobs_with_state("trash")}
+            now = _now()
+            held = tuple(
+                MassFree(**m.__dict__)
+                for m in repo.held_mass_frees(now)
+                if m.at in set(freed_at.values())
+            )
         orphans = tuple(
             Aged(d, f.size, (now - _mtime(f.mtime)).total_seconds())
             for d, f in sorted(scan.files.items())
@@ -832,6 +1061,25 @@ class Refcounter:
             quarantined=quarantined,
             corrupt=self._check_content(scan) if deep else (),
             problems=tuple(scan.problems),
+            behind=behind,
+            mass_frees=held,
+        )
+
+    def _drift(self, repo: Repo, scan: _Scan) -> tuple[Drift, ...]:
+        """Counts that differ from the recount, then (counts agreeing) recorded states
+        that differ from what the disk shows."""
+        recorded = repo.counts()
+        drift = tuple(
+            Drift(d, scan.counts.get(d, 0), recorded.get(d, 0))
+            for d in sorted(set(recorded) | set(scan.counts))
+            if scan.counts.get(d, 0) != recorded.get(d, 0)
+        )
+        states = repo.blob_states()
+        return drift + tuple(
+            Drift(d, scan.counts[d], recorded.get(d, 0), states.get(d), actual)
+            for d in sorted(scan.counts)
+            if scan.counts[d] == recorded.get(d, 0)
+            and states.get(d) != (actual := self._disk_state(scan, d))
         )
 
     @staticmethod
@@ -930,8 +1178,7 @@ class Refcounter:
         Reads the edges and sizes once and walks each image in memory: one pass
         over the database, however many tags there are.
         """
-        self.sync_roots()
-        with transaction(self.engine, write=False) as repo:
+        with transaction(self._current(), write=False) as repo:
             children: dict[str, list[str]] = {}
             for parent, child in repo.all_edges():
                 children.setdefault(parent, []).append(child)
@@ -947,8 +1194,7 @@ class Refcounter:
 
     def show(self, ref: str) -> BlobInfo:
         """Why a blob (a digest, or the manifest a tag points at) is alive."""
-        self.sync_roots()
-        with transaction(self.engine, write=False) as repo:
+        with transaction(self._current(), write=False) as repo:
             digest = self._resolve(repo, ref)
             row = repo.blob(digest)
             if row is None:
@@ -969,7 +1215,7 @@ class Refcounter:
 
     def count(self, digest: str) -> int:
         """The recorded reference count of a blob (0 when unknown)."""
-        with transaction(self.engine, write=False) as repo:
+        with transaction(self._reader(), write=False) as repo:
             row = repo.blob(str(Digest.parse(digest)))
             return 0 if row is None else row.count
 
@@ -995,7 +1241,7 @@ class Refcounter:
         self.sync(Changes(index=True))
 
     def stats(self) -> Stats:
-        with transaction(self.engine, write=False) as repo:
+        with transaction(self._reader(), write=False) as repo:
             live = repo.sum_sizes("live")
             trash = repo.sum_sizes("trash")
             return Stats(
@@ -1007,7 +1253,14 @@ class Refcounter:
                 quarantined_blobs=trash[0],
                 quarantined_bytes=trash[1],
                 problems=repo.count_problems(),
+                mass_free_held_blobs=self._held_blobs(repo) if trash[0] else 0,
             )
+
+    @staticmethod
+    def _held_blobs(repo: Repo) -> int:
+        """Quarantined blobs that gc keeps because a mass free still holds them."""
+        held = {m.at for m in repo.held_mass_frees(_now())}
+        return sum(1 for r in repo.blobs_with_state("trash") if r.freed_at in held) if held else 0
 
     def _log_missing(self, missing: Iterable[str]) -> None:
         missing = list(missing)
@@ -1039,6 +1292,7 @@ def open(
     keep_referrers: bool = False,
     keep_untagged: bool = False,
     max_manifest: int = DEFAULT_MAX_MANIFEST,
+    mass_free_threshold: float | None = None,
 ) -> Refcounter:
     """Open a store's reference counts, creating or upgrading the database as needed."""
     defaults = Policy()
@@ -1049,5 +1303,8 @@ def open(
         keep_referrers=keep_referrers,
         keep_untagged=keep_untagged,
         max_manifest=max_manifest,
+        mass_free_threshold=defaults.mass_free_threshold
+        if mass_free_threshold is None
+        else mass_free_threshold,
     )
     return Refcounter(Store(store, max_manifest=max_manifest), db, policy)

@@ -47,3 +47,15 @@ class ConcurrentChange(RefcountError):
 
 class DatabaseError(RefcountError):
     """The database cannot be opened, upgraded or written."""
+
+
+class NotIndexed(RefcountError):
+    """A reading command on a store whose database was never built (`refcount init`)."""
+
+
+class StoreNotWritable(RefcountError):
+    """A writing command on a store this process may not change (read-only, permissions)."""
+
+
+class ForeignDatabase(RefcountError):
+    """The database already counts another store (SPEC §4: one database, one store)."""

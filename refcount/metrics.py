@@ -130,6 +130,17 @@ class Metrics:
             "Changes that a periodic or recovery full reconcile found and the events missed.",
             registry=r,
         )
+        self.mass_frees = Counter(
+            "refcount_mass_frees",
+            "Outside changes of index.json that freed more than the threshold of the live "
+            "bytes (or every root) at once: their blobs are held in the quarantine.",
+            registry=r,
+        )
+        self.mass_free_held = Gauge(
+            "refcount_mass_free_held_blobs",
+            "Blobs of mass frees still held in .refcount/trash/ (restorable until the hold ends).",
+            registry=r,
+        )
         self.failures = Counter(
             "refcount_reconcile_failures",
             "Reconciles that failed and will be retried; reason=invalid_index or error.",
@@ -167,6 +178,8 @@ class Metrics:
         self.freed_bytes.labels("released").inc(report.freed_bytes)
         self.restored_blobs.inc(len(report.restored))
         self.missing_detected.inc(len(report.missing))
+        if report.mass_free is not None:
+            self.mass_frees.inc()
         if drift and report.changed:
             self.drift.inc(_change_count(report))
         self.last_success.set_to_current_time()
@@ -190,6 +203,7 @@ class Metrics:
         self.quarantined_blobs.set(stats.quarantined_blobs)
         self.quarantined_bytes.set(stats.quarantined_bytes)
         self.problem_blobs.set(stats.problems)
+        self.mass_free_held.set(stats.mass_free_held_blobs)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 
@@ -23,6 +24,20 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class MassFree:
+    """One outside change of index.json that would have freed much of the store at once:
+    its frees went to the quarantine, kept there at least until `held_until`."""
+
+    at: datetime
+    held_until: datetime
+    roots_before: int
+    roots_removed: int
+    blobs: int
+    bytes: int
+    live_bytes: int
+
+
+@dataclass(frozen=True)
 class SyncReport:
     roots_added: int = 0
     roots_removed: int = 0
@@ -33,6 +48,7 @@ class SyncReport:
     found: tuple[str, ...] = ()  # missing blobs whose file came back
     orphans: tuple[str, ...] = ()  # new files nothing references yet
     problems: tuple[str, ...] = ()
+    mass_free: MassFree | None = None  # this sync's frees were held in the quarantine
 
     @property
     def freed_bytes(self) -> int:
@@ -102,13 +118,19 @@ class VerifyReport:
     quarantined: tuple[Aged, ...] = ()
     corrupt: tuple[Corrupt, ...] = ()
     problems: tuple[str, ...] = ()
+    behind: int = 0
+    """index.json entries changed since the database last applied it (only when the
+    store is read-only, so the database could not catch up first; counts unchecked)."""
+    mass_frees: tuple[MassFree, ...] = ()
+    """Mass frees whose blobs are still held in the quarantine."""
 
     @property
     def ok(self) -> bool:
-        """Everything agrees (drift counts as fixed once repaired). Orphans and
-        quarantined blobs are normal and only reported."""
+        """Everything agrees (drift counts as fixed once repaired). Orphans,
+        quarantined blobs and mass frees held in the quarantine are consistent
+        states: they are reported (a mass free loudly), not failures."""
         drift = self.drift and not self.repaired
-        return not (drift or self.missing or self.corrupt or self.problems)
+        return not (drift or self.missing or self.corrupt or self.problems or self.behind)
 
 
 @dataclass(frozen=True)
@@ -160,6 +182,7 @@ class Stats:
     quarantined_blobs: int
     quarantined_bytes: int
     problems: int = 0
+    mass_free_held_blobs: int = 0
 
 
 def to_json(value: Any) -> Any:

@@ -18,6 +18,8 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +32,15 @@ from refcount.errors import (
     InvalidDigest,
     InvalidStore,
     StoreBusy,
+    StoreNotWritable,
 )
 from refcount.oci import Digest, Problem
 
 DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
 STATE_DIR = ".refcount"
+IDENTITY_FILE = "store-id"
+LAST_REWRITE = "last-rewrite"
+_IDENTITY = re.compile(r"[0-9a-f]{32}")
 CRASH_ENV = "REFCOUNT_CRASH_AT"
 
 
@@ -100,6 +106,19 @@ class Store:
         if not isinstance(version, str) or not version.startswith("1."):
             raise InvalidStore(f"{path}: unsupported imageLayoutVersion {version!r}")
 
+    def check_state_dir(self) -> None:
+        """Refuse a .refcount that is a link or not a directory (missing is fine)."""
+        try:
+            mode = self.state_dir.lstat().st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise InvalidStore(f"{self.state_dir}: cannot read: {exc.strerror}") from None
+        if stat.S_ISLNK(mode):
+            raise InvalidStore(f"{self.state_dir}: is a symbolic link; not followed")
+        if not stat.S_ISDIR(mode):
+            raise InvalidStore(f"{self.state_dir}: exists and is not a directory")
+
     def ensure_state_dir(self) -> None:
         """Create .refcount/ (and its trash and tmp) as real directories, or refuse."""
         for directory in (self.state_dir, self.trash_dir, self.state_dir / "tmp"):
@@ -114,6 +133,111 @@ class Store:
                 raise InvalidStore(f"{directory}: is a symbolic link; not followed")
             if not stat.S_ISDIR(mode):
                 raise InvalidStore(f"{directory}: exists and is not a directory")
+
+    # --- who may change the store -------------------------------------------------
+    def writable(self) -> bool:
+        """Whether this process may change the store: the layout's directory, and
+        blobs/ and .refcount/ where they exist (a read-only mount, another user)."""
+        return self._unwritable() is None
+
+    def check_writable(self) -> None:
+        """Raise StoreNotWritable, naming the store and why, unless `writable()`."""
+        reason = self._unwritable()
+        if reason is not None:
+            raise StoreNotWritable(
+                f"{self.path}: {reason}: this command changes the store "
+                "(reading commands such as tags, show and verify work without writing)"
+            )
+
+    def check_readable(self) -> None:
+        """Refuse, naming the user, a .refcount/ this process may not read (another
+        user's store: its database lives there)."""
+        state = self.state_dir
+        if state.is_dir() and not os.access(state, os.R_OK | os.X_OK):
+            raise InvalidStore(
+                f"{state}: not readable by user {_user_name(os.geteuid())} (it belongs to "
+                f"{_user_name(state.stat().st_uid)}): run refcount as the store's owner"
+            )
+        database = state / "refcount.db"
+        if database.is_file() and not os.access(database, os.R_OK):
+            raise InvalidStore(
+                f"{database}: not readable by user {_user_name(os.geteuid())} (it belongs to "
+                f"{_user_name(database.stat().st_uid)}): run refcount as the store's owner"
+            )
+
+    def _unwritable(self) -> str | None:
+        for path in (self.path, self.state_dir, self.path / "blobs"):
+            if path.is_symlink() or not path.is_dir():
+                continue
+            if not os.access(path, os.W_OK | os.X_OK):
+                try:
+                    if os.statvfs(path).f_flag & os.ST_RDONLY:
+                        return "read-only file system"
+                except OSError:
+                    pass
+                return f"{path.name}/ is not writable by user {_user_name(os.geteuid())}" + (
+                    f" (it belongs to {_user_name(path.stat().st_uid)})"
+                )
+        return None
+
+    # --- the store's identity -------------------------------------------------------
+    def read_identity(self) -> str | None:
+        """The id in .refcount/store-id that databases record for this store; None
+        when it has none yet. InvalidStore for a damaged file."""
+        if not self._real_state_dir():
+            return None
+        path = self.state_dir / IDENTITY_FILE
+        try:
+            text = _read_nofollow(path, 256).decode("ascii", "replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, _TooLarge) as exc:
+            why = getattr(exc, "strerror", None) or "too large"
+            raise InvalidStore(f"{path}: cannot read the store's identity: {why}") from None
+        if not _IDENTITY.fullmatch(text):
+            raise InvalidStore(f"{path}: not a store identity (32 hex digits)")
+        return text
+
+    def _real_state_dir(self) -> bool:
+        """.refcount/ exists as a real directory (a link is never followed)."""
+        try:
+            return stat.S_ISDIR(self.state_dir.lstat().st_mode)
+        except OSError:
+            return False
+
+    def last_rewrite(self) -> str | None:
+        """The hash of the index.json refcount itself last wrote (see `replace_index`)."""
+        if not self._real_state_dir():
+            return None
+        try:
+            return _read_nofollow(self.state_dir / LAST_REWRITE, 128).decode("ascii").strip()
+        except (OSError, _TooLarge, UnicodeDecodeError):
+            return None
+
+    def claim_identity(self, identity: str) -> str:
+        """Give the store `identity` unless it has one already; returns the store's.
+
+        Created exclusively and whole (a temp file linked into place), so racing
+        processes on one store all end up with the one that won.
+        """
+        path = self.state_dir / IDENTITY_FILE
+        temp = self.state_dir / f"{IDENTITY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(identity + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        _fsync_dir(self.state_dir)
+        found = self.read_identity()
+        assert found is not None
+        return found
 
     def clear_temp(self) -> None:
         """Remove temporary files a dead refcount process left in .refcount/tmp/.
@@ -153,6 +277,10 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             crash_point("index-before-rename")
+            # Tells a later catch-up that this change of index.json was refcount's own
+            # (a delete killed before its commit), not an outside mass deletion. Not
+            # fsynced: losing it only makes the catch-up more careful.
+            _write_small(self.state_dir / LAST_REWRITE, hashlib.sha256(data).hexdigest())
             if self.read_index().hash != expected_hash:
                 raise ConcurrentChange(
                     f"{self.index_path}: changed while refcount was rewriting it"
@@ -377,6 +505,19 @@ def _read_nofollow(path: Path, limit: int | None) -> bytes:
     if limit is not None and len(data) > limit:
         raise _TooLarge
     return data
+
+
+def _write_small(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _regular_file(path: Path) -> BlobFile | None:

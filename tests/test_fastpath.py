@@ -269,13 +269,15 @@ def test_the_client_finds_the_store_as_the_cli_does_and_sends_it_absolute(
 def test_refcount_db_of_the_client_is_what_the_daemon_uses(pair: tuple[Path, Path]) -> None:
     a, b = pair
     url = f"sqlite:///{a.parent / 'elsewhere.db'}"
+    made = refcount(a, "init", env={"REFCOUNT_DB": url})
+    assert made.served and made.code == 0, made.err
+    assert (a.parent / "elsewhere.db").exists()  # made by the daemon, for this client
     ran = refcount(a, "--json", "tags", env={"REFCOUNT_DB": url})
     assert ran.served and ran.code == 0, ran.err
-    assert (a.parent / "elsewhere.db").exists()  # made by the daemon, for this client
     direct_url = f"sqlite:///{b.parent / 'elsewhere.db'}"
-    direct = refcount(
-        b, "--json", "tags", env={"REFCOUNT_DB": direct_url, "REFCOUNT_NO_DAEMON": "1"}
-    )
+    direct_env = {"REFCOUNT_DB": direct_url, "REFCOUNT_NO_DAEMON": "1"}
+    assert refcount(b, "init", env=direct_env).code == 0
+    direct = refcount(b, "--json", "tags", env=direct_env)
     assert ran.answer(a) == direct.answer(b)
 
 

@@ -374,3 +374,24 @@ def test_db_current_leaves_no_postgresql_connection_open(
 
     assert current.out == f"{SCHEMA_HEAD}\n"
     assert _leaked_connections() == []
+
+
+def test_a_second_store_on_one_postgresql_database_is_refused(
+    refcount_cli: Cli, pg_url: str, tmp_path: Path
+) -> None:
+    first = sk.make_layout(tmp_path / "first")
+    second = sk.make_layout(tmp_path / "second")
+    sk.add_image(first, [b"L0", b"L1"], tag="a", config=cfg("a"))
+    sk.add_image(second, [b"L9"], tag="z", config=cfg("z"))
+    assert refcount_cli("--store", first, "--db", pg_url, "init").code == 0
+    second_before = sk.listing(second, include_refcount=True)
+
+    for command in (["init"], ["sync"], ["delete", "tag", "z"], ["tags"]):
+        ran = refcount_cli("--store", second, "--db", pg_url, *command)
+        assert ran.code == 2, ran
+        lines = ran.err.strip().splitlines()
+        assert len(lines) == 1 and "already counts the store at" in lines[0], ran.err
+        assert str(first) in lines[0] and str(second) in lines[0]
+    assert sk.listing(second, include_refcount=True) == second_before
+    verify = refcount_cli("--store", first, "--db", pg_url, "--json", "verify")
+    assert verify.code == 0 and verify.json()["roots"] == 1

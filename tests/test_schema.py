@@ -32,7 +32,7 @@ from refcount.db.engine import (
 )
 from refcount.db.models import SCHEMA_HEAD, Base
 
-TABLES = {"alembic_version", "blobs", "edges", "meta", "pending_actions", "roots"}
+TABLES = {"alembic_version", "blobs", "edges", "mass_frees", "meta", "pending_actions", "roots"}
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def _alembic_imported_by_open(store: Path) -> bool:
     code = (
         "import sys, refcount\n"
         f"with refcount.open({str(store)!r}) as rc:\n"
-        "    rc.count('sha256:' + '0' * 64)\n"
+        "    rc.sync()\n"
         "print('alembic' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFCOUNT_")}

@@ -548,3 +548,38 @@ def test_orphans_that_umoci_gc_removes_are_forgotten_by_the_next_sync(
         assert shown.code == 1
         assert digest in shown.err and len(shown.err.splitlines()) == 1
     assert_counts_match_oracle(built, orphans)
+
+
+def test_verify_right_after_umoci_rm_catches_up_and_finds_nothing_wrong(
+    shared: Path, refcount_cli: Refcount
+) -> None:
+    a, b = digest_of(shared, "a"), digest_of(shared, "b")
+    only_a = closure(shared, a) - closure(shared, b)
+    succeed(refcount_cli, shared, "init")
+
+    sk.run(["umoci", "rm", "--image", f"{shared}:a"])
+    verify = refcount_cli(shared, "verify")
+
+    assert verify.code == 0, verify
+    assert "drift" not in verify.out
+    assert not only_a & sk.blob_files(shared)
+    assert_store_sound(refcount_cli, shared)
+
+
+def test_umoci_rm_of_the_last_image_writes_null_manifests_and_still_frees_it(
+    shared: Path, refcount_cli: Refcount
+) -> None:
+    everything = sk.blob_files(shared)
+    succeed(refcount_cli, shared, "init")
+    sk.run(["umoci", "rm", "--image", f"{shared}:a"])
+    sk.run(["umoci", "rm", "--image", f"{shared}:b"])
+    assert sk.read_index(shared)["manifests"] is None  # umoci's empty layout
+
+    synced = refcount_cli(shared, "--trash-ttl", "0", "--json", "sync")
+
+    assert synced.code == 0, synced
+    assert sk.blob_files(shared) == set()
+    # every root went at once: the mass-deletion valve holds the frees in the quarantine
+    assert synced.json()["mass_free"]["roots_removed"] == 2
+    assert trash_files(shared) == everything
+    assert refcount_cli(shared, "verify").code == 0

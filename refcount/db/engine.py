@@ -13,12 +13,13 @@ Alembic only when an upgrade is actually needed, which keeps start-up cheap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from refcount.db.repo import Repo
@@ -32,24 +33,58 @@ def default_url(store: Path) -> str:
     return f"sqlite:///{store / '.refcount' / 'refcount.db'}"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for `url`; nothing is opened or created until first used.
+
+    `read_only` opens a SQLite file without ever writing to it or beside it
+    (for reading commands on a store this process cannot write): SQLite's
+    `mode=ro`, and on a read-only file system also `immutable=1`, since a WAL
+    database cannot otherwise be opened where its `-shm` file cannot be made.
+    """
     try:
-        engine = create_engine(url, future=True)
+        parsed = make_url(url)
+        if read_only and parsed.get_backend_name() == "sqlite" and parsed.database:
+            parsed = _read_only_sqlite(parsed.database)
+        engine = create_engine(parsed, future=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise DatabaseError(f"{_redact(url)}: cannot open database: {_one_line(exc)}") from None
+        raise DatabaseError(f"{redact_url(url)}: cannot open database: {_one_line(exc)}") from None
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only=read_only)
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another database, or an in-memory one)."""
+    try:
+        parsed = make_url(url)
+    except (SQLAlchemyError, ValueError):
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database.removeprefix("file:").split("?", 1)[0])
+
+
+def _read_only_sqlite(database: str) -> URL:
+    path = Path(database).absolute()
+    query = {"mode": "ro", "uri": "true"}
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            query["immutable"] = "1"
+    except OSError:
+        pass
+    return URL.create("sqlite", database=f"file:{path}", query=query)
+
+
+def _configure_sqlite(engine: Engine, *, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -64,11 +99,9 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """A URL safe to print: never show a password."""
     try:
-        from sqlalchemy.engine import make_url
-
         return make_url(url).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):
         return "database URL"
@@ -88,13 +121,13 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
                 repo = Repo(connection, tx)
                 yield repo
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"{_redact(str(engine.url))}: {_one_line(exc)}") from None
+        raise DatabaseError(f"{redact_url(str(engine.url))}: {_one_line(exc)}") from None
 
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision, or None for a database refcount has not set up yet."""
-    database = engine.url.database
-    if engine.dialect.name == "sqlite" and database and not Path(database).exists():
+    database = sqlite_file(str(engine.url))
+    if database is not None and not database.exists():
         return None  # the default database file is created by the first command that writes
     try:
         with engine.connect() as connection:
@@ -102,7 +135,7 @@ def current_revision(engine: Engine) -> str | None:
                 return None
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"{_redact(str(engine.url))}: {_one_line(exc)}") from None
+        raise DatabaseError(f"{redact_url(str(engine.url))}: {_one_line(exc)}") from None
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -122,7 +155,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.upgrade(config, revision)
     except SQLAlchemyError as exc:
         raise DatabaseError(
-            f"{_redact(str(engine.url))}: migration failed: {_one_line(exc)}"
+            f"{redact_url(str(engine.url))}: migration failed: {_one_line(exc)}"
         ) from None
 
 
@@ -141,3 +174,18 @@ def migrations_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "migrations"
+
+
+__all__ = [
+    "Engine",
+    "alembic_config",
+    "current_revision",
+    "default_url",
+    "ensure_schema",
+    "make_engine",
+    "migrations_dir",
+    "redact_url",
+    "sqlite_file",
+    "transaction",
+    "upgrade",
+]

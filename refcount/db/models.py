@@ -70,4 +70,17 @@ class Meta(Base):
     value: Mapped[str]
 
 
-__all__ = ["SCHEMA_HEAD", "Base", "Blob", "Edge", "Meta", "PendingAction", "Root"]
+class MassFree(Base):
+    __table__ = tables.mass_frees
+
+    id: Mapped[int]
+    at: Mapped[datetime]
+    held_until: Mapped[datetime]
+    roots_before: Mapped[int]
+    roots_removed: Mapped[int]
+    blobs: Mapped[int]
+    bytes: Mapped[int]
+    live_bytes: Mapped[int]
+
+
+__all__ = ["SCHEMA_HEAD", "Base", "Blob", "Edge", "MassFree", "Meta", "PendingAction", "Root"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RootTransaction, delete, func, insert, select, update
 
-from refcount.db.tables import blobs, edges, meta, roots
+from refcount.db.tables import blobs, edges, mass_frees, meta, roots
 from refcount.db.tables import pending_actions as journal
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
@@ -44,6 +44,19 @@ class RootRow:
     size: int | None
     start: int | None = None
     end: int | None = None
+
+
+@dataclass(frozen=True)
+class MassFreeRow:
+    """An outside change of index.json that freed much of the store at once."""
+
+    at: datetime
+    held_until: datetime
+    roots_before: int
+    roots_removed: int
+    blobs: int
+    bytes: int
+    live_bytes: int
 
 
 @dataclass(frozen=True)
@@ -262,6 +275,26 @@ class Repo:
         for chunk in _chunks(sorted(set(positions))):
             self.connection.execute(delete(roots).where(roots.c.position.in_(chunk)))
 
+    def is_empty(self) -> bool:
+        """No blob and no root recorded: nothing was ever indexed."""
+        return all(
+            self.connection.execute(select(table).limit(1)).first() is None
+            for table in (blobs, roots)
+        )
+
+    # --- mass frees -----------------------------------------------------------
+    def add_mass_free(self, row: MassFreeRow) -> None:
+        self.connection.execute(insert(mass_frees).values(**row.__dict__))
+
+    def held_mass_frees(self, now: datetime) -> list[MassFreeRow]:
+        """The mass frees whose blobs gc must still keep, oldest first."""
+        query = (
+            select(*(mass_frees.c[name] for name in MassFreeRow.__dataclass_fields__))
+            .where(mass_frees.c.held_until > now)
+            .order_by(mass_frees.c.id)
+        )
+        return [MassFreeRow(**row._mapping) for row in self.connection.execute(query)]
+
     # --- journal ------------------------------------------------------------
     def add_actions(self, action: str, digests: Iterable[str], now: datetime) -> None:
         rows = [{"action": action, "digest": d, "created": now} for d in digests]
@@ -313,4 +346,4 @@ class Repo:
         return int(number), int(size)
 
 
-__all__ = ["Action", "BlobRow", "Repo", "RootRow"]
+__all__ = ["Action", "BlobRow", "MassFreeRow", "Repo", "RootRow"]

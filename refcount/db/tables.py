@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 metadata = MetaData(
     naming_convention={
@@ -126,4 +126,20 @@ meta = Table(
     # Small facts about the store, e.g. the hash of the index.json last applied.
     Column("key", String(64), primary_key=True),
     Column("value", String(200), nullable=False),
+)
+
+mass_frees = Table(
+    "mass_frees",
+    metadata,
+    # One outside change of index.json that freed more than the threshold of the live
+    # bytes (or every root). Its blobs went to the quarantine whatever the trash TTL,
+    # and gc keeps every blob freed at `at` until `held_until` (SPEC §7).
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", TZDateTime(), nullable=False),
+    Column("held_until", TZDateTime(), nullable=False),
+    Column("roots_before", Integer, nullable=False),
+    Column("roots_removed", Integer, nullable=False),
+    Column("blobs", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("live_bytes", BigInteger, nullable=False),
 )
