@@ -40,7 +40,7 @@ from refcount.db.engine import (
     sqlite_file,
     transaction,
 )
-from refcount.db.repo import MassFreeRow, Repo, RootRow
+from refcount.db.repo import Repo, RootRow
 from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import (
     BlobTooLarge,
@@ -615,11 +615,7 @@ class Refcounter:
             return False
         if mine is None and self._own_db:
             return True  # its own database: the lost identity file is written again
-        raise ForeignDatabase(
-            f"{redact_url(self.db_url)}: already counts the store at {where} "
-            f"(id {recorded}); refusing to count {self.store.path} with it: "
-            "give each store its own --db"
-        )
+        raise self._foreign(recorded, where)
 
     def _claim_identity(self, engine: Engine) -> None:
         """Record this store's identity in the database (once; racing claimants of
@@ -629,15 +625,20 @@ class Refcounter:
             mine = self.store.read_identity()
             if recorded is None:
                 mine = mine or self.store.claim_identity(uuid.uuid4().hex)
-                repo.set_meta(STORE_ID, mine)
-                repo.set_meta(STORE_PATH, str(self.store.path)[:200])
-            elif mine is None and self._own_db:
+                recorded = repo.claim_meta(STORE_ID, mine)
+                if recorded == mine:
+                    repo.claim_meta(STORE_PATH, str(self.store.path)[:200])
+            if mine is None and self._own_db:
                 self.store.claim_identity(recorded)
             elif mine != recorded:
-                raise ForeignDatabase(
-                    f"{redact_url(self.db_url)}: already counts another store (id "
-                    f"{recorded}); refusing to count {self.store.path} with it"
-                )
+                raise self._foreign(recorded, repo.get_meta(STORE_PATH))
+
+    def _foreign(self, recorded: str, where: str | None) -> ForeignDatabase:
+        return ForeignDatabase(
+            f"{redact_url(self.db_url)}: already counts the store at {where} "
+            f"(id {recorded}); refusing to count {self.store.path} with it: "
+            "give each store its own --db"
+        )
 
     @contextmanager
     def _writing(self) -> Iterator[Engine]:
@@ -750,10 +751,10 @@ class Refcounter:
         every_root = before > 0 and after == 0
         if not every_root and freed <= self.policy.mass_free_threshold * live:
             return None
-        row = MassFreeRow(
+        event = MassFree(
             work.now, work.now + MASS_FREE_HOLD, before, removed, len(work.undisposed), freed, live
         )
-        work.repo.add_mass_free(row)
+        work.repo.add_mass_free(event)
         log.warning(
             "MASS FREE: an outside change of %s removed %d of %d roots and frees %d blobs, "
             "%d of %d live bytes; they are held in %s until %s whatever --trash-ttl says: "
@@ -765,9 +766,9 @@ class Refcounter:
             freed,
             live,
             self.store.trash_dir,
-            f"{row.held_until:%Y-%m-%d %H:%M:%S} UTC",
+            f"{event.held_until:%Y-%m-%d %H:%M:%S} UTC",
         )
-        return MassFree(**row.__dict__)
+        return event
 
     # --- delete ---------------------------------------------------------------
     def delete_tag(self, tag: str, *, dry_run: bool = False) -> DeleteReport:
@@ -1036,11 +1037,7 @@ class Refcounter:
                 log.warning("verify --repair: %d counts rewritten from the disk", len(drift))
             freed_at = {r.digest: r.freed_at for r in repo.blobs_with_state("trash")}
             now = _now()
-            held = tuple(
-                MassFree(**m.__dict__)
-                for m in repo.held_mass_frees(now)
-                if m.at in set(freed_at.values())
-            )
+            held = tuple(m for m in repo.held_mass_frees(now) if m.at in set(freed_at.values()))
         orphans = tuple(
             Aged(d, f.size, (now - _mtime(f.mtime)).total_seconds())
             for d, f in sorted(scan.files.items())

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, RootTransaction, delete, func, insert, select
 
 from refcount.db.tables import blobs, edges, mass_frees, meta, roots
 from refcount.db.tables import pending_actions as journal
+from refcount.reports import MassFree
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 
@@ -44,19 +45,6 @@ class RootRow:
     size: int | None
     start: int | None = None
     end: int | None = None
-
-
-@dataclass(frozen=True)
-class MassFreeRow:
-    """An outside change of index.json that freed much of the store at once."""
-
-    at: datetime
-    held_until: datetime
-    roots_before: int
-    roots_removed: int
-    blobs: int
-    bytes: int
-    live_bytes: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +80,21 @@ class Repo:
         done = self.connection.execute(update(meta).where(meta.c.key == key).values(value=value))
         if done.rowcount == 0:
             self.connection.execute(insert(meta).values(key=key, value=value))
+
+    def claim_meta(self, key: str, value: str) -> str:
+        """Set `key` to `value` unless some transaction set it first; the value it has.
+
+        Safe against concurrent claimants (several sidecars starting at once on one
+        PostgreSQL database): the insert skips a key that exists, in SQL."""
+        dialect = self.connection.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        self.connection.execute(upsert(meta).values(key=key, value=value).on_conflict_do_nothing())
+        claimed = self.get_meta(key)
+        assert claimed is not None
+        return claimed
 
     # --- blobs --------------------------------------------------------------
     def add_count(self, digest: str, delta: int) -> int | None:
@@ -283,17 +286,17 @@ class Repo:
         )
 
     # --- mass frees -----------------------------------------------------------
-    def add_mass_free(self, row: MassFreeRow) -> None:
-        self.connection.execute(insert(mass_frees).values(**row.__dict__))
+    def add_mass_free(self, event: MassFree) -> None:
+        self.connection.execute(insert(mass_frees).values(**event.__dict__))
 
-    def held_mass_frees(self, now: datetime) -> list[MassFreeRow]:
+    def held_mass_frees(self, now: datetime) -> list[MassFree]:
         """The mass frees whose blobs gc must still keep, oldest first."""
         query = (
-            select(*(mass_frees.c[name] for name in MassFreeRow.__dataclass_fields__))
+            select(*(mass_frees.c[name] for name in MassFree.__dataclass_fields__))
             .where(mass_frees.c.held_until > now)
             .order_by(mass_frees.c.id)
         )
-        return [MassFreeRow(**row._mapping) for row in self.connection.execute(query)]
+        return [MassFree(**row._mapping) for row in self.connection.execute(query)]
 
     # --- journal ------------------------------------------------------------
     def add_actions(self, action: str, digests: Iterable[str], now: datetime) -> None:
@@ -346,4 +349,4 @@ class Repo:
         return int(number), int(size)
 
 
-__all__ = ["Action", "BlobRow", "MassFreeRow", "Repo", "RootRow"]
+__all__ = ["Action", "BlobRow", "Repo", "RootRow"]
