@@ -86,12 +86,15 @@ class Repo:
 
         Safe against concurrent claimants (several sidecars starting at once on one
         PostgreSQL database): the insert skips a key that exists, in SQL."""
-        dialect = self.connection.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
+        if self.connection.dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            statement: Any = postgresql.insert(meta).on_conflict_do_nothing()
         else:
-            from sqlalchemy.dialects.sqlite import insert as upsert
-        self.connection.execute(upsert(meta).values(key=key, value=value).on_conflict_do_nothing())
+            from sqlalchemy.dialects import sqlite
+
+            statement = sqlite.insert(meta).on_conflict_do_nothing()
+        self.connection.execute(statement.values(key=key, value=value))
         claimed = self.get_meta(key)
         assert claimed is not None
         return claimed
