@@ -760,7 +760,8 @@ def run_daemon(
 
     With `serve`, CLI commands sent to `STORE/.refcount/refcount.sock` are run
     with it (see `refcount.serve`); the socket exists only while the daemon
-    holds the store's daemon lock, and is removed on a clean stop.
+    holds the store's daemon lock, and is removed on a clean stop, as is the
+    lock's file, `.refcount/watch.pid`.
 
     Raises StoreBusy when another daemon holds the store, InvalidAddress for a
     bad `metrics_addr`. A socket that cannot be made is logged, and the daemon
@@ -771,7 +772,7 @@ def run_daemon(
         try:
             _serve(rc, options, serve)
         finally:
-            os.close(lock)
+            rc.store.release_daemon_lock(lock)
 
 
 def _duration(value: timedelta) -> str:
