@@ -634,8 +634,16 @@ class Daemon:
             len(report.orphans),
             seconds * 1000,
         )
+        self._log_found(report)
         for problem in report.problems:
             log.debug("skipped: %s", problem)
+
+    @staticmethod
+    def _log_found(report: SyncReport) -> None:
+        """The good news that goes with core's "referenced blob is missing" warning:
+        once per blob, on its transition back from missing to live."""
+        for digest in report.found:
+            log.info("%s: missing blob is back in blobs/", digest)
 
     @staticmethod
     def _log_gc(report: GcReport, seconds: float) -> None:

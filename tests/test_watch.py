@@ -338,6 +338,28 @@ def test_rm_of_a_referenced_layer_is_reported_missing_and_counts_stay(
     assert figures[("refcount_missing_detected_total", ())] == 1
 
 
+def test_a_missing_blob_put_back_is_logged_once_as_back_and_verify_is_clean(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    image = small_images(store, 2)[0]
+    watcher = watch(store)
+    layer = sorted(sk.graph(store)[image["digest"]] - {image["digest"]})[0]
+    path = sk.blob_path(store, layer)
+    data = path.read_bytes()
+
+    path.unlink()
+    watcher.wait_log(rf"{layer}: referenced blob is missing from blobs/")
+    wait_until(lambda: db_state(store, layer) == "missing", "the blob to be recorded missing")
+    path.write_bytes(data)
+    watcher.wait_log(rf"{layer}: missing blob is back in blobs/")
+    wait_until(lambda: db_state(store, layer) == "live", "the blob to be live again")
+
+    assert verify(store).returncode == 0
+    watcher.signal(signal.SIGTERM)  # every event of the rewrite is applied before it exits
+    assert watcher.wait(5) == 0
+    assert watcher.log().count(f"{layer}: missing blob is back") == 1
+
+
 # --------------------------------------------------------------------------
 # Bursts, partial writes, crashes
 # --------------------------------------------------------------------------
