@@ -16,7 +16,10 @@ How the pieces work together:
   daemon fails with StoreBusy), the metrics server, the command socket
   (`refcount.serve`: CLI commands answered from this warm process, run by a
   callable the caller passes in, since the CLI sits above this module), signal
-  handlers, shutdown.
+  handlers, shutdown. A served command runs on a Refcounter of its own, so
+  the reports it renders are handed to the worker (`Daemon.report_served`),
+  which counts them in the metrics and refreshes the gauges: the batch its
+  file events cause finds the database already in step and changes nothing.
 
 Why a full reconcile is never far away: watchdog cannot be trusted to deliver
 every event. An inotify queue overflow is only logged (and on a non-recursive
@@ -67,7 +70,7 @@ from watchdog.observers.api import BaseObserver
 from refcount.core import Changes, Refcounter
 from refcount.errors import InvalidStore, RefcountError
 from refcount.metrics import Health, Metrics, MetricsServer
-from refcount.reports import GcReport, SyncReport
+from refcount.reports import DeleteReport, GcReport, SyncReport, VerifyReport
 from refcount.serve import CannotServe, CommandServer, Handler
 from refcount.wire import SOCKET_NAME
 
@@ -99,6 +102,10 @@ RETRY_MAX = 2.0
 """Backoff, in seconds, before re-reading an index.json that did not parse."""
 INVALID_WARNING_AFTER = 10.0
 """Seconds an index.json may stay unparsable before it is worth a warning."""
+
+
+ReportSink = Callable[[object], None]
+"""Takes each report a served command renders; called on the serving thread."""
 
 
 class InvalidOption(RefcountError):
@@ -290,10 +297,11 @@ _STOP_NOISE = _StopNoise()
 class _Job:
     """One unit of work the worker took from the shared state."""
 
-    kind: str  # "batch", "full", "gc", "health" or "stop"
+    kind: str  # "batch", "full", "gc", "health", "served" or "stop"
     paths: PathSet = field(default_factory=PathSet)
     reasons: tuple[str, ...] = ()
     epoch: int = 0
+    reports: tuple[object, ...] = ()  # "served": what commands run for clients rendered
 
 
 class Daemon:
@@ -318,6 +326,7 @@ class Daemon:
         # Guarded by _cond: what the handler and signals asked for.
         self._pending = PathSet()
         self._full_reasons: list[str] = []
+        self._served: list[object] = []
         self._first_event = 0.0
         self._last_event = 0.0
         self._retry_at = 0.0
@@ -366,6 +375,13 @@ class Daemon:
             self._rebuild_reason = self._rebuild_reason or reason
             self._health_due = 0.0  # check (and rebuild) at once
         self.request_full(reason)
+
+    def report_served(self, report: object) -> None:
+        """A report a command served for a client rendered: the worker counts it in
+        the metrics and refreshes the gauges (it does not wait for a quiet period)."""
+        with self._cond:
+            self._served.append(report)
+            self._cond.notify_all()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         with self._cond:
@@ -477,6 +493,10 @@ class Daemon:
                 if now >= self._health_due:
                     self._health_due = now + HEALTH_INTERVAL
                     return _Job("health")
+                if self._served:
+                    reports = tuple(self._served)
+                    self._served.clear()
+                    return _Job("served", reports=reports)
                 if now >= self._resync_due:
                     self._resync_due = now + self.options.resync.total_seconds()
                     self._full_reasons.append("periodic resync")
@@ -515,6 +535,8 @@ class Daemon:
             self._check_observer()
         elif job.kind == "gc":
             self._run_gc(job)
+        elif job.kind == "served":
+            self._record_served(job.reports)
         else:
             self._reconcile(job)
 
@@ -540,7 +562,11 @@ class Daemon:
         self._applied_ok(job.epoch)
         self.metrics.record_sync(report, seconds, full=full, drift=drift)
         self._log_batch(job, report, seconds)
-        if full or report.changed:
+        # A batch that names index.json but changes nothing follows another
+        # refcount process's delete, which the database already holds: the
+        # gauges must show it too. (The events of the daemon's own frees name
+        # only blob files, and are not worth the queries.)
+        if full or report.changed or job.paths.index:
             self._refresh_stats()
 
     def _retry_later(self, job: _Job, exc: InvalidStore | None) -> None:
@@ -595,6 +621,23 @@ class Daemon:
         self.metrics.record_gc(report, seconds)
         self._log_gc(report, seconds)
         if report.swept or report.purged:
+            self._refresh_stats()
+
+    def _record_served(self, reports: tuple[object, ...]) -> None:
+        """Count what commands served for clients did, then refresh the gauges once.
+        Dry runs and reading commands changed nothing and are not counted."""
+        changed = False
+        for report in reports:
+            if isinstance(report, DeleteReport | GcReport) and not report.dry_run:
+                self.metrics.record_served(report)
+                changed = True
+            elif isinstance(report, SyncReport):  # sync, init
+                self.metrics.record_served(report)
+                self._log_found(report)
+                changed = changed or report.changed
+            elif isinstance(report, VerifyReport) and report.repaired:
+                changed = True
+        if changed:
             self._refresh_stats()
 
     def _flush_on_stop(self, job: _Job) -> None:
@@ -762,12 +805,14 @@ def _signals(daemon: Daemon) -> Iterator[None]:
 def run_daemon(
     open_refcounter: Callable[[], Refcounter],
     options: WatchOptions,
-    serve: Handler | None = None,
+    serve: Callable[[ReportSink], Handler] | None = None,
 ) -> None:
     """Run the watch daemon in this process until SIGTERM or SIGINT.
 
     With `serve`, CLI commands sent to `STORE/.refcount/refcount.sock` are run
-    with it (see `refcount.serve`); the socket exists only while the daemon
+    with the handler `serve(sink)` makes (see `refcount.serve`), which must pass
+    every report a command renders to `sink`, so that the metrics count what
+    the daemon's clients did. The socket exists only while the daemon
     holds the store's daemon lock, and is removed on a clean stop, as is the
     lock's file, `.refcount/watch.pid`.
 
@@ -792,7 +837,9 @@ def _duration(value: timedelta) -> str:
     return f"{seconds:g}s" if seconds else "0"
 
 
-def _serve(rc: Refcounter, options: WatchOptions, serve: Handler | None) -> None:
+def _serve(
+    rc: Refcounter, options: WatchOptions, serve: Callable[[ReportSink], Handler] | None
+) -> None:
     metrics = Metrics()
     daemon = Daemon(rc, options, metrics)
     server = (
@@ -800,7 +847,11 @@ def _serve(rc: Refcounter, options: WatchOptions, serve: Handler | None) -> None
         if options.metrics_addr
         else None
     )
-    commands = None if serve is None else CommandServer(rc.store.state_dir / SOCKET_NAME, serve)
+    commands = (
+        None
+        if serve is None
+        else CommandServer(rc.store.state_dir / SOCKET_NAME, serve(daemon.report_served))
+    )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
         rc.store.path,

@@ -136,6 +136,29 @@ def refcount_cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def served_cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`refcount --store S ARGS...`, which must be answered by the store's daemon.
+
+    With `-X importtime` the process lists what it imported: a client the
+    daemon answered never loads `refcount.cli` (tests/test_fastpath.py).
+    """
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "refcount", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in ran.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "refcount.cli" not in imported, f"{args}: not answered by the daemon"
+    return ran
+
+
 def verify(store: Path) -> subprocess.CompletedProcess[str]:
     return refcount_cli(store, "verify")
 
@@ -642,6 +665,70 @@ def test_metrics_are_served_over_http_and_match_the_store(
     assert figures[("refcount_reconcile_duration_seconds_count", (("kind", "batch"),))] >= 1
     assert figures[("refcount_last_successful_reconcile_timestamp_seconds", ())] > 0
     assert scrape(address, "/nothing")[0] == 404
+
+
+def test_metrics_follow_the_commands_the_daemon_serves_without_a_sighup(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 4)
+    watcher = watch(store, "--metrics-addr", "127.0.0.1:0", "--resync", "1h")
+    address = watcher.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+    wait_until(lambda: (store / ".refcount" / "refcount.sock").exists(), "the command socket")
+    before = samples(scrape(address)[1])
+    assert before[("refcount_roots", ())] == 4
+    deleted = ("refcount_freed_blobs_total", (("reason", "deleted"),))
+    swept = ("refcount_freed_blobs_total", (("reason", "orphan"),))
+
+    served_cli(store, "delete", "tag", "img0", "--dry-run")  # counts nothing
+    report = json.loads(served_cli(store, "--json", "delete", "tag", "img1").stdout)
+    freed = len(report["freed"])
+    assert freed == 2  # img1's manifest and config; its layers are shared
+    figures = wait_until(
+        lambda: (found := samples(scrape(address)[1]))[("refcount_roots", ())] == 3 and found,
+        "the delete in the metrics",
+    )
+    assert figures[deleted] == before.get(deleted, 0) + freed
+    assert (
+        figures[("refcount_freed_bytes_total", (("reason", "deleted"),))] == (report["freed_bytes"])
+    )
+    assert figures[("refcount_quarantined_blobs", ())] == freed
+    assert figures[("refcount_quarantined_bytes", ())] == report["freed_bytes"]
+    assert figures[("refcount_live_blobs", ())] == len(sk.reachable(store))
+
+    orphan = sk.write_blob(store, b"an abandoned upload", "application/octet-stream")
+    wait_until(
+        lambda: samples(scrape(address)[1])[("refcount_orphan_blobs", ())] == 1,
+        "the daemon to record the orphan",
+    )
+    served_cli(store, "gc", "--grace", "0s")
+    figures = wait_until(
+        lambda: (
+            (found := samples(scrape(address)[1]))[("refcount_orphan_blobs", ())] == 0 and found
+        ),
+        "the gc in the metrics",
+    )
+    assert orphan["digest"] not in sk.blob_files(store)
+    assert figures[swept] == before.get(swept, 0) + 1
+    assert figures[deleted] == before.get(deleted, 0) + freed
+
+    # A delete the daemon did not serve: no report reaches it, but the batch of
+    # its index.json rewrite refreshes the gauges (its frees are not counted).
+    ran = subprocess.run(
+        [sys.executable, "-m", "refcount", "--store", str(store), "delete", "tag", "img2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "REFCOUNT_NO_DAEMON": "1"},
+    )
+    assert ran.returncode == 0, ran.stderr
+    figures = wait_until(
+        lambda: (found := samples(scrape(address)[1]))[("refcount_roots", ())] == 2 and found,
+        "the gauges after a delete the daemon did not serve",
+    )
+    assert figures[("refcount_quarantined_blobs", ())] == len(trash(store)) > freed
+    assert figures[deleted] == before.get(deleted, 0) + freed
+    assert "full reconcile (SIGHUP)" not in watcher.log()
 
 
 def test_a_bad_metrics_address_is_refused_with_exit_2(store: Path) -> None:
