@@ -35,6 +35,14 @@ costs a little work. An index.json that is empty, half-written or unparsable
 (skopeo rewrites it in place) makes `sync` raise InvalidStore and change
 nothing; the batch is kept and retried after a short backoff, or as soon as
 the file changes again. It is never read as "no roots".
+
+When to warn about an invalid store: a file that does not parse may be a
+write in progress, so it is worth a warning only once it has stayed so for
+INVALID_WARNING_AFTER. A JSON object that parses but is not an image index
+(`{}`, another schemaVersion, a `manifests` that is not a list) is no write in
+progress (a prefix of a JSON object never parses), so it is warned about at
+once. Either way the warning then repeats with growing gaps
+(`warning_delay`), and one line says when the store is valid again.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from refcount.core import Changes, Refcounter
-from refcount.errors import InvalidStore, RefcountError
+from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import DeleteReport, GcReport, SyncReport, VerifyReport
 from refcount.serve import CannotServe, CommandServer, Handler
@@ -101,7 +109,22 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
 """Backoff, in seconds, before re-reading an index.json that did not parse."""
 INVALID_WARNING_AFTER = 10.0
-"""Seconds an index.json may stay unparsable before it is worth a warning."""
+"""Seconds an index.json may stay unparsable before it is worth a warning; also
+the first gap before a warning is repeated (the gaps then double)."""
+INVALID_WARNING_MAX = 600.0
+"""Longest gap, in seconds, between repeated warnings about an invalid store."""
+
+
+def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
+    """Seconds to wait before the next warning about a problem that lasts.
+
+    `warned` warnings were given so far. The first is due `first` seconds after
+    the problem began; each later one `gap`, 2 x `gap`, 4 x `gap`... seconds
+    after the one before, never more than `cap`.
+    """
+    if warned <= 0:
+        return first
+    return min(gap * 2.0 ** min(warned - 1, 64), cap)
 
 
 ReportSink = Callable[[object], None]
@@ -331,7 +354,13 @@ class Daemon:
         self._last_event = 0.0
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
-        self._invalid_since: float | None = None
+        self._invalid_since: float | None = None  # the store is invalid since
+        self._problem: str | None = None  # what is wrong with it (see _retry_later)
+        self._problem_since = 0.0
+        self._warned = 0  # warnings given about `_problem`
+        self._warned_at = 0.0
+        self._invalid_error = ""  # the last error, for the line saying it is over
+        self._warned_any = False  # a warning was given since `_invalid_since`
         self._stopping = False
         self._seen = 0  # bumped for every request (event, resync, signal)
         self._applied = 0  # the highest `_seen` whose work is fully applied
@@ -572,8 +601,11 @@ class Daemon:
     def _retry_later(self, job: _Job, exc: InvalidStore | None) -> None:
         """Put the job's work back and try again after a backoff.
 
-        For an index.json caught mid-write this is the normal path (debug log);
-        only one that stays unparsable for a long time is worth a warning.
+        For an index.json caught mid-write this is the normal path (debug log).
+        The warnings follow the module docstring: an unparsable file after
+        INVALID_WARNING_AFTER, any other invalid store at once, then again
+        after `warning_delay`. A new problem (another document) starts its own
+        schedule; an unparsable file is one problem however its text changes.
         """
         now = time.monotonic()
         with self._cond:
@@ -584,25 +616,56 @@ class Daemon:
                         self._full_reasons.append(reason)
             self._retry_at = now + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-            if exc is not None:
-                first = self._invalid_since is None
-                self._invalid_since = now if first else self._invalid_since
-                lasting = now - (self._invalid_since or now)
-        if exc is None:
-            return
+            if exc is None:
+                return
+            unparsable = isinstance(exc, UnparsableIndex)
+            problem = "unparsable" if unparsable else str(exc)
+            if self._invalid_since is None:
+                self._invalid_since = now
+            if problem != self._problem:
+                self._problem, self._problem_since, self._warned = problem, now, 0
+            self._invalid_error = str(exc)
+            since = self._warned_at if self._warned else self._problem_since
+            first = INVALID_WARNING_AFTER if unparsable else 0.0
+            due = since + warning_delay(
+                self._warned, first, INVALID_WARNING_AFTER, INVALID_WARNING_MAX
+            )
+            warn = now >= due
+            if warn:
+                self._warned += 1
+                self._warned_at = now
+                self._warned_any = True
+            lasting = now - self._invalid_since
+            again = warning_delay(self._warned, first, INVALID_WARNING_AFTER, INVALID_WARNING_MAX)
         self.metrics.record_failure("invalid_index")
-        log.debug("watch: %s; re-reading shortly", exc)
-        if lasting >= INVALID_WARNING_AFTER and self._retry_delay >= RETRY_MAX:
-            log.warning("%s (for %.0f s); nothing is applied until it parses", exc, lasting)
+        if warn:
+            log.warning(
+                "%s; nothing is applied until the store is valid "
+                "(invalid for %.0f s; warning again in %.0f s if it stays so)",
+                exc,
+                lasting,
+                again,
+            )
+        else:
+            log.debug("watch: %s; re-reading shortly", exc)
 
     def _applied_ok(self, epoch: int) -> None:
         with self._cond:
             self._applied = max(self._applied, epoch)
             self._retry_delay = RETRY_FIRST
             self._retry_at = 0.0
-            self._invalid_since = None
+            since, warned, error = self._invalid_since, self._warned_any, self._invalid_error
+            self._invalid_since, self._problem, self._warned_any = None, None, False
             self._cond.notify_all()
         self._last_success = time.time()
+        # The end of a warning is worth an info line; a write caught in progress is not.
+        if since is not None:
+            log.log(
+                logging.INFO if warned else logging.DEBUG,
+                "the store is valid again after %.0f s (was: %s)",
+                time.monotonic() - since,
+                error,
+            )
 
     def _run_gc(self, job: _Job) -> None:
         """A full reconcile (so its frees are counted), then sweep and purge."""
