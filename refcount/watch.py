@@ -651,14 +651,11 @@ class Daemon:
 
     def _applied_ok(self, epoch: int) -> None:
         with self._cond:
-            self._applied = max(self._applied, epoch)
-            self._retry_delay = RETRY_FIRST
-            self._retry_at = 0.0
             since, warned, error = self._invalid_since, self._warned_any, self._invalid_error
             self._invalid_since, self._problem, self._warned_any = None, None, False
-            self._cond.notify_all()
-        self._last_success = time.time()
-        # The end of a warning is worth an info line; a write caught in progress is not.
+        # The end of a warning is worth an info line; a write caught in progress is
+        # not. Logged before the work counts as applied, so whoever waits for that
+        # finds the line written.
         if since is not None:
             log.log(
                 logging.INFO if warned else logging.DEBUG,
@@ -666,6 +663,12 @@ class Daemon:
                 time.monotonic() - since,
                 error,
             )
+        with self._cond:
+            self._applied = max(self._applied, epoch)
+            self._retry_delay = RETRY_FIRST
+            self._retry_at = 0.0
+            self._cond.notify_all()
+        self._last_success = time.time()
 
     def _run_gc(self, job: _Job) -> None:
         """A full reconcile (so its frees are counted), then sweep and purge."""

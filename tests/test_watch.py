@@ -1029,9 +1029,9 @@ def test_an_unparsable_index_is_warned_about_after_a_delay_then_less_and_less_of
         assert len(lines("re-reading shortly")) >= 10  # while re-reads went on
         assert sk.blob_files(store) == files
 
-        (store / "index.json").write_bytes(good)
+        rename_into_place(store, good)  # not in place: that could be caught empty
         assert running.wait_applied()
-    back = lines("the store is valid again after")
+        back = lines("the store is valid again after")
     assert len(back) == 1 and back[0].levelno == logging.INFO
     assert "(was: " in back[0].getMessage() and "index.json: invalid JSON" in back[0].getMessage()
     assert sk.blob_files(store) == files and trash(store) == set()
