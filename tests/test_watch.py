@@ -752,7 +752,7 @@ def test_sighup_runs_a_full_reconcile(shared: Path, watch: Callable[..., Watcher
 
     watcher.signal(signal.SIGHUP)
     wait_until(lambda: db_state(shared, layer) == "live", "the full reconcile to repair the row")
-    assert "full reconcile (SIGHUP)" in watcher.log()
+    watcher.wait_log(r"full reconcile \(SIGHUP\)")  # written just after the commit
     assert watcher.proc.poll() is None
     assert verify(shared).returncode == 0
 
