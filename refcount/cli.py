@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -327,7 +327,11 @@ def watch(
     # count, never the daemon's REFCOUNT_STORE or REFCOUNT_DB.
     for name in ("REFCOUNT_STORE", "REFCOUNT_DB"):
         os.environ.pop(name, None)
-    run_daemon(settings.open, options, serve_request)
+    run_daemon(
+        settings.open,
+        options,
+        lambda on_report: functools.partial(serve_request, on_report=on_report),
+    )
 
 
 @db_app.command("upgrade")
@@ -353,6 +357,8 @@ def db_current(ctx: typer.Context) -> None:
 
 # --- rendering ----------------------------------------------------------------
 def render(ctx: typer.Context, report: Any) -> None:
+    if (on_report := _ON_REPORT.get()) is not None:
+        on_report(report)
     if _settings(ctx).json:
         typer.echo(json.dumps(to_json(report), indent=2, default=str))
         return
@@ -536,6 +542,8 @@ def _run(argv: list[str] | None) -> int:
 # --- commands run inside the daemon ----------------------------------------------
 _REQUEST_LOG: ContextVar[logging.Handler | None] = ContextVar("_REQUEST_LOG", default=None)
 """Set while `serve_request` runs: the handler that takes this request's log lines."""
+_ON_REPORT: ContextVar[Callable[[object], None] | None] = ContextVar("_ON_REPORT", default=None)
+"""Set while `serve_request` runs: where the reports the command renders also go."""
 _SERVING = threading.Lock()
 
 
@@ -550,8 +558,13 @@ class _ThreadOnly(logging.Filter):
         return record.thread == self.thread
 
 
-def serve_request(argv: list[str]) -> tuple[int, str, str]:
+def serve_request(
+    argv: list[str], *, on_report: Callable[[object], None] | None = None
+) -> tuple[int, str, str]:
     """Run one command for a client of the daemon; returns (exit code, stdout, stderr).
+
+    `on_report` is given every report the command renders (the daemon's
+    metrics count what its clients' commands did: frees, sweeps, roots).
 
     What the client gets is exactly what `main(argv)` would have printed: the
     same Typer app, renderers and error mapping, a stdout that is not a
@@ -587,6 +600,7 @@ def serve_request(argv: list[str]) -> tuple[int, str, str]:
     root = logging.getLogger()
     with _SERVING:
         token = _REQUEST_LOG.set(handler)
+        reports = _ON_REPORT.set(on_report)
         root.addHandler(handler)
         started = time.monotonic()
         try:
@@ -594,6 +608,7 @@ def serve_request(argv: list[str]) -> tuple[int, str, str]:
                 code = _run(argv)
         finally:
             root.removeHandler(handler)
+            _ON_REPORT.reset(reports)
             _REQUEST_LOG.reset(token)
     log.debug(
         "served %s: exit %d, %.1f ms", " ".join(argv), code, (time.monotonic() - started) * 1000

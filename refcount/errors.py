@@ -29,6 +29,12 @@ class InvalidStore(RefcountError):
     """The layout itself is unusable: missing or bad `oci-layout` or `index.json`."""
 
 
+class UnparsableIndex(InvalidStore):
+    """`index.json` is empty or not JSON at all: perhaps a tool's write in progress
+    (skopeo and oras rewrite it in place). A document that parses but is not an
+    image index is a plain InvalidStore: no write in progress looks like that."""
+
+
 class InvalidBlob(RefcountError):
     """A manifest-like blob that cannot be parsed, is too large, or is unsafe to read."""
 

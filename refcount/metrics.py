@@ -4,7 +4,8 @@ How the pieces fit together: `Metrics` owns its own `CollectorRegistry` (never
 prometheus_client's global one, so two daemons in one process, or a test, never
 see each other's figures). The daemon feeds it the reports it already has: a
 `SyncReport` after every batch or full reconcile, a `GcReport` after every gc,
-and `Refcounter.stats()` for the gauges. `MetricsServer` serves the registry on
+the reports of the commands it served for clients, and `Refcounter.stats()`
+for the gauges. `MetricsServer` serves the registry on
 `/metrics` and the daemon's health on `/healthz` from a stdlib HTTP server in a
 thread, so the only dependency is prometheus_client's text exposition.
 
@@ -33,7 +34,7 @@ from prometheus_client import (
 )
 
 from refcount.errors import RefcountError
-from refcount.reports import GcReport, Stats, SyncReport
+from refcount.reports import DeleteReport, GcReport, Stats, SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class Metrics:
         )
         self.freed_blobs = Counter(
             "refcount_freed_blobs",
-            "Blobs that left blobs/: reason=released (count reached zero) or orphan (swept).",
+            "Blobs that left blobs/: reason=released (count reached zero after a change to "
+            "the store), deleted (by a refcount delete command) or orphan (swept).",
             ["reason"],
             registry=r,
         )
@@ -163,7 +165,7 @@ class Metrics:
             self.batches.labels(kind)
         for kind in ("batch", "full", "gc"):
             self.duration.labels(kind)
-        for reason in ("released", "orphan"):
+        for reason in ("released", "deleted", "orphan"):
             self.freed_blobs.labels(reason)
             self.freed_bytes.labels(reason)
         for reason in ("invalid_index", "error"):
@@ -174,18 +176,39 @@ class Metrics:
         kind = "full" if full else "batch"
         self.batches.labels(kind).inc()
         self.duration.labels(kind).observe(seconds)
-        self.freed_blobs.labels("released").inc(len(report.freed))
-        self.freed_bytes.labels("released").inc(report.freed_bytes)
-        self.restored_blobs.inc(len(report.restored))
-        self.missing_detected.inc(len(report.missing))
-        if report.mass_free is not None:
-            self.mass_frees.inc()
+        self._count_sync(report)
         if drift and report.changed:
             self.drift.inc(_change_count(report))
         self.last_success.set_to_current_time()
 
     def record_gc(self, report: GcReport, seconds: float) -> None:
         self.duration.labels("gc").observe(seconds)
+        self._count_gc(report)
+
+    def record_served(self, report: DeleteReport | GcReport | SyncReport) -> None:
+        """What a command the daemon ran for a client did (not a dry run).
+
+        The same counters as the daemon's own work, by the same reasons; a
+        delete's frees count as reason=deleted. Batches, durations and drift
+        stay the daemon's own: it did not schedule this work.
+        """
+        if isinstance(report, DeleteReport):
+            self.freed_blobs.labels("deleted").inc(len(report.freed))
+            self.freed_bytes.labels("deleted").inc(report.freed_bytes)
+        elif isinstance(report, GcReport):
+            self._count_gc(report)
+        else:
+            self._count_sync(report)
+
+    def _count_sync(self, report: SyncReport) -> None:
+        self.freed_blobs.labels("released").inc(len(report.freed))
+        self.freed_bytes.labels("released").inc(report.freed_bytes)
+        self.restored_blobs.inc(len(report.restored))
+        self.missing_detected.inc(len(report.missing))
+        if report.mass_free is not None:
+            self.mass_frees.inc()
+
+    def _count_gc(self, report: GcReport) -> None:
         self.freed_blobs.labels("orphan").inc(len(report.swept))
         self.freed_bytes.labels("orphan").inc(sum(a.size for a in report.swept))
         self.purged_blobs.inc(len(report.purged))

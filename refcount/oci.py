@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore
+from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
 # Marks a recorded tag that index.json spells unusably (control characters, not a
@@ -229,16 +229,21 @@ def _byte_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]
 def load_index(
     data: bytes, where: str = "index.json"
 ) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """The raw index.json object, and the byte span of each manifests[] element."""
+    """The raw index.json object, and the byte span of each manifests[] element.
+
+    Raises UnparsableIndex for an empty file or one that is not a JSON object
+    (a write may be in progress), InvalidStore for a JSON object that is not
+    an image index.
+    """
     if not data.strip():
-        raise InvalidStore(f"{where}: empty")
+        raise UnparsableIndex(f"{where}: empty")
     try:
         text = data.decode("utf-8")
         index, spans = _walk_index(text)
     except UnicodeDecodeError:
-        raise InvalidStore(f"{where}: invalid JSON (not UTF-8)") from None
+        raise UnparsableIndex(f"{where}: invalid JSON (not UTF-8)") from None
     except (ValueError, RecursionError, IndexError) as exc:
-        raise InvalidStore(f"{where}: invalid JSON ({exc})") from None
+        raise UnparsableIndex(f"{where}: invalid JSON ({exc})") from None
     _check_image_index(index, where)
     return index, _byte_spans(text, spans)
 

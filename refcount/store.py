@@ -476,20 +476,61 @@ class Store:
             os.close(fd)
 
     def hold_daemon_lock(self) -> int:
-        """Take the daemon's lock for the life of the process, or raise StoreBusy."""
+        """Take the daemon's lock for the life of the process, or raise StoreBusy.
+
+        The lock is an flock on `.refcount/watch.pid`, which then holds this
+        process's pid; give it back with `release_daemon_lock`, which removes
+        the file. A daemon that stops between our open() and our flock() has
+        removed the file we opened, so locking it proves nothing: after the
+        flock, the path must still name the file locked, else we try again on
+        the file there now.
+        """
         self.ensure_state_dir()
-        path = self.state_dir / "watch.pid"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        path = self._daemon_lock_path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreBusy(
+                    f"{self.path}: a refcount watch daemon already runs on this store"
+                ) from None
+            if _names(path, fd):
+                break
             os.close(fd)
-            raise StoreBusy(
-                f"{self.path}: a refcount watch daemon already runs on this store"
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def release_daemon_lock(self, fd: int) -> None:
+        """Remove `watch.pid` and give the daemon's lock back (a clean stop).
+
+        The file is unlinked while the lock is still held, then closed: a daemon
+        starting meanwhile either fails to lock the file, or locks it once it
+        is already unlinked and sees that (see `hold_daemon_lock`). Only the
+        file this lock is on is removed, never one another daemon made.
+        """
+        try:
+            path = self._daemon_lock_path
+            if _names(path, fd):
+                path.unlink()
+        finally:
+            os.close(fd)
+
+    @property
+    def _daemon_lock_path(self) -> Path:
+        return self.state_dir / "watch.pid"
+
+
+def _names(path: Path, fd: int) -> bool:
+    """`path` is the file open as `fd` (not a file made since under that name)."""
+    try:
+        there = path.lstat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 class _TooLarge(Exception):

@@ -16,7 +16,10 @@ How the pieces work together:
   daemon fails with StoreBusy), the metrics server, the command socket
   (`refcount.serve`: CLI commands answered from this warm process, run by a
   callable the caller passes in, since the CLI sits above this module), signal
-  handlers, shutdown.
+  handlers, shutdown. A served command runs on a Refcounter of its own, so
+  the reports it renders are handed to the worker (`Daemon.report_served`),
+  which counts them in the metrics and refreshes the gauges: the batch its
+  file events cause finds the database already in step and changes nothing.
 
 Why a full reconcile is never far away: watchdog cannot be trusted to deliver
 every event. An inotify queue overflow is only logged (and on a non-recursive
@@ -32,6 +35,14 @@ costs a little work. An index.json that is empty, half-written or unparsable
 (skopeo rewrites it in place) makes `sync` raise InvalidStore and change
 nothing; the batch is kept and retried after a short backoff, or as soon as
 the file changes again. It is never read as "no roots".
+
+When to warn about an invalid store: a file that does not parse may be a
+write in progress, so it is worth a warning only once it has stayed so for
+INVALID_WARNING_AFTER. A JSON object that parses but is not an image index
+(`{}`, another schemaVersion, a `manifests` that is not a list) is no write in
+progress (a prefix of a JSON object never parses), so it is warned about at
+once. Either way the warning then repeats with growing gaps
+(`warning_delay`), and one line says when the store is valid again.
 """
 
 from __future__ import annotations
@@ -65,9 +76,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from refcount.core import Changes, Refcounter
-from refcount.errors import InvalidStore, RefcountError
+from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
 from refcount.metrics import Health, Metrics, MetricsServer
-from refcount.reports import GcReport, SyncReport
+from refcount.reports import DeleteReport, GcReport, SyncReport, VerifyReport
 from refcount.serve import CannotServe, CommandServer, Handler
 from refcount.wire import SOCKET_NAME
 
@@ -98,7 +109,26 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
 """Backoff, in seconds, before re-reading an index.json that did not parse."""
 INVALID_WARNING_AFTER = 10.0
-"""Seconds an index.json may stay unparsable before it is worth a warning."""
+"""Seconds an index.json may stay unparsable before it is worth a warning; also
+the first gap before a warning is repeated (the gaps then double)."""
+INVALID_WARNING_MAX = 600.0
+"""Longest gap, in seconds, between repeated warnings about an invalid store."""
+
+
+def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
+    """Seconds to wait before the next warning about a problem that lasts.
+
+    `warned` warnings were given so far. The first is due `first` seconds after
+    the problem began; each later one `gap`, 2 x `gap`, 4 x `gap`... seconds
+    after the one before, never more than `cap`.
+    """
+    if warned <= 0:
+        return first
+    return min(gap * 2.0 ** min(warned - 1, 64), cap)
+
+
+ReportSink = Callable[[object], None]
+"""Takes each report a served command renders; called on the serving thread."""
 
 
 class InvalidOption(RefcountError):
@@ -290,10 +320,11 @@ _STOP_NOISE = _StopNoise()
 class _Job:
     """One unit of work the worker took from the shared state."""
 
-    kind: str  # "batch", "full", "gc", "health" or "stop"
+    kind: str  # "batch", "full", "gc", "health", "served" or "stop"
     paths: PathSet = field(default_factory=PathSet)
     reasons: tuple[str, ...] = ()
     epoch: int = 0
+    reports: tuple[object, ...] = ()  # "served": what commands run for clients rendered
 
 
 class Daemon:
@@ -318,11 +349,18 @@ class Daemon:
         # Guarded by _cond: what the handler and signals asked for.
         self._pending = PathSet()
         self._full_reasons: list[str] = []
+        self._served: list[object] = []
         self._first_event = 0.0
         self._last_event = 0.0
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
-        self._invalid_since: float | None = None
+        self._invalid_since: float | None = None  # the store is invalid since
+        self._problem: str | None = None  # what is wrong with it (see _retry_later)
+        self._problem_since = 0.0
+        self._warned = 0  # warnings given about `_problem`
+        self._warned_at = 0.0
+        self._invalid_error = ""  # the last error, for the line saying it is over
+        self._warned_any = False  # a warning was given since `_invalid_since`
         self._stopping = False
         self._seen = 0  # bumped for every request (event, resync, signal)
         self._applied = 0  # the highest `_seen` whose work is fully applied
@@ -366,6 +404,13 @@ class Daemon:
             self._rebuild_reason = self._rebuild_reason or reason
             self._health_due = 0.0  # check (and rebuild) at once
         self.request_full(reason)
+
+    def report_served(self, report: object) -> None:
+        """A report a command served for a client rendered: the worker counts it in
+        the metrics and refreshes the gauges (it does not wait for a quiet period)."""
+        with self._cond:
+            self._served.append(report)
+            self._cond.notify_all()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         with self._cond:
@@ -477,6 +522,10 @@ class Daemon:
                 if now >= self._health_due:
                     self._health_due = now + HEALTH_INTERVAL
                     return _Job("health")
+                if self._served:
+                    reports = tuple(self._served)
+                    self._served.clear()
+                    return _Job("served", reports=reports)
                 if now >= self._resync_due:
                     self._resync_due = now + self.options.resync.total_seconds()
                     self._full_reasons.append("periodic resync")
@@ -515,6 +564,8 @@ class Daemon:
             self._check_observer()
         elif job.kind == "gc":
             self._run_gc(job)
+        elif job.kind == "served":
+            self._record_served(job.reports)
         else:
             self._reconcile(job)
 
@@ -540,14 +591,21 @@ class Daemon:
         self._applied_ok(job.epoch)
         self.metrics.record_sync(report, seconds, full=full, drift=drift)
         self._log_batch(job, report, seconds)
-        if full or report.changed:
+        # A batch that names index.json but changes nothing follows another
+        # refcount process's delete, which the database already holds: the
+        # gauges must show it too. (The events of the daemon's own frees name
+        # only blob files, and are not worth the queries.)
+        if full or report.changed or job.paths.index:
             self._refresh_stats()
 
     def _retry_later(self, job: _Job, exc: InvalidStore | None) -> None:
         """Put the job's work back and try again after a backoff.
 
-        For an index.json caught mid-write this is the normal path (debug log);
-        only one that stays unparsable for a long time is worth a warning.
+        For an index.json caught mid-write this is the normal path (debug log).
+        The warnings follow the module docstring: an unparsable file after
+        INVALID_WARNING_AFTER, any other invalid store at once, then again
+        after `warning_delay`. A new problem (another document) starts its own
+        schedule; an unparsable file is one problem however its text changes.
         """
         now = time.monotonic()
         with self._cond:
@@ -558,23 +616,57 @@ class Daemon:
                         self._full_reasons.append(reason)
             self._retry_at = now + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-            if exc is not None:
-                first = self._invalid_since is None
-                self._invalid_since = now if first else self._invalid_since
-                lasting = now - (self._invalid_since or now)
-        if exc is None:
-            return
+            if exc is None:
+                return
+            unparsable = isinstance(exc, UnparsableIndex)
+            problem = "unparsable" if unparsable else str(exc)
+            if self._invalid_since is None:
+                self._invalid_since = now
+            if problem != self._problem:
+                self._problem, self._problem_since, self._warned = problem, now, 0
+            self._invalid_error = str(exc)
+            since = self._warned_at if self._warned else self._problem_since
+            first = INVALID_WARNING_AFTER if unparsable else 0.0
+            due = since + warning_delay(
+                self._warned, first, INVALID_WARNING_AFTER, INVALID_WARNING_MAX
+            )
+            warn = now >= due
+            if warn:
+                self._warned += 1
+                self._warned_at = now
+                self._warned_any = True
+            lasting = now - self._invalid_since
+            again = warning_delay(self._warned, first, INVALID_WARNING_AFTER, INVALID_WARNING_MAX)
         self.metrics.record_failure("invalid_index")
-        log.debug("watch: %s; re-reading shortly", exc)
-        if lasting >= INVALID_WARNING_AFTER and self._retry_delay >= RETRY_MAX:
-            log.warning("%s (for %.0f s); nothing is applied until it parses", exc, lasting)
+        if warn:
+            log.warning(
+                "%s; nothing is applied until the store is valid "
+                "(invalid for %.0f s; warning again in %.0f s if it stays so)",
+                exc,
+                lasting,
+                again,
+            )
+        else:
+            log.debug("watch: %s; re-reading shortly", exc)
 
     def _applied_ok(self, epoch: int) -> None:
+        with self._cond:
+            since, warned, error = self._invalid_since, self._warned_any, self._invalid_error
+            self._invalid_since, self._problem, self._warned_any = None, None, False
+        # The end of a warning is worth an info line; a write caught in progress is
+        # not. Logged before the work counts as applied, so whoever waits for that
+        # finds the line written.
+        if since is not None:
+            log.log(
+                logging.INFO if warned else logging.DEBUG,
+                "the store is valid again after %.0f s (was: %s)",
+                time.monotonic() - since,
+                error,
+            )
         with self._cond:
             self._applied = max(self._applied, epoch)
             self._retry_delay = RETRY_FIRST
             self._retry_at = 0.0
-            self._invalid_since = None
             self._cond.notify_all()
         self._last_success = time.time()
 
@@ -595,6 +687,23 @@ class Daemon:
         self.metrics.record_gc(report, seconds)
         self._log_gc(report, seconds)
         if report.swept or report.purged:
+            self._refresh_stats()
+
+    def _record_served(self, reports: tuple[object, ...]) -> None:
+        """Count what commands served for clients did, then refresh the gauges once.
+        Dry runs and reading commands changed nothing and are not counted."""
+        changed = False
+        for report in reports:
+            if isinstance(report, DeleteReport | GcReport) and not report.dry_run:
+                self.metrics.record_served(report)
+                changed = True
+            elif isinstance(report, SyncReport):  # sync, init
+                self.metrics.record_served(report)
+                self._log_found(report)
+                changed = changed or report.changed
+            elif isinstance(report, VerifyReport) and report.repaired:
+                changed = True
+        if changed:
             self._refresh_stats()
 
     def _flush_on_stop(self, job: _Job) -> None:
@@ -634,8 +743,16 @@ class Daemon:
             len(report.orphans),
             seconds * 1000,
         )
+        self._log_found(report)
         for problem in report.problems:
             log.debug("skipped: %s", problem)
+
+    @staticmethod
+    def _log_found(report: SyncReport) -> None:
+        """The good news that goes with core's "referenced blob is missing" warning:
+        once per blob, on its transition back from missing to live."""
+        for digest in report.found:
+            log.info("%s: missing blob is back in blobs/", digest)
 
     @staticmethod
     def _log_gc(report: GcReport, seconds: float) -> None:
@@ -754,13 +871,16 @@ def _signals(daemon: Daemon) -> Iterator[None]:
 def run_daemon(
     open_refcounter: Callable[[], Refcounter],
     options: WatchOptions,
-    serve: Handler | None = None,
+    serve: Callable[[ReportSink], Handler] | None = None,
 ) -> None:
     """Run the watch daemon in this process until SIGTERM or SIGINT.
 
     With `serve`, CLI commands sent to `STORE/.refcount/refcount.sock` are run
-    with it (see `refcount.serve`); the socket exists only while the daemon
-    holds the store's daemon lock, and is removed on a clean stop.
+    with the handler `serve(sink)` makes (see `refcount.serve`), which must pass
+    every report a command renders to `sink`, so that the metrics count what
+    the daemon's clients did. The socket exists only while the daemon
+    holds the store's daemon lock, and is removed on a clean stop, as is the
+    lock's file, `.refcount/watch.pid`.
 
     Raises StoreBusy when another daemon holds the store, InvalidAddress for a
     bad `metrics_addr`. A socket that cannot be made is logged, and the daemon
@@ -771,7 +891,7 @@ def run_daemon(
         try:
             _serve(rc, options, serve)
         finally:
-            os.close(lock)
+            rc.store.release_daemon_lock(lock)
 
 
 def _duration(value: timedelta) -> str:
@@ -783,7 +903,9 @@ def _duration(value: timedelta) -> str:
     return f"{seconds:g}s" if seconds else "0"
 
 
-def _serve(rc: Refcounter, options: WatchOptions, serve: Handler | None) -> None:
+def _serve(
+    rc: Refcounter, options: WatchOptions, serve: Callable[[ReportSink], Handler] | None
+) -> None:
     metrics = Metrics()
     daemon = Daemon(rc, options, metrics)
     server = (
@@ -791,7 +913,11 @@ def _serve(rc: Refcounter, options: WatchOptions, serve: Handler | None) -> None
         if options.metrics_addr
         else None
     )
-    commands = None if serve is None else CommandServer(rc.store.state_dir / SOCKET_NAME, serve)
+    commands = (
+        None
+        if serve is None
+        else CommandServer(rc.store.state_dir / SOCKET_NAME, serve(daemon.report_served))
+    )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
         rc.store.path,

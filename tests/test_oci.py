@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore
+from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
 from refcount.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -132,7 +132,17 @@ def test_an_index_that_is_not_a_complete_object_is_an_error_not_an_empty_store(d
     ],
 )
 def test_a_document_that_parses_but_is_not_an_image_index_is_refused(data: bytes, why: str) -> None:
-    with pytest.raises(InvalidStore, match=r"^index\.json: .*" + why):
+    with pytest.raises(InvalidStore, match=r"^index\.json: .*" + why) as caught:
+        parse_index(data)
+    # No write in progress looks like this: the daemon warns about it at once.
+    assert not isinstance(caught.value, UnparsableIndex)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b" \n", b"{", b'{"schemaVersion":2,"manifests":[', b"\xff\xfe", b"[]"]
+)
+def test_an_index_that_does_not_parse_as_an_object_may_be_a_write_in_progress(data: bytes) -> None:
+    with pytest.raises(UnparsableIndex, match=r"^index\.json: (empty|invalid JSON)"):
         parse_index(data)
 
 

@@ -17,6 +17,7 @@ the gc timer, and the event classification.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -46,8 +47,17 @@ from watchdog.events import (
 )
 
 import refcount
+import refcount.store as refcount_store
+import refcount.watch as refcount_watch
 from refcount.metrics import Health, InvalidAddress, Metrics, MetricsServer, parse_addr
-from refcount.watch import Daemon, Layout, PathSet, StoreEventHandler, WatchOptions
+from refcount.watch import (
+    Daemon,
+    Layout,
+    PathSet,
+    StoreEventHandler,
+    WatchOptions,
+    warning_delay,
+)
 
 DEADLINE = 10.0
 H = "0123456789abcdef" * 4  # a well-formed sha256 hex
@@ -135,6 +145,29 @@ def refcount_cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def served_cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`refcount --store S ARGS...`, which must be answered by the store's daemon.
+
+    With `-X importtime` the process lists what it imported: a client the
+    daemon answered never loads `refcount.cli` (tests/test_fastpath.py).
+    """
+    ran = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "refcount", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in ran.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "refcount.cli" not in imported, f"{args}: not answered by the daemon"
+    return ran
+
+
 def verify(store: Path) -> subprocess.CompletedProcess[str]:
     return refcount_cli(store, "verify")
 
@@ -160,14 +193,16 @@ def manifest_of(store: Path, tag: str) -> str:
 # The daemon as a subprocess
 # --------------------------------------------------------------------------
 class Watcher:
-    """`refcount --store S watch ...` with its log written to a file."""
+    """`refcount --store S [OPTIONS] watch ARGS...` with its log written to a file."""
 
-    def __init__(self, store: Path, log_path: Path, *args: str) -> None:
+    def __init__(
+        self, store: Path, log_path: Path, *args: str, options: Sequence[str] = ()
+    ) -> None:
         self.store = store
         self.log_path = log_path
         self._log_file: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in wait)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "refcount", "--store", str(store), "watch", *args],
+            [sys.executable, "-m", "refcount", "--store", str(store), *options, "watch", *args],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -213,9 +248,14 @@ def watch(tmp_path: Path) -> Iterator[Callable[..., Watcher]]:
     """Start daemons; each is killed at the end of the test if still running."""
     started: list[Watcher] = []
 
-    def start(store: Path, *args: str, wait: bool = True) -> Watcher:
+    def start(store: Path, *args: str, wait: bool = True, options: Sequence[str] = ()) -> Watcher:
         watcher = Watcher(
-            store, tmp_path / f"watch-{len(started)}.log", "--debounce", "0.05", *args
+            store,
+            tmp_path / f"watch-{len(started)}.log",
+            "--debounce",
+            "0.05",
+            *args,
+            options=options,
         )
         started.append(watcher)
         if wait:
@@ -337,6 +377,28 @@ def test_rm_of_a_referenced_layer_is_reported_missing_and_counts_stay(
     assert figures[("refcount_missing_detected_total", ())] == 1
 
 
+def test_a_missing_blob_put_back_is_logged_once_as_back_and_verify_is_clean(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    image = small_images(store, 2)[0]
+    watcher = watch(store)
+    layer = sorted(sk.graph(store)[image["digest"]] - {image["digest"]})[0]
+    path = sk.blob_path(store, layer)
+    data = path.read_bytes()
+
+    path.unlink()
+    watcher.wait_log(rf"{layer}: referenced blob is missing from blobs/")
+    wait_until(lambda: db_state(store, layer) == "missing", "the blob to be recorded missing")
+    path.write_bytes(data)
+    watcher.wait_log(rf"{layer}: missing blob is back in blobs/")
+    wait_until(lambda: db_state(store, layer) == "live", "the blob to be live again")
+
+    assert verify(store).returncode == 0
+    watcher.signal(signal.SIGTERM)  # every event of the rewrite is applied before it exits
+    assert watcher.wait(5) == 0
+    assert watcher.log().count(f"{layer}: missing blob is back") == 1
+
+
 # --------------------------------------------------------------------------
 # Bursts, partial writes, crashes
 # --------------------------------------------------------------------------
@@ -435,6 +497,122 @@ def test_index_json_written_slowly_in_pieces_frees_nothing(
     assert_equals_the_oracle(store)
 
 
+def rename_into_place(store: Path, data: bytes) -> None:
+    """Replace index.json as umoci does: a new file in the store, renamed over it."""
+    new = store / "index.json.new"
+    new.write_bytes(data)
+    os.rename(new, store / "index.json")
+
+
+def blobs_listing(store: Path) -> dict[str, tuple[int, str]]:
+    return {k: v for k, v in sk.listing(store).items() if k.startswith("blobs/")}
+
+
+def invalid_index_failures(address: str) -> float:
+    key = ("refcount_reconcile_failures_total", (("reason", "invalid_index"),))
+    return samples(scrape(address)[1])[key]
+
+
+NOT_AN_INDEX = [
+    (b"{}", "not an image index: schemaVersion is missing"),
+    (b'{"schemaVersion":2}', "not an image index: manifests is missing"),
+    (b'{"schemaVersion":3,"manifests":[]}', "not an image index: schemaVersion is 3, not 2"),
+    (b'{"schemaVersion":2,"manifests":"x"}', "manifests is not a list"),
+]
+
+
+def test_an_index_json_that_parses_but_is_not_an_image_index_frees_nothing_and_is_warned_about(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    """Each of these used to be read as "no roots": within 1.5 s blobs/ was empty."""
+    manifests = small_images(store, 4)
+    watcher = watch(
+        store, "--metrics-addr", "127.0.0.1:0", "--resync", "1h", options=("--trash-ttl", "0")
+    )
+    address = watcher.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+    good = (store / "index.json").read_bytes()
+    blobs = blobs_listing(store)
+
+    for data, why in NOT_AN_INDEX:
+        rename_into_place(store, data)
+        watcher.wait_log(rf"index\.json: {re.escape(why)}; nothing is applied")
+        tried = invalid_index_failures(address)
+        watcher.signal(signal.SIGHUP)  # a full reconcile, as --resync would run
+        wait_until(
+            lambda tried=tried: invalid_index_failures(address) >= tried + 2,
+            "a full reconcile to refuse the document",
+        )
+        assert blobs_listing(store) == blobs, data
+        assert trash(store) == set()
+        assert query(store, "SELECT count(*) FROM roots") == [(4,)]
+    assert not re.search(r"[1-9]\d* freed|roots \+\d+ -[1-9]", watcher.log())
+
+    rename_into_place(store, good)
+    watcher.wait_log(r"the store is valid again after \d+ s \(was: .*index\.json: ")
+    # The daemon is back at work: an outside edit is applied.
+    before = sk.reachable(store)
+    sk.remove_entries(store, lambda e: e["digest"] == manifests[0]["digest"])
+    gone = before - sk.reachable(store)
+    assert gone
+    wait_until(
+        lambda: not gone & sk.blob_files(store) and caught_up(store), "img0's blobs to be freed"
+    )
+    # Unlinked (--trash-ttl 0), or quarantined by the mass-deletion valve.
+    assert trash(store) <= gone
+    assert sk.blob_files(store) == sk.reachable(store)
+    assert verify(store).returncode == 0
+
+
+def test_an_invalid_index_is_warned_about_once_not_at_every_re_read(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 2)
+    watcher = watch(store, "--metrics-addr", "127.0.0.1:0")
+    address = watcher.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+    good = (store / "index.json").read_bytes()
+    warning = "index.json: not an image index: schemaVersion is missing; nothing is applied"
+
+    rename_into_place(store, b"{}")
+    watcher.wait_log(re.escape(warning))  # at once: no write in progress looks like {}
+    tried = invalid_index_failures(address)
+    wait_until(
+        lambda: invalid_index_failures(address) >= tried + 6,
+        "six more re-reads (about 5 s of backoff)",
+        timeout=30,
+    )
+    assert watcher.log().count(warning) == 1  # the next one is due 10 s after the first
+
+    rename_into_place(store, good)
+    watcher.wait_log(r"the store is valid again after \d+ s")
+    assert watcher.proc.poll() is None
+    watcher.signal(signal.SIGTERM)
+    assert watcher.wait(5) == 0
+    assert watcher.log().count(warning) == 1
+    assert watcher.log().count("valid again") == 1
+
+
+@pytest.mark.tools
+def test_umoci_rm_of_the_last_image_writes_null_manifests_and_the_daemon_frees_it(
+    shared: Path, watch: Callable[..., Watcher]
+) -> None:
+    watch(shared, options=("--trash-ttl", "0"))
+    for tag in ("a", "b"):
+        umoci("rm", "--image", f"{shared}:{tag}")
+        wait_until(lambda: caught_up(shared), f"the rm of {tag} to be applied")
+    last = sk.reachable(shared)
+    quarantined = trash(shared)
+
+    umoci("rm", "--image", f"{shared}:base")
+    assert sk.read_index(shared)["manifests"] is None  # a valid, empty image index
+    wait_until(lambda: not last & sk.blob_files(shared), "base's blobs to leave blobs/")
+    wait_until(lambda: caught_up(shared), "the database to hold the empty index")
+    # Unlinked (--trash-ttl 0), or quarantined: every root went in one change.
+    assert trash(shared) - quarantined <= last
+    assert query(shared, "SELECT count(*) FROM roots") == [(0,)]
+    assert db_counts(shared) == {}
+    assert verify(shared).returncode == 0
+
+
 def test_sigkill_mid_burst_then_changes_while_down_are_caught_up_on_restart(
     store: Path, watch: Callable[..., Watcher]
 ) -> None:
@@ -505,6 +683,60 @@ def test_a_second_watch_on_the_same_store_exits_2_with_a_message(
     assert first.proc.poll() is None
 
 
+def test_a_clean_stop_removes_watch_pid_and_a_kill_leaves_a_free_lock(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    pid_file = store / ".refcount" / "watch.pid"
+    watcher = watch(store)
+    assert pid_file.read_text() == f"{watcher.proc.pid}\n"
+    watcher.signal(signal.SIGTERM)
+    assert watcher.wait(5) == 0
+    assert not pid_file.exists()
+
+    killed = watch(store)
+    killed.kill()
+    assert pid_file.exists()  # nobody could remove it, and nobody holds its lock
+    again = watch(store)
+    assert pid_file.read_text() == f"{again.proc.pid}\n"
+
+
+def test_a_daemon_that_locks_a_removed_watch_pid_retries_on_the_file_now_there(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First stops (unlink, then close) between the second opening the old file and
+    locking it: the second must end up holding the file at the path, so that a
+    third daemon is refused instead of running beside it."""
+    first = refcount.open(store)
+    second = refcount.open(store)
+    third = refcount.open(store)
+    pid_file = store / ".refcount" / "watch.pid"
+    try:
+        held = first.store.hold_daemon_lock()
+        real_flock = refcount_store.fcntl.flock
+        calls: list[int] = []
+
+        def flock_after_the_first_stopped(fd: int, operation: int) -> None:
+            calls.append(fd)
+            if len(calls) == 1:  # the second has the old file open: now the first stops
+                first.store.release_daemon_lock(held)
+                assert not pid_file.exists()
+            real_flock(fd, operation)
+
+        monkeypatch.setattr(refcount_store.fcntl, "flock", flock_after_the_first_stopped)
+        lock = second.store.hold_daemon_lock()
+        monkeypatch.setattr(refcount_store.fcntl, "flock", real_flock)
+        assert len(calls) == 2  # locked the removed file, saw it, and tried again
+        assert os.fstat(lock).st_ino == pid_file.stat().st_ino
+        assert pid_file.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(refcount.StoreBusy):
+            third.store.hold_daemon_lock()
+        second.store.release_daemon_lock(lock)
+        assert not pid_file.exists()
+    finally:
+        for rc in (first, second, third):
+            rc.close()
+
+
 @pytest.mark.tools
 def test_sighup_runs_a_full_reconcile(shared: Path, watch: Callable[..., Watcher]) -> None:
     watcher = watch(shared, "--resync", "1h")
@@ -520,7 +752,7 @@ def test_sighup_runs_a_full_reconcile(shared: Path, watch: Callable[..., Watcher
 
     watcher.signal(signal.SIGHUP)
     wait_until(lambda: db_state(shared, layer) == "live", "the full reconcile to repair the row")
-    assert "full reconcile (SIGHUP)" in watcher.log()
+    watcher.wait_log(r"full reconcile \(SIGHUP\)")  # written just after the commit
     assert watcher.proc.poll() is None
     assert verify(shared).returncode == 0
 
@@ -565,6 +797,70 @@ def test_metrics_are_served_over_http_and_match_the_store(
     assert figures[("refcount_reconcile_duration_seconds_count", (("kind", "batch"),))] >= 1
     assert figures[("refcount_last_successful_reconcile_timestamp_seconds", ())] > 0
     assert scrape(address, "/nothing")[0] == 404
+
+
+def test_metrics_follow_the_commands_the_daemon_serves_without_a_sighup(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 4)
+    watcher = watch(store, "--metrics-addr", "127.0.0.1:0", "--resync", "1h")
+    address = watcher.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+    wait_until(lambda: (store / ".refcount" / "refcount.sock").exists(), "the command socket")
+    before = samples(scrape(address)[1])
+    assert before[("refcount_roots", ())] == 4
+    deleted = ("refcount_freed_blobs_total", (("reason", "deleted"),))
+    swept = ("refcount_freed_blobs_total", (("reason", "orphan"),))
+
+    served_cli(store, "delete", "tag", "img0", "--dry-run")  # counts nothing
+    report = json.loads(served_cli(store, "--json", "delete", "tag", "img1").stdout)
+    freed = len(report["freed"])
+    assert freed == 2  # img1's manifest and config; its layers are shared
+    figures = wait_until(
+        lambda: (found := samples(scrape(address)[1]))[("refcount_roots", ())] == 3 and found,
+        "the delete in the metrics",
+    )
+    assert figures[deleted] == before.get(deleted, 0) + freed
+    assert (
+        figures[("refcount_freed_bytes_total", (("reason", "deleted"),))] == (report["freed_bytes"])
+    )
+    assert figures[("refcount_quarantined_blobs", ())] == freed
+    assert figures[("refcount_quarantined_bytes", ())] == report["freed_bytes"]
+    assert figures[("refcount_live_blobs", ())] == len(sk.reachable(store))
+
+    orphan = sk.write_blob(store, b"an abandoned upload", "application/octet-stream")
+    wait_until(
+        lambda: samples(scrape(address)[1])[("refcount_orphan_blobs", ())] == 1,
+        "the daemon to record the orphan",
+    )
+    served_cli(store, "gc", "--grace", "0s")
+    figures = wait_until(
+        lambda: (
+            (found := samples(scrape(address)[1]))[("refcount_orphan_blobs", ())] == 0 and found
+        ),
+        "the gc in the metrics",
+    )
+    assert orphan["digest"] not in sk.blob_files(store)
+    assert figures[swept] == before.get(swept, 0) + 1
+    assert figures[deleted] == before.get(deleted, 0) + freed
+
+    # A delete the daemon did not serve: no report reaches it, but the batch of
+    # its index.json rewrite refreshes the gauges (its frees are not counted).
+    ran = subprocess.run(
+        [sys.executable, "-m", "refcount", "--store", str(store), "delete", "tag", "img2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "REFCOUNT_NO_DAEMON": "1"},
+    )
+    assert ran.returncode == 0, ran.stderr
+    figures = wait_until(
+        lambda: (found := samples(scrape(address)[1]))[("refcount_roots", ())] == 2 and found,
+        "the gauges after a delete the daemon did not serve",
+    )
+    assert figures[("refcount_quarantined_blobs", ())] == len(trash(store)) > freed
+    assert figures[deleted] == before.get(deleted, 0) + freed
+    assert "full reconcile (SIGHUP)" not in watcher.log()
 
 
 def test_a_bad_metrics_address_is_refused_with_exit_2(store: Path) -> None:
@@ -686,6 +982,76 @@ def test_an_unparsable_index_is_retried_never_read_as_no_roots(
         "refcount_reconcile_failures_total", {"reason": "invalid_index"}
     )
     assert failures is not None and failures >= 1
+
+
+def test_the_warnings_about_an_invalid_store_come_with_doubling_gaps_up_to_a_cap() -> None:
+    assert warning_delay(0, first=10.0, gap=10.0, cap=600.0) == 10.0  # unparsable: wait
+    assert warning_delay(0, first=0.0, gap=10.0, cap=600.0) == 0.0  # not an index: at once
+    gaps = [warning_delay(n, first=0.0, gap=10.0, cap=600.0) for n in range(1, 9)]
+    assert gaps == [10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0, 600.0]
+    assert warning_delay(10**6, first=0.0, gap=10.0, cap=600.0) == 600.0
+
+
+def test_an_unparsable_index_is_warned_about_after_a_delay_then_less_and_less_often(
+    store: Path,
+    daemon: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The schedule, scaled down: first warning after 0.4 s, then gaps of 0.4 s and
+    # 0.8 s (the cap), with a re-read every 50 ms meanwhile.
+    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_AFTER", 0.4)
+    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_MAX", 0.8)
+    monkeypatch.setattr(refcount_watch, "RETRY_MAX", 0.05)
+    small_images(store, 2)
+    running = daemon()
+    files = sk.blob_files(store)
+    good = (store / "index.json").read_bytes()
+
+    def lines(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, "refcount.watch"):
+        seen = running.seen_epoch
+        written = time.time()
+        (store / "index.json").write_bytes(good[: len(good) // 2])  # caught mid-write
+        assert running.wait_seen(seen)
+        wait_until(lambda: len(lines("nothing is applied")) >= 4, "four warnings")
+        warnings = lines("nothing is applied")[:4]
+        assert {r.levelno for r in warnings} == {logging.WARNING}
+        assert "index.json: invalid JSON" in warnings[0].getMessage()
+        times = [written] + [r.created for r in warnings]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        slack = 0.02  # record times are wall-clock, the schedule monotonic
+        assert all(
+            gap >= least - slack for gap, least in zip(gaps, [0.4, 0.4, 0.8, 0.8], strict=True)
+        )
+        assert len(lines("re-reading shortly")) >= 10  # while re-reads went on
+        assert sk.blob_files(store) == files
+
+        rename_into_place(store, good)  # not in place: that could be caught empty
+        assert running.wait_applied()
+        back = lines("the store is valid again after")
+    assert len(back) == 1 and back[0].levelno == logging.INFO
+    assert "(was: " in back[0].getMessage() and "index.json: invalid JSON" in back[0].getMessage()
+    assert sk.blob_files(store) == files and trash(store) == set()
+
+
+def test_a_write_caught_in_progress_is_no_warning_and_its_end_no_info_line(
+    store: Path, daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    small_images(store, 2)
+    running = daemon()
+    good = (store / "index.json").read_bytes()
+    with caplog.at_level(logging.INFO, "refcount.watch"):
+        seen = running.seen_epoch
+        (store / "index.json").write_bytes(b"")
+        assert running.wait_seen(seen)
+        assert not running.wait_applied(timeout=0.5)
+        (store / "index.json").write_bytes(good + b"\n")
+        assert running.wait_applied()
+    assert "nothing is applied" not in caplog.text
+    assert "valid again" not in caplog.text
 
 
 def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
