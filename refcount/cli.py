@@ -68,12 +68,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
+    # Plain Click help: options read `--store DIR` and `--json`, not rich's
+    # `<path>` and `<bool>` columns, and nothing is cut at 80 columns.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 delete_app = typer.Typer(
-    help="Remove index.json entries and free what nothing else needs.", no_args_is_help=True
+    help="Remove index.json entries and free what nothing else needs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Schema migrations (Alembic).", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Schema migrations (Alembic).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(delete_app, name="delete")
 app.add_typer(db_app, name="db")
 
@@ -126,40 +133,79 @@ DryRun = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"refcount {_package_version()}")
+        raise typer.Exit(0)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("refcount")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 @app.callback()
 def configure(
     ctx: typer.Context,
     store: Annotated[
-        Path, typer.Option(envvar="REFCOUNT_STORE", help="The OCI layout directory.")
+        Path,
+        typer.Option(envvar="REFCOUNT_STORE", metavar="DIR", help="The OCI layout directory."),
     ] = Path("."),
     db: Annotated[
         str | None,
         typer.Option(
-            envvar="REFCOUNT_DB", help="SQLAlchemy URL; default STORE/.refcount/refcount.db."
+            envvar="REFCOUNT_DB",
+            metavar="URL",
+            help="SQLAlchemy URL; default sqlite:///STORE/.refcount/refcount.db.",
         ),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, show_default=False, help="More logging (-vv for debug)."
+        ),
     ] = 0,
     trash_ttl: Annotated[
         str,
-        typer.Option(help="How long freed blobs stay in .refcount/trash/ (0 = unlink at once)."),
+        typer.Option(
+            metavar="DURATION",
+            help="How long freed blobs stay in .refcount/trash/ (0 = unlink at once).",
+        ),
     ] = "10m",
     grace: Annotated[
-        str, typer.Option(help="Age before an orphan blob may be swept by gc.")
+        str,
+        typer.Option(metavar="DURATION", help="Age before an orphan blob may be swept by gc."),
     ] = "1h",
     keep_referrers: Annotated[
-        bool, typer.Option(help="Keep untagged referrers whose subject is freed.")
+        bool,
+        typer.Option("--keep-referrers", help="Keep untagged referrers whose subject is freed."),
     ] = False,
     keep_untagged: Annotated[
-        bool, typer.Option(help="Keep untagged entries only the deleted image reached.")
+        bool,
+        typer.Option(
+            "--keep-untagged", help="Keep untagged entries only the deleted image reached."
+        ),
     ] = False,
-    max_manifest: Annotated[int, typer.Option(help="Largest manifest parsed, in bytes.")] = 4
-    * 1024
-    * 1024,
+    max_manifest: Annotated[
+        int, typer.Option(metavar="BYTES", help="Largest manifest parsed, in bytes.")
+    ] = 4 * 1024 * 1024,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            expose_value=False,
+            callback=_print_version,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Reference counts for an OCI image layout."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -200,17 +246,17 @@ def init(ctx: typer.Context) -> None:
         render(ctx, rc.init())
 
 
-@app.command()
+@app.command(short_help="Reconcile the database with the disk once.")
 def sync(ctx: typer.Context) -> None:
     """Reconcile the database with the disk once, applying only the differences."""
     with _settings(ctx).counter() as rc:
         render(ctx, rc.sync())
 
 
-@delete_app.command("tag")
+@delete_app.command("tag", short_help="Remove the entries tagged REF; free what reaches zero.")
 def delete_tag(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="The tag.")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="The tag.")],
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry tagged REF; free what reaches zero.
@@ -223,10 +269,12 @@ def delete_tag(
         render(ctx, rc.delete_tag(ref, dry_run=dry_run))
 
 
-@delete_app.command("manifest")
+@delete_app.command(
+    "manifest", short_help="Remove the entries pointing at DIGEST; free what reaches zero."
+)
 def delete_manifest(
     ctx: typer.Context,
-    digest: Annotated[str, typer.Argument(help="sha256:...")],
+    digest: Annotated[str, typer.Argument(metavar="DIGEST", help="sha256:...")],
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
@@ -234,12 +282,17 @@ def delete_manifest(
         render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
 
 
-@app.command()
+@app.command(short_help="Recount from scratch and compare with the database.")
 def verify(
     ctx: typer.Context,
-    deep: Annotated[bool, typer.Option(help="Also hash every blob and check sizes.")] = False,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also hash every blob and check sizes.")
+    ] = False,
     repair: Annotated[
-        bool, typer.Option(help="Rewrite the database to match the disk (never deletes content).")
+        bool,
+        typer.Option(
+            "--repair", help="Rewrite the database to match the disk (never deletes content)."
+        ),
     ] = False,
 ) -> None:
     """Recount from scratch and compare with the database; exit 1 on any disagreement."""
@@ -255,7 +308,8 @@ def gc(
     ctx: typer.Context,
     dry_run: DryRun = False,
     grace: Annotated[
-        str | None, typer.Option(help="Override the orphan grace period, e.g. 10m.")
+        str | None,
+        typer.Option(metavar="DURATION", help="Override the orphan grace period, e.g. 10m."),
     ] = None,
 ) -> None:
     """Sweep orphans older than the grace period; purge expired trash."""
@@ -272,31 +326,60 @@ def tags(ctx: typer.Context) -> None:
 
 @app.command()
 def show(
-    ctx: typer.Context, ref: Annotated[str, typer.Argument(help="A digest or a tag.")]
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="DIGEST|REF", help="A digest or a tag.")],
 ) -> None:
     """Count, state, parents (why it is alive) and children of a blob."""
     with _settings(ctx).counter() as rc:
         render(ctx, rc.show(ref))
 
 
-@app.command()
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: str) -> str:
+    if value not in LOG_FORMATS:
+        raise typer.BadParameter(f"{value!r}: not a log format; use text or json")
+    return value
+
+
+@app.command(short_help="Run as a daemon beside the store: watch, reconcile, free.")
 def watch(
     ctx: typer.Context,
     debounce: Annotated[
         float,
-        typer.Option(help="Quiet period after the last event before a batch is applied, seconds."),
+        typer.Option(
+            metavar="SECONDS",
+            help="Quiet period after the last event before a batch is applied, seconds.",
+        ),
     ] = 0.1,
     resync: Annotated[
-        str, typer.Option(help="Interval between full reconciles that catch missed events.")
+        str,
+        typer.Option(
+            metavar="DURATION", help="Interval between full reconciles that catch missed events."
+        ),
     ] = "5m",
     gc_interval: Annotated[
         str,
-        typer.Option(help="Interval between sweeps of orphans past --grace and expired trash."),
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between sweeps of orphans past --grace and expired trash.",
+        ),
     ] = "5m",
     metrics_addr: Annotated[
-        str | None, typer.Option(help="HOST:PORT for /metrics and /healthz (default off).")
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT", help="HOST:PORT for /metrics and /healthz (default off)."
+        ),
     ] = None,
-    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            metavar="text|json",
+            callback=_log_format,
+            help="text, or json: one JSON object per line.",
+        ),
+    ] = "text",
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
     reconcile fully)."""
@@ -489,6 +572,12 @@ def _run(argv: list[str] | None) -> int:
         typer.echo("refcount: interrupted", err=True)
         return 130
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `refcount`, `refcount delete`
+            # Click's message is the help itself (empty when rich printed it):
+            # the help is the answer, not an error line.
+            if exc.format_message():
+                typer.echo(exc.format_message())
+            return 2
         typer.echo(f"refcount: error: {exc.format_message()}", err=True)
         code: int = getattr(exc, "exit_code", 2)
         return code

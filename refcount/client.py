@@ -48,9 +48,7 @@ INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
 SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
 """refcount.cli.SERVED_COMMANDS: what the daemon runs for a client."""
 _VALUE_OPTIONS = frozenset({"--store", "--db", "--trash-ttl", "--grace", "--max-manifest"})
-_FLAG_OPTIONS = frozenset(
-    {"--json", "--keep-referrers", "--no-keep-referrers", "--keep-untagged", "--no-keep-untagged"}
-)
+_FLAG_OPTIONS = frozenset({"--json", "--keep-referrers", "--keep-untagged"})
 
 
 class _NotSent(Exception):

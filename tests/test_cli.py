@@ -219,3 +219,101 @@ def test_the_direct_delete_path_imports_sqlalchemy_core_only(images: Path) -> No
     )
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+# --- help, version and usage ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "usage"), [([], "refcount"), (["delete"], "refcount delete")])
+def test_no_command_prints_the_help_on_stdout_and_exits_2_without_an_error_line(
+    cli: Cli, args: list[str], usage: str
+) -> None:
+    result = cli(*args)
+    assert result.code == 2
+    assert result.out.startswith(f"Usage: {usage} [OPTIONS] COMMAND [ARGS]...\n")
+    assert result.err == ""
+
+
+def test_version_prints_the_package_version_without_a_store(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import version
+
+    monkeypatch.setenv("REFCOUNT_STORE", str(tmp_path / "nowhere"))
+    result = cli("--version")
+    assert (result.code, result.out, result.err) == (0, f"refcount {version('refcount')}\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_through_the_console_entry_point(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "refcount", "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        f"refcount {version('refcount')}\n",
+        "",
+    )
+
+
+def test_help_names_each_option_with_its_value_and_fits_80_columns(cli: Cli) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    for placeholder in ("<bool>", "<int>", "<str>", "<path>", "…"):
+        assert placeholder not in result.out
+    assert all(len(line) <= 80 for line in result.out.splitlines())
+    for option in (
+        "--store DIR ",
+        "--db URL ",
+        "--json ",
+        "-v, --verbose ",
+        "--trash-ttl DURATION ",
+        "--grace DURATION ",
+        "--keep-referrers ",
+        "--keep-untagged ",
+        "--max-manifest BYTES ",
+        "--version ",
+    ):
+        assert f"\n  {option}" in result.out, option
+    assert "sqlite:///STORE/.refcount/refcount.db" in result.out
+    assert "--no-" not in result.out and "[default: 0]" not in result.out
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        (["verify"], ["--deep ", "--repair "]),
+        (["gc"], ["-n, --dry-run ", "--grace DURATION "]),
+        (["delete", "tag"], ["-n, --dry-run "]),
+        (
+            ["watch"],
+            [
+                "--debounce SECONDS ",
+                "--resync DURATION ",
+                "--gc-interval DURATION ",
+                "--metrics-addr HOST:PORT ",
+                "--log-format text|json ",
+            ],
+        ),
+    ],
+)
+def test_command_help_shows_flags_as_flags(
+    cli: Cli, command: list[str], options: list[str]
+) -> None:
+    result = cli(*command, "--help")
+    assert result.code == 0
+    for option in options:
+        assert f"\n  {option}" in result.out, option
+    assert "<bool>" not in result.out and "--no-" not in result.out
+
+
+def test_an_unknown_log_format_is_a_usage_error(cli: Cli, tmp_path: Path) -> None:
+    result = cli("--store", tmp_path, "watch", "--log-format", "yaml")
+    assert result.code == 2
+    one_error_line(result.err, "--log-format", "'yaml': not a log format; use text or json")
+    assert list(tmp_path.iterdir()) == []

@@ -431,7 +431,7 @@ def test_the_client_agrees_with_the_modules_it_cannot_import() -> None:
     # Every global option of the CLI is known to the client's parser: one taking a
     # value, a flag, or one that makes the client run the command itself.
     command = typer.main.get_command(cli.app)
-    direct = {"-v", "--verbose", "-h", "--help"}
+    direct = {"-v", "--verbose", "-h", "--help", "--version"}
     for param in command.params:
         names = {*param.opts, *param.secondary_opts}
         takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
@@ -476,6 +476,7 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         (["delete", "tag", "-h"], {}),
         ([], {}),
         (["--store"], {}),
+        (["--version"], {}),
         (["--db", "sqlite:///relative.db", "tags"], {}),
         (["tags"], {"REFCOUNT_DB": "sqlite+pysqlite:///relative.db"}),
     ]:
