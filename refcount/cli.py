@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 import typer
 
+from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, normalise
 from refcount.core import Refcounter
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
@@ -561,8 +562,9 @@ def _command() -> Any:
 
 def _run(argv: list[str] | None) -> int:
     """Run one command: the one place errors become messages and exit codes."""
+    args = normalise(sys.argv[1:] if argv is None else argv)
     try:
-        result = _command().main(args=argv, standalone_mode=False, prog_name="refcount")
+        result = _command().main(args=args, standalone_mode=False, prog_name="refcount")
         return result if isinstance(result, int) else 0
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
@@ -578,7 +580,7 @@ def _run(argv: list[str] | None) -> int:
             if exc.format_message():
                 typer.echo(exc.format_message())
             return 2
-        typer.echo(f"refcount: error: {exc.format_message()}", err=True)
+        typer.echo(f"refcount: error: {_usage_message(exc)}", err=True)
         code: int = getattr(exc, "exit_code", 2)
         return code
     except Exception as exc:
@@ -588,6 +590,16 @@ def _run(argv: list[str] | None) -> int:
             err=True,
         )
         return INTERNAL_ERROR
+
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """Click's message, and where a global option goes when one is misplaced
+    (`sync --grace 1h`: gc's own --grace is the only one after a command)."""
+    message = exc.format_message()
+    option = getattr(exc, "option_name", None)
+    if option in GLOBAL_VALUE_OPTIONS or option in GLOBAL_FLAGS:
+        message += f" ({option} is a global option: write it before the command)"
+    return message
 
 
 # --- commands run inside the daemon ----------------------------------------------

@@ -317,3 +317,69 @@ def test_an_unknown_log_format_is_a_usage_error(cli: Cli, tmp_path: Path) -> Non
     assert result.code == 2
     one_error_line(result.err, "--log-format", "'yaml': not a log format; use text or json")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- global options after the command ---------------------------------------------------------
+
+
+def test_global_options_may_follow_the_command(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    before = cli("--store", images, "--json", "tags")
+    after = cli("tags", "--store", images, "--json")
+    assert after.code == 0 and after.out == before.out
+    dry = cli("delete", "tag", "a", "--store", images, "--dry-run", "-v", "--keep-untagged")
+    assert dry.code == 0 and dry.out.startswith("would remove 1 index.json entr")
+    assert [tag_of(e) for e in read_index(images)["manifests"]] == ["a", "b"]
+
+
+def test_a_global_option_that_a_command_cannot_take_says_where_it_goes(
+    cli: Cli, images: Path
+) -> None:
+    cli("--store", images, "init")
+    result = cli("--store", images, "sync", "--grace", "1h")
+    assert result.code == 2
+    one_error_line(
+        result.err,
+        "No such option: --grace",
+        "--grace is a global option: write it before the command",
+    )
+
+
+def test_only_options_no_command_defines_are_moved() -> None:
+    """`refcount.argv` knows every global option, and every command option taking a
+    value, of the Typer app; gc's --grace stays gc's."""
+    import typer
+
+    from refcount import argv, cli
+
+    group = typer.main.get_command(cli.app)
+    own: set[str] = set()
+    taking_value: set[str] = set()
+
+    def walk(command: object) -> None:
+        for param in getattr(command, "params", []):
+            if param.param_type_name != "option":
+                continue
+            names = {*param.opts, *param.secondary_opts}
+            own.update(names)
+            if not param.is_flag and not param.count:
+                taking_value.update(names)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    for sub in group.commands.values():  # type: ignore[attr-defined]
+        walk(sub)
+    for param in group.params:
+        names = {*param.opts, *param.secondary_opts} - {"-h", "--help", "--version", "-v"}
+        assert names <= argv.GLOBAL_VALUE_OPTIONS | argv.GLOBAL_FLAGS, names
+    assert taking_value == argv.COMMAND_VALUE_OPTIONS
+    assert not own & (argv.MOVABLE_VALUE_OPTIONS | argv.GLOBAL_FLAGS | {"-v"})
+    assert argv.normalise(["gc", "--grace", "1h", "--json"]) == ["--json", "gc", "--grace", "1h"]
+    assert argv.normalise(["watch", "--log-format", "--json"]) == [
+        "watch",
+        "--log-format",
+        "--json",
+    ]
+    assert argv.normalise(["delete", "tag", "--", "--json"]) == ["delete", "tag", "--", "--json"]
+    assert argv.normalise(["--store", "tags", "sync", "-vv"]) == ["--store", "tags", "-vv", "sync"]
+    assert argv.normalise(["tags", "--store"]) == ["tags", "--store"]

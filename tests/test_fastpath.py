@@ -291,6 +291,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
     assert {m for m in ran.imported if m.startswith("refcount")} == {
         "refcount",
         "refcount.client",
+        "refcount.argv",
         "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 
@@ -451,6 +452,20 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         "a",
     ]
     assert build(["--store=x", "--store", "y", "gc"], {})[:2] == ["--store", os.path.abspath("y")]
+    assert build(["tags", "--store", "x", "--json"], {}) == [
+        "--store",
+        os.path.abspath("x"),
+        "--json",
+        "tags",
+    ]
+    assert build(["delete", "tag", "--store=x", "a", "--keep-untagged"], {}) == [
+        "--store",
+        os.path.abspath("x"),
+        "--keep-untagged",
+        "delete",
+        "tag",
+        "a",
+    ]
     assert build(["--grace", "1h", "gc"], env) == ["--store", str(tmp_path), "--grace=1h", "gc"]
     assert build(["sync"], {**env, "REFCOUNT_DB": "postgresql://h/db"}) == [
         "--store",
@@ -477,6 +492,7 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         ([], {}),
         (["--store"], {}),
         (["--version"], {}),
+        (["tags", "-v"], {}),
         (["--db", "sqlite:///relative.db", "tags"], {}),
         (["tags"], {"REFCOUNT_DB": "sqlite+pysqlite:///relative.db"}),
     ]:
