@@ -48,6 +48,7 @@ from refcount.reports import (
     VerifyReport,
     to_json,
 )
+from refcount.units import human_size, plural
 
 log = logging.getLogger("refcount")
 
@@ -432,26 +433,36 @@ def render(ctx: typer.Context, report: Any) -> None:
 
 
 def _size(n: int | None) -> str:
-    return "?" if n is None else f"{n} B"
+    """Sizes in text: binary units (`492 KiB`); `--json` keeps exact bytes."""
+    return human_size(n)
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells, each column as wide as its widest cell (the last one unpadded)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _text(report: Any) -> list[str]:
     if isinstance(report, DeleteReport):
         verb = ("would remove", "would free") if report.dry_run else ("removed", "freed")
-        lines = [f"{verb[0]} {len(report.removed)} index.json entries:"]
-        lines += [f"  {e.tag or '(untagged)'}  {e.digest}" for e in report.removed]
-        lines.append(f"{verb[1]} {len(report.freed)} blobs, {report.freed_bytes} bytes:")
-        lines += [
-            f"  {b.digest}  {_size(b.size)}  {b.media_type or ''}".rstrip() for b in report.freed
-        ]
+        entries = plural(len(report.removed), "index.json entry", "index.json entries")
+        lines = [f"{verb[0]} {entries}:"]
+        lines += _columns([["", e.tag or "(untagged)", e.digest] for e in report.removed])
+        freed = f"{verb[1]} {plural(len(report.freed), 'blob')}, {_size(report.freed_bytes)}"
+        lines.append(freed + (":" if report.freed else ""))
+        lines += _columns([["", b.digest, _size(b.size), b.media_type or ""] for b in report.freed])
         return lines
     if isinstance(report, SyncReport):
         lines = [
             f"roots +{report.roots_added} -{report.roots_removed}; "
-            f"{report.became_live} blobs became live; "
-            f"{len(report.freed)} freed ({report.freed_bytes} bytes); "
+            f"{plural(report.became_live, 'blob')} became live; "
+            f"{len(report.freed)} freed ({_size(report.freed_bytes)}); "
             f"{len(report.restored)} restored; {len(report.missing)} missing; "
-            f"{len(report.orphans)} new orphans"
+            f"{plural(len(report.orphans), 'new orphan')}"
         ]
         lines += [f"missing: {d}" for d in report.missing]
         lines += [f"skipped: {p}" for p in report.problems]
@@ -461,13 +472,16 @@ def _text(report: Any) -> list[str]:
     if isinstance(report, GcReport):
         sweep, purge = ("would sweep", "would purge") if report.dry_run else ("swept", "purged")
         lines = [
-            f"{sweep} {len(report.swept)} orphans, {purge} {len(report.purged)} trashed blobs, "
-            f"{report.freed_bytes} bytes"
+            f"{sweep} {plural(len(report.swept), 'orphan')}, "
+            f"{purge} {plural(len(report.purged), 'trashed blob')}, {_size(report.freed_bytes)}"
         ]
-        lines += [
-            f"  orphan {a.digest}  {a.size} B  {a.age_seconds:.0f}s old" for a in report.swept
-        ]
-        lines += [f"  trash  {a.digest}  {a.size} B" for a in report.purged]
+        lines += _columns(
+            [
+                ["", "orphan", a.digest, _size(a.size), f"{a.age_seconds:.0f}s old"]
+                for a in report.swept
+            ]
+            + [["", "trash", a.digest, _size(a.size), ""] for a in report.purged]
+        )
         return lines
     if isinstance(report, list):
         return _tags_text(report)
@@ -476,7 +490,7 @@ def _text(report: Any) -> list[str]:
             f"digest:     {report.digest}",
             f"count:      {report.count}",
             f"state:      {report.state}",
-            f"size:       {_size(report.size)}",
+            f"size:       {_exact_size(report.size)}",
             f"media type: {report.media_type or '?'}",
         ]
         if report.tags:
@@ -491,6 +505,12 @@ def _text(report: Any) -> list[str]:
     raise TypeError(f"no renderer for {type(report).__name__}")
 
 
+def _exact_size(n: int | None) -> str:
+    """One blob's size: human, and the exact bytes when they differ (`1.2 KiB (1234 B)`)."""
+    text = _size(n)
+    return text if n is None or n < 1024 else f"{text} ({n} B)"
+
+
 def _verify_text(report: VerifyReport) -> list[str]:
     repaired = " (repaired)" if report.repaired else ""
     lines = [
@@ -502,11 +522,13 @@ def _verify_text(report: VerifyReport) -> list[str]:
     lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]
     lines += [f"corrupt {c.digest}: {c.reason}" for c in report.corrupt]
     lines += [f"problem {p}" for p in report.problems]
-    lines += [f"orphan {a.digest}: {a.size} B, {a.age_seconds:.0f}s old" for a in report.orphans]
-    lines += [f"quarantined {a.digest}: {a.size} B" for a in report.quarantined]
+    lines += [
+        f"orphan {a.digest}: {_size(a.size)}, {a.age_seconds:.0f}s old" for a in report.orphans
+    ]
+    lines += [f"quarantined {a.digest}: {_size(a.size)}" for a in report.quarantined]
     status = "OK" if report.ok else "FAILED"
     lines.append(
-        f"{status}: {report.roots} roots, {report.live} live blobs"
+        f"{status}: {plural(report.roots, 'root')}, {plural(report.live, 'live blob')}"
         + (", content hashed" if report.deep else "")
     )
     return lines

@@ -34,7 +34,7 @@ def test_delete_tag_prints_what_it_removed_and_freed(cli: Cli, images: Path) -> 
     assert cli("--store", images, "init").code == 0
     result = cli("--store", images, "delete", "tag", "a")
     assert result.code == 0
-    assert result.out.startswith("removed 1 index.json entries:\n  a  sha256:")
+    assert result.out.startswith("removed 1 index.json entry:\n  a  sha256:")
     assert "freed 3 blobs" in result.out
     assert [tag_of(e) for e in read_index(images)["manifests"]] == ["b"]
     assert cli("--store", images, "verify").code == 0
@@ -383,3 +383,62 @@ def test_only_options_no_command_defines_are_moved() -> None:
     assert argv.normalise(["delete", "tag", "--", "--json"]) == ["delete", "tag", "--", "--json"]
     assert argv.normalise(["--store", "tags", "sync", "-vv"]) == ["--store", "tags", "-vv", "sync"]
     assert argv.normalise(["tags", "--store"]) == ["tags", "--store"]
+
+
+# --- sizes and counted nouns ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (None, "?"),
+        (0, "0 B"),
+        (503, "503 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1229, "1.2 KiB"),
+        (10189, "10 KiB"),
+        (503710, "492 KiB"),
+        (1048575, "1.0 MiB"),
+        (1258291, "1.2 MiB"),
+        (3 * 2**30, "3.0 GiB"),
+        (5 * 2**40, "5.0 TiB"),
+    ],
+)
+def test_human_sizes_are_binary_units(size: int | None, text: str) -> None:
+    from refcount.units import human_size
+
+    assert human_size(size) == text
+
+
+def test_counted_nouns_agree_with_their_number() -> None:
+    from refcount.units import plural
+
+    assert plural(1, "blob") == "1 blob"
+    assert plural(0, "blob") == "0 blobs"
+    assert plural(1, "index.json entry", "index.json entries") == "1 index.json entry"
+    assert plural(2, "index.json entry", "index.json entries") == "2 index.json entries"
+
+
+def test_text_reports_show_human_sizes_and_json_exact_bytes(cli: Cli, store: Path) -> None:
+    add_image(store, [b"base", b"x" * 503000], tag="big", config=b'{"a":1}')
+    add_image(store, [b"base", b"b"], tag="small", config=b'{"b":1}')
+    cli("--store", store, "init")
+    tags = cli("--store", store, "--json", "tags").json()
+    big = tags[0]
+    image = json.loads(cli("--store", store, "--json", "show", "big").out)
+    expected = image["size"] + sum(
+        (store / "blobs" / "sha256" / c["digest"].split(":")[1]).stat().st_size
+        for c in image["children"]
+    )
+    assert big["size"] == expected and isinstance(big["size"], int)
+    text = cli("--store", store, "tags").out.splitlines()
+    assert text[1].endswith(f"{big['digest']}  492 KiB")
+    assert text[2].endswith(f"  {tags[1]['size']} B")
+    deleted = cli("--store", store, "delete", "tag", "big").out.splitlines()
+    assert deleted[0] == "removed 1 index.json entry:"
+    assert deleted[2] == "freed 3 blobs, 492 KiB:"
+    layer = "sha256:" + __import__("hashlib").sha256(b"x" * 503000).hexdigest()
+    assert f"  {layer}  491 KiB  application/vnd.oci.image.layer.v1.tar" in deleted
+    report = cli("--store", store, "verify").out.splitlines()
+    assert f"quarantined {layer}: 491 KiB" in report and report[-1] == "OK: 1 root, 4 live blobs"

@@ -224,9 +224,9 @@ def test_the_acceptance_cases_answer_identically_through_the_daemon_and_directly
     assert code == 0 and out.startswith("OK: ")
 
     code, out, _ = both(pair, "delete", "tag", "b:1", "--dry-run")
-    assert code == 0 and out.startswith("would remove 1 index.json entries:")
+    assert code == 0 and out.startswith("would remove 1 index.json entry:")
     code, out, _ = both(pair, "delete", "tag", "b:1")
-    assert code == 0 and out.startswith("removed 1 index.json entries:")
+    assert code == 0 and out.startswith("removed 1 index.json entry:")
     code, out, _ = both(pair, "--json", "delete", "tag", "multi:1")
     assert code == 0 and json.loads(out)["freed"]
     code, out, _ = both(pair, "delete", "manifest", manifest_a, "--dry-run")
