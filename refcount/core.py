@@ -634,11 +634,45 @@ class Refcounter:
         return report
 
     def _explain_not_found(self, snapshot: IndexSnapshot, target: str, what: str) -> NoReturn:
-        for problem in parse_index(snapshot.data, str(self.store.index_path)).problems:
+        index = parse_index(snapshot.data, str(self.store.index_path))
+        for problem in index.problems:
             if problem.tag == target:
                 raise InvalidStore(str(problem))
+        kind = what.split()[0]
+        if kind == "tag" and not target:
+            raise NotFound("empty tag: name a tag (see refcount tags)")
         shown = target if target.isprintable() else ascii(target)
-        raise NotFound(f"{shown}: no such {what.split()[0]} in {self.store.index_path}")
+        hint = None
+        if kind == "tag":
+            hint = self._tag_hint(target, {r.tag for r in index.roots}, "delete tag")
+        raise NotFound(
+            f"{shown}: no such {kind} in {self.store.index_path}" + (f"; {hint}" if hint else "")
+        )
+
+    def _tag_hint(self, ref: str, tags: set[str | None], command: str) -> str | None:
+        """What the user may have meant by a tag that does not exist, or None.
+
+        A digest given as a tag (`delete tag sha256:...`), and umoci's
+        `LAYOUT:TAG` form: `L:b` where L is this store (by path or by name) and b
+        one of its tags, or L another directory holding an OCI layout.
+        """
+        prefix, colon, rest = ref.partition(":")
+        if not colon or not rest or not ref.isprintable():
+            return None
+        if prefix in ("sha256", "sha512"):
+            return (
+                f"to delete by digest: refcount delete manifest {ref}"
+                if command == "delete tag"
+                else None
+            )
+        try:
+            here = prefix == self.store.path.name or Path(prefix).resolve() == self.store.path
+            elsewhere = not here and (Path(prefix) / "oci-layout").is_file()
+        except (OSError, ValueError):
+            return None
+        if (here and rest in tags) or elsewhere:
+            return f"did you mean: refcount --store {prefix} {command} {rest}?"
+        return None
 
     def _rewrite_index(self, repo: Repo, snapshot: IndexSnapshot, removed: list[RootRow]) -> None:
         """Cut the removed entries out of index.json's bytes and replace the file.
@@ -974,6 +1008,8 @@ class Refcounter:
             return 0 if row is None else row.count
 
     def _resolve(self, repo: Repo, ref: str) -> str:
+        if not ref:
+            raise NotFound("empty tag: name a tag or a digest (see refcount tags)")
         if not usable_tag(ref):
             raise NotFound(f"{ref!a}: no such tag in {self.store.index_path}")
         if ":" in ref and ref.split(":", 1)[0] in ("sha256", "sha512"):
@@ -983,7 +1019,10 @@ class Refcounter:
             try:
                 return str(Digest.parse(ref))
             except InvalidDigest:
-                raise NotFound(f"{ref}: no such tag in {self.store.index_path}") from None
+                hint = self._tag_hint(ref, {r.tag for r in repo.roots()}, "show")
+                raise NotFound(
+                    f"{ref}: no such tag in {self.store.index_path}" + (f"; {hint}" if hint else "")
+                ) from None
         return roots[0].digest
 
     def sync_roots(self) -> None:

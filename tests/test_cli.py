@@ -442,3 +442,53 @@ def test_text_reports_show_human_sizes_and_json_exact_bytes(cli: Cli, store: Pat
     assert f"  {layer}  491 KiB  application/vnd.oci.image.layer.v1.tar" in deleted
     report = cli("--store", store, "verify").out.splitlines()
     assert f"quarantined {layer}: 491 KiB" in report and report[-1] == "OK: 1 root, 4 live blobs"
+
+
+# --- names that do not exist ------------------------------------------------------------------
+
+
+def test_an_empty_tag_is_named_as_such(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    for command, message in [
+        ("delete", "refcount: error: empty tag: name a tag (see refcount tags)\n"),
+        ("show", "refcount: error: empty tag: name a tag or a digest (see refcount tags)\n"),
+    ]:
+        result = cli(
+            "--store", images, *([command, "tag"] if command == "delete" else [command]), ""
+        )
+        assert (result.code, result.out, result.err) == (1, "", message)
+
+
+def test_umocis_layout_colon_tag_gets_a_hint(
+    cli: Cli, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("--store", images, "init")
+    monkeypatch.chdir(images.parent)
+    index = images / "index.json"
+    result = cli("--store", "store", "delete", "tag", "store:b")
+    assert result.code == 1
+    assert result.err == (
+        f"refcount: error: store:b: no such tag in {index}; "
+        "did you mean: refcount --store store delete tag b?\n"
+    )
+    shown = cli("--store", "store", "show", f"{images}:a")
+    assert shown.code == 1 and shown.err.endswith(
+        f"; did you mean: refcount --store {images} show a?\n"
+    )
+    # not a tag of the store, not a layout: no guess
+    assert cli("--store", "store", "delete", "tag", "store:zz").err == (
+        f"refcount: error: store:zz: no such tag in {index}\n"
+    )
+    assert [tag_of(e) for e in read_index(images)["manifests"]] == ["a", "b"]
+
+
+def test_a_digest_given_to_delete_tag_points_at_delete_manifest(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    digest = read_index(images)["manifests"][0]["digest"]
+    result = cli("--store", images, "delete", "tag", digest)
+    assert result.code == 1
+    assert result.err == (
+        f"refcount: error: {digest}: no such tag in {images / 'index.json'}; "
+        f"to delete by digest: refcount delete manifest {digest}\n"
+    )
+    assert len(read_index(images)["manifests"]) == 2
