@@ -535,10 +535,7 @@ def _verify_text(report: VerifyReport) -> list[str]:
 
 
 def _tags_text(tags: list[TagInfo]) -> list[str]:
-    width = max((len(t.tag) for t in tags), default=3)
-    return [f"{'TAG':<{width}}  {'DIGEST':<71}  SIZE"] + [
-        f"{t.tag:<{width}}  {t.digest:<71}  {_size(t.size)}" for t in tags
-    ]
+    return _columns([["TAG", "DIGEST", "SIZE"]] + [[t.tag, t.digest, _size(t.size)] for t in tags])
 
 
 # --- the error boundary ---------------------------------------------------------

@@ -492,3 +492,19 @@ def test_a_digest_given_to_delete_tag_points_at_delete_manifest(cli: Cli, images
         f"to delete by digest: refcount delete manifest {digest}\n"
     )
     assert len(read_index(images)["manifests"]) == 2
+
+
+# --- tags -------------------------------------------------------------------------------------
+
+
+def test_tags_columns_line_up_when_every_tag_is_shorter_than_the_header(
+    cli: Cli, images: Path
+) -> None:
+    cli("--store", images, "init")
+    lines = cli("--store", images, "tags").out.splitlines()
+    digests = [e["digest"] for e in read_index(images)["manifests"]]
+    assert lines[0] == f"TAG  {'DIGEST':<{len(digests[0])}}  SIZE"
+    assert [line.index("sha256:") for line in lines[1:]] == [5, 5] == [lines[0].index("DIGEST")] * 2
+    assert lines[1].startswith(f"a    {digests[0]}  ") and lines[2].startswith(
+        f"b    {digests[1]}  "
+    )
