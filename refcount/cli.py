@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -320,10 +320,24 @@ def gc(
 
 
 @app.command()
-def tags(ctx: typer.Context) -> None:
-    """The tags, their digests and the bytes of each image."""
+def tags(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also the untagged entries, with what refers to them or what they refer to.",
+        ),
+    ] = False,
+) -> None:
+    """The tags, their digests and the bytes of each image.
+
+    \b
+    Example:
+        refcount tags --all
+    """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.tags())
+        render(ctx, rc.tags(include_untagged=everything), _roots_text if everything else None)
 
 
 @app.command()
@@ -424,11 +438,12 @@ def db_current(ctx: typer.Context) -> None:
 
 
 # --- rendering ----------------------------------------------------------------
-def render(ctx: typer.Context, report: Any) -> None:
+def render(ctx: typer.Context, report: Any, text: Callable[[Any], list[str]] | None = None) -> None:
+    """One JSON document, or `text(report)` (by default the report type's own lines)."""
     if _settings(ctx).json:
         typer.echo(json.dumps(to_json(report), indent=2, default=str))
         return
-    for line in _text(report):
+    for line in (text or _text)(report):
         typer.echo(line)
 
 
@@ -535,7 +550,29 @@ def _verify_text(report: VerifyReport) -> list[str]:
 
 
 def _tags_text(tags: list[TagInfo]) -> list[str]:
-    return _columns([["TAG", "DIGEST", "SIZE"]] + [[t.tag, t.digest, _size(t.size)] for t in tags])
+    return _columns(
+        [["TAG", "DIGEST", "SIZE"]]
+        + [[t.tag or "(untagged)", t.digest, _size(t.size)] for t in tags]
+    )
+
+
+def _roots_text(roots: list[TagInfo]) -> list[str]:
+    """`tags --all`: every entry, and what relates it to the tagged images."""
+    return _columns(
+        [["TAG", "DIGEST", "SIZE", "RELATION"]]
+        + [[t.tag or "(untagged)", t.digest, _size(t.size), _relation(t)] for t in roots]
+    )
+
+
+def _relation(t: TagInfo) -> str:
+    """`referrer of sha256:… (a)`, `in a, b`, both, or `-`."""
+    parts = []
+    if t.subject is not None:
+        tags = f" ({', '.join(t.subject_tags)})" if t.subject_tags else ""
+        parts.append(f"referrer of {t.subject}{tags}")
+    if t.included_in:
+        parts.append(f"in {', '.join(t.included_in)}")
+    return "; ".join(parts) or "-"
 
 
 # --- the error boundary ---------------------------------------------------------

@@ -958,8 +958,14 @@ class Refcounter:
         repo.set_meta(INDEX_HASH, index_hash)
 
     # --- reading --------------------------------------------------------------
-    def tags(self) -> list[TagInfo]:
+    def tags(self, *, include_untagged: bool = False) -> list[TagInfo]:
         """Every tag in index.json order, with the bytes of its whole image.
+
+        With `include_untagged`, the untagged entries too (what skopeo re-tagging
+        leaves, platform manifests, referrers), so that `delete manifest` can be
+        given their digests. Each entry says what relates it to the tagged
+        images: the subject it refers to and that subject's tags, and the tags
+        whose image (an index) lists it.
 
         Reads the edges and sizes once and walks each image in memory: one pass
         over the database, however many tags there are.
@@ -967,16 +973,47 @@ class Refcounter:
         self.sync_roots()
         with transaction(self.engine, write=False) as repo:
             children: dict[str, list[str]] = {}
+            parents: dict[str, list[str]] = {}
             for parent, child in repo.all_edges():
                 children.setdefault(parent, []).append(child)
+                parents.setdefault(child, []).append(parent)
             sizes = repo.sizes()
+            subjects = repo.subjects()
+            roots = repo.roots()
+            tagged: dict[str, list[tuple[int, str]]] = {}
+            for root in roots:
+                if root.tag is not None:
+                    tagged.setdefault(root.digest, []).append((root.position, root.tag))
+
+            def tags_holding(digests: set[str]) -> tuple[str, ...]:
+                found = sorted(t for d in digests for t in tagged.get(d, ()))
+                return tuple(dict.fromkeys(tag for _, tag in found))
+
             result = []
-            for root in repo.roots():
-                if root.tag is None:
+            for root in roots:
+                if root.tag is None and not include_untagged:
                     continue
                 image = graph.descendants([root.digest], lambda d: children.get(d, ()))
                 total = sum(sizes.get(d) or 0 for d in image | {root.digest})
-                result.append(TagInfo(root.tag, root.digest, root.media_type, total))
+                above = graph.descendants([root.digest], lambda d: parents.get(d, ()))
+                subject = subjects.get(root.digest)
+                holding_subject: set[str] = set()
+                if subject is not None:
+                    holding_subject = {subject} | graph.descendants(
+                        [subject], lambda d: parents.get(d, ())
+                    )
+                result.append(
+                    TagInfo(
+                        root.tag,
+                        root.digest,
+                        root.media_type,
+                        total,
+                        untagged=root.tag is None,
+                        subject=subject,
+                        subject_tags=tags_holding(holding_subject),
+                        included_in=tags_holding(above - {root.digest}),
+                    )
+                )
             return result
 
     def show(self, ref: str) -> BlobInfo:

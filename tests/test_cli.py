@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from storekit import add_image, blob_files, listing, reachable, read_index, tag_of
+from storekit import (
+    add_image,
+    add_index,
+    add_referrer,
+    blob_files,
+    listing,
+    reachable,
+    read_index,
+    tag_of,
+)
 
 
 @pytest.fixture
@@ -508,3 +517,55 @@ def test_tags_columns_line_up_when_every_tag_is_shorter_than_the_header(
     assert lines[1].startswith(f"a    {digests[0]}  ") and lines[2].startswith(
         f"b    {digests[1]}  "
     )
+
+
+def test_tags_all_lists_untagged_entries_with_what_relates_them_to_tags(
+    cli: Cli, store: Path
+) -> None:
+    """
+    index.json: a, multi (an index over m1, m2), m1, m2 (untagged), sbom (an
+    untagged referrer of a), old (untagged: what re-tagging leaves).
+    """
+    a = add_image(store, [b"base", b"a"], tag="a", config=b'{"a":1}')
+    m1 = add_image(store, [b"base", b"m1"], tag=None, config=b'{"m":1}', index_entry=False)
+    m2 = add_image(store, [b"base", b"m2"], tag=None, config=b'{"m":2}', index_entry=False)
+    multi = add_index(store, [m1, m2], tag="multi", list_children_untagged=True)
+    sbom = add_referrer(store, a)
+    old = add_image(store, [b"old"], tag=None, config=b'{"old":1}')
+    cli("--store", store, "init")
+    assert [t["tag"] for t in cli("--store", store, "--json", "tags").json()] == ["a", "multi"]
+
+    roots = cli("--store", store, "--json", "tags", "--all").json()
+    assert [(t["tag"], t["digest"], t["untagged"]) for t in roots] == [
+        ("a", a["digest"], False),
+        ("multi", multi["digest"], False),
+        (None, m1["digest"], True),
+        (None, m2["digest"], True),
+        (None, sbom["digest"], True),
+        (None, old["digest"], True),
+    ]
+    assert [(t["subject"], t["subject_tags"], t["included_in"]) for t in roots] == [
+        (None, [], []),
+        (None, [], []),
+        (None, [], ["multi"]),
+        (None, [], ["multi"]),
+        (a["digest"], ["a"], []),
+        (None, [], []),
+    ]
+    sizes = [t["size"] for t in roots]
+    assert sizes[2] == m1["size"] + 4 + 2 + 7 and sizes[5] == old["size"] + 3 + 9
+
+    text = cli("--store", store, "tags", "--all").out.splitlines()
+    size = [f"{s} B" if s < 1024 else f"{s / 1024:.1f} KiB" for s in sizes]
+    width = max(map(len, size))
+    assert text == [
+        f"TAG         {'DIGEST':<71}  {'SIZE':<{width}}  RELATION",
+        f"a           {a['digest']}  {size[0]:<{width}}  -",
+        f"multi       {multi['digest']}  {size[1]:<{width}}  -",
+        f"(untagged)  {m1['digest']}  {size[2]:<{width}}  in multi",
+        f"(untagged)  {m2['digest']}  {size[3]:<{width}}  in multi",
+        f"(untagged)  {sbom['digest']}  {size[4]:<{width}}  referrer of {a['digest']} (a)",
+        f"(untagged)  {old['digest']}  {size[5]:<{width}}  -",
+    ]
+    removed = cli("--store", store, "delete", "manifest", old["digest"])
+    assert removed.code == 0 and old["digest"] not in cli("--store", store, "tags", "--all").out
