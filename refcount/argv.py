@@ -80,6 +80,20 @@ def split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return found, rest
 
 
+def asks_for_json(argv: Sequence[str]) -> bool:
+    """Whether the command line has the global --json (before or after the command)."""
+    found, _rest = split(argv)
+    i = 0
+    while i < len(found) and found[i] != "--":
+        if found[i] in GLOBAL_VALUE_OPTIONS:  # --store --json: a directory named --json
+            i += 2
+            continue
+        if found[i] == "--json":
+            return True
+        i += 1
+    return False
+
+
 def normalise(argv: Sequence[str]) -> list[str]:
     """argv with every global option in front of the command (see `split`)."""
     found, rest = split(argv)

@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 import typer
 
-from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, normalise
+from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
 from refcount.core import Refcounter
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
@@ -619,13 +619,13 @@ def _command() -> Any:
 def _run(argv: list[str] | None) -> int:
     """Run one command: the one place errors become messages and exit codes."""
     args = normalise(sys.argv[1:] if argv is None else argv)
+    as_json = asks_for_json(args)  # known even when parsing is what fails
     try:
         result = _command().main(args=args, standalone_mode=False, prog_name="refcount")
         return result if isinstance(result, int) else 0
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
-        typer.echo(f"refcount: error: {exc}", err=True)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code, as_json)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("refcount: interrupted", err=True)
         return 130
@@ -636,16 +636,22 @@ def _run(argv: list[str] | None) -> int:
             if exc.format_message():
                 typer.echo(exc.format_message())
             return 2
-        typer.echo(f"refcount: error: {_usage_message(exc)}", err=True)
         code: int = getattr(exc, "exit_code", 2)
-        return code
+        return _fail(f"error: {_usage_message(exc)}", code, as_json)
     except Exception as exc:
         log.debug("internal error", exc_info=True)
-        typer.echo(
-            f"refcount: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
-            err=True,
-        )
-        return INTERNAL_ERROR
+        message = f"internal error: {type(exc).__name__}: {exc} (run with -vv for details)"
+        return _fail(message, INTERNAL_ERROR, as_json)
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    """The one line on stderr; with --json also one JSON document on stdout, so a
+    script reading stdout learns what went wrong: {"error": ..., "exit_code": ...}."""
+    typer.echo(f"refcount: {message}", err=True)
+    if as_json:
+        error = message.removeprefix("error: ")
+        typer.echo(json.dumps({"error": error, "exit_code": code}, indent=2))
+    return code
 
 
 def _usage_message(exc: typer.TyperException) -> str:

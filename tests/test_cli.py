@@ -569,3 +569,62 @@ def test_tags_all_lists_untagged_entries_with_what_relates_them_to_tags(
     ]
     removed = cli("--store", store, "delete", "manifest", old["digest"])
     assert removed.code == 0 and old["digest"] not in cli("--store", store, "tags", "--all").out
+
+
+# --- errors under --json ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--json", "delete", "tag", "nope"], 1, "nope: no such tag in {index}"),
+        (["delete", "tag", "nope", "--json"], 1, "nope: no such tag in {index}"),
+        (["--json", "--no-such-flag", "init"], 2, "No such option: --no-such-flag"),
+        (["tags", "--json", "--bogus"], 2, "No such option: --bogus"),
+        (["--json", "delete", "manifest", "sha256:x"], 2, "sha256:x: invalid digest"),
+        (["--json", "delete", "tag"], 2, "Missing argument 'REF'."),
+    ],
+)
+def test_with_json_an_error_is_also_one_json_document_on_stdout(
+    cli: Cli, images: Path, args: list[str], code: int, message: str
+) -> None:
+    cli("--store", images, "init")
+    result = cli("--store", images, *args)
+    assert result.code == code
+    one_error_line(result.err)
+    error = result.err.removeprefix("refcount: error: ").rstrip("\n")
+    assert result.json() == {"error": error, "exit_code": code}
+    assert error.startswith(message.format(index=images / "index.json"))
+
+
+def test_with_json_an_internal_error_is_a_json_document_too(
+    cli: Cli, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refcount.core import Refcounter
+
+    def broken(self: Refcounter, **_: object) -> None:
+        raise RuntimeError("boom")
+
+    cli("--store", images, "init")
+    monkeypatch.setattr(Refcounter, "tags", broken)
+    result = cli("--store", images, "--json", "tags")
+    message = "internal error: RuntimeError: boom (run with -vv for details)"
+    assert (result.code, result.err) == (3, f"refcount: {message}\n")
+    assert result.json() == {"error": message, "exit_code": 3}
+
+
+def test_without_an_error_json_prints_only_the_report(cli: Cli, images: Path) -> None:
+    cli("--store", images, "init")
+    layer = cli("--store", images, "--json", "show", "a").json()["children"][2]["digest"]
+    (images / "blobs" / "sha256" / layer.split(":")[1]).unlink()
+    failed = cli("--store", images, "--json", "verify")
+    assert failed.code == 1 and failed.json()["missing"] == [layer]  # the report, nothing else
+    assert cli("--store", images, "delete", "tag", "nope").out == ""  # no --json: no document
+
+
+def test_a_store_named_like_an_option_does_not_ask_for_json() -> None:
+    from refcount.argv import asks_for_json
+
+    assert asks_for_json(["--store", "--json", "tags"]) is False
+    assert asks_for_json(["--store", "x", "tags", "--json"]) is True
+    assert asks_for_json(["delete", "tag", "--", "--json"]) is False

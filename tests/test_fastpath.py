@@ -237,6 +237,10 @@ def test_the_acceptance_cases_answer_identically_through_the_daemon_and_directly
         "",
         "refcount: error: b:1: no such tag in STORE/index.json\n",
     )
+    code, out, _ = both(pair, "delete", "tag", "b:1", "--json")  # options after the command
+    assert code == 1 and json.loads(out)["exit_code"] == 1
+    code, out, _ = both(pair, "tags", "--all")
+    assert code == 0 and out.startswith("TAG ") and "RELATION" in out.splitlines()[0]
     code, out, err = both(pair, "show", "sha256:zz")
     assert (code, out) == (2, "") and err.startswith("refcount: error: sha256:zz: ")
     code, _, err = both(pair, "delete", "tag")  # a usage error, found by Typer
