@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import typer
 
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import Refcounter
+from refcount.core import Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
 from refcount.errors import RefcountError
@@ -405,6 +405,9 @@ def watch(
     _configure_logging(log_format)
     if log.getEffectiveLevel() > logging.INFO:  # refcount's own lines; not alembic's
         log.setLevel(logging.INFO)
+        # One line per batch is the daemon's own; what each sync did only with -v.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_sync_details)
     options = WatchOptions(
         debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
     )
@@ -586,6 +589,10 @@ class _JsonFormatter(logging.Formatter):
                 "message": record.getMessage(),
             }
         )
+
+
+def _without_sync_details(record: logging.LogRecord) -> bool:
+    return record.name != sync_log.name or record.levelno >= logging.WARNING
 
 
 def _configure_logging(log_format: str, level: int | None = None) -> None:

@@ -73,8 +73,13 @@ from refcount.reports import (
     VerifyReport,
 )
 from refcount.store import DEFAULT_MAX_MANIFEST, BlobFile, IndexSnapshot, Store, crash_point
+from refcount.units import human_size, plural
 
 log = logging.getLogger(__name__)
+sync_log = logging.getLogger(f"{__name__}.sync")
+"""What each sync and init did: a line per kind of change at INFO (`-v`), every
+digest at DEBUG (`-vv`). A logger of its own so that the daemon, which logs one
+line per batch, can leave these out."""
 
 INDEX_HASH = "index_hash"
 REWRITE_ATTEMPTS = 5
@@ -446,6 +451,43 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
     return _Scan(index.roots, counts, edges, hints, parsed, files, problems, blind)
 
 
+def _log_sync(what: str, report: SyncReport) -> None:
+    """Log what a reconcile did (see `sync_log`)."""
+    if not report.changed and not report.problems:
+        sync_log.debug("%s: nothing changed", what)
+        return
+    if report.roots_added or report.roots_removed:
+        sync_log.info(
+            "%s: index.json: %s added, %d removed",
+            what,
+            plural(report.roots_added, "root"),
+            report.roots_removed,
+        )
+    if report.became_live:
+        sync_log.info("%s: %s became live", what, plural(report.became_live, "blob"))
+    if report.freed:
+        sync_log.info(
+            "%s: %s freed (%s)",
+            what,
+            plural(len(report.freed), "blob"),
+            human_size(report.freed_bytes),
+        )
+        for blob in report.freed:
+            sync_log.debug("%s: freed %s (%s)", what, blob.digest, human_size(blob.size))
+    kinds = [
+        ("restored", report.restored, "blob restored from the trash", "blobs restored"),
+        ("missing", report.missing, "referenced blob missing", "referenced blobs missing"),
+        ("found", report.found, "missing blob found again", "missing blobs found again"),
+        ("orphan", report.orphans, "new orphan", "new orphans"),
+        ("skipped", report.problems, "problem skipped", "problems skipped"),
+    ]
+    for label, items, singular, several in kinds:
+        if items:
+            sync_log.info("%s: %s", what, plural(len(items), singular, several))
+            for item in items:
+                sync_log.debug("%s: %s %s", what, label, item)
+
+
 # ---------------------------------------------------------------------------
 class Refcounter:
     """Reference counts for one OCI layout, kept in one database.
@@ -488,13 +530,15 @@ class Refcounter:
             with transaction(self.engine) as repo:
                 self._rebuild(repo, scan, snapshot.hash)
                 live = sum(1 for c in scan.counts.values() if c > 0)
-            return SyncReport(
+            report = SyncReport(
                 roots_added=len(scan.roots),
                 became_live=live,
                 missing=tuple(sorted(d for d in scan.counts if self._is_missing(scan, d))),
                 orphans=tuple(sorted(set(scan.files) - set(scan.counts))),
                 problems=tuple(scan.problems),
             )
+            _log_sync("init", report)
+            return report
 
     def sync(self, changes: Changes | None = None) -> SyncReport:
         """Apply what changed on disk since the database last looked.
@@ -529,6 +573,7 @@ class Refcounter:
             crash_point("sync-before-commit")
         crash_point("sync-after-commit")
         self._log_missing(report.missing)
+        _log_sync("sync", report)
         self._settle()
         return report
 

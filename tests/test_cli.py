@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Cli
@@ -628,3 +629,42 @@ def test_a_store_named_like_an_option_does_not_ask_for_json() -> None:
     assert asks_for_json(["--store", "--json", "tags"]) is False
     assert asks_for_json(["--store", "x", "tags", "--json"]) is True
     assert asks_for_json(["delete", "tag", "--", "--json"]) is False
+
+
+# --- sync ---------------------------------------------------------------------------------------
+
+
+def test_sync_with_v_says_what_it_did_and_with_vv_which_blobs(cli: Cli, images: Path) -> None:
+    from storekit import remove_entries, write_blob
+
+    def plan(tag: str) -> dict[str, Any]:
+        report: dict[str, Any] = cli(
+            "--store", images, "--json", "delete", "tag", tag, "--dry-run"
+        ).json()
+        return report
+
+    cli("--store", images, "init")
+    assert cli("--store", images, "-v", "sync").err == ""  # nothing changed
+    freed = plan("a")
+    remove_entries(images, lambda e: tag_of(e) == "a")  # an outside tool's untag
+    summary = cli("--store", images, "sync", "-v")
+    assert summary.code == 0
+    assert summary.err == (
+        "refcount: sync: index.json: 0 roots added, 1 removed\n"
+        f"refcount: sync: 3 blobs freed ({freed['freed_bytes']} B)\n"
+    )
+    write_blob(images, b"an upload in progress", "application/octet-stream")
+    assert cli("--store", images, "sync").err == ""  # no -v: the report only
+
+    freed = plan("b")
+    remove_entries(images, lambda e: tag_of(e) == "b")
+    orphan = write_blob(images, b"another upload", "application/octet-stream")
+    details = cli("--store", images, "-vv", "sync")
+    lines = [line for line in details.err.splitlines() if line.startswith("refcount: sync:")]
+    assert lines == [
+        "refcount: sync: index.json: 0 roots added, 1 removed",
+        f"refcount: sync: 4 blobs freed ({freed['freed_bytes']} B)",
+        *(f"refcount: sync: freed {b['digest']} ({b['size']} B)" for b in freed["freed"]),
+        "refcount: sync: 1 new orphan",
+        f"refcount: sync: orphan {orphan['digest']}",
+    ]
