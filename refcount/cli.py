@@ -245,14 +245,23 @@ def init(ctx: typer.Context) -> None:
         refcount --store /srv/oci init
     """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.init())
+        _render_sync(ctx, rc.init())
 
 
 @app.command(short_help="Reconcile the database with the disk once.")
 def sync(ctx: typer.Context) -> None:
-    """Reconcile the database with the disk once, applying only the differences."""
+    """Reconcile the database with the disk once, applying only the differences; exit 1
+    when it finds referenced blobs missing."""
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.sync())
+        _render_sync(ctx, rc.sync())
+
+
+def _render_sync(ctx: typer.Context, report: SyncReport) -> None:
+    """The report, and exit 1 when it found referenced blobs missing (SPEC §4: the
+    command ran but found a problem); the counts are recorded either way."""
+    render(ctx, report)
+    if report.missing:
+        raise typer.Exit(1)
 
 
 @delete_app.command("tag", short_help="Remove the entries tagged REF; free what reaches zero.")
