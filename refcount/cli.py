@@ -648,7 +648,9 @@ def _run(argv: list[str] | None) -> int:
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":  # `refcount`, `refcount delete`
             # Click's message is the help itself (empty when rich printed it):
-            # the help is the answer, not an error line.
+            # the help is the answer, not an error line (under --json, an error).
+            if as_json:
+                return _fail("error: Missing command.", 2, as_json)
             if exc.format_message():
                 typer.echo(exc.format_message())
             return 2

@@ -584,6 +584,7 @@ def test_tags_all_lists_untagged_entries_with_what_relates_them_to_tags(
         (["tags", "--json", "--bogus"], 2, "No such option: --bogus"),
         (["--json", "delete", "manifest", "sha256:x"], 2, "sha256:x: invalid digest"),
         (["--json", "delete", "tag"], 2, "Missing argument 'REF'."),
+        (["delete", "--json"], 2, "Missing command."),
     ],
 )
 def test_with_json_an_error_is_also_one_json_document_on_stdout(
