@@ -690,3 +690,16 @@ def test_sync_and_init_exit_1_when_they_find_referenced_blobs_missing(
     shutil.rmtree(images / ".refcount")
     indexed = cli("--store", images, "--json", "init")
     assert indexed.code == 1 and indexed.json()["missing"] == [layer]
+
+
+def test_a_delete_that_frees_nothing_says_so_without_an_empty_list(cli: Cli, images: Path) -> None:
+    from storekit import add_entry
+
+    add_entry(images, read_index(images)["manifests"][0], "a2")  # a second tag on a's manifest
+    cli("--store", images, "init")
+    result = cli("--store", images, "delete", "tag", "a2")
+    digest = read_index(images)["manifests"][0]["digest"]
+    assert (result.code, result.out) == (
+        0,
+        f"removed 1 index.json entry:\n  a2  {digest}\nfreed 0 blobs, 0 B\n",
+    )
