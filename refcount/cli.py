@@ -34,7 +34,8 @@ from typing import Annotated, Any
 
 import typer
 
-from refcount.core import Refcounter
+from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
+from refcount.core import Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
 from refcount.errors import RefcountError
@@ -48,6 +49,7 @@ from refcount.reports import (
     VerifyReport,
     to_json,
 )
+from refcount.units import human_size, plural
 
 log = logging.getLogger("refcount")
 
@@ -69,12 +71,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
+    # Plain Click help: options read `--store DIR` and `--json`, not rich's
+    # `<path>` and `<bool>` columns, and nothing is cut at 80 columns.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 delete_app = typer.Typer(
-    help="Remove index.json entries and free what nothing else needs.", no_args_is_help=True
+    help="Remove index.json entries and free what nothing else needs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Schema migrations (Alembic).", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Schema migrations (Alembic).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(delete_app, name="delete")
 app.add_typer(db_app, name="db")
 
@@ -129,45 +138,85 @@ DryRun = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"refcount {_package_version()}")
+        raise typer.Exit(0)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("refcount")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 @app.callback()
 def configure(
     ctx: typer.Context,
     store: Annotated[
-        Path, typer.Option(envvar="REFCOUNT_STORE", help="The OCI layout directory.")
+        Path,
+        typer.Option(envvar="REFCOUNT_STORE", metavar="DIR", help="The OCI layout directory."),
     ] = Path("."),
     db: Annotated[
         str | None,
         typer.Option(
-            envvar="REFCOUNT_DB", help="SQLAlchemy URL; default STORE/.refcount/refcount.db."
+            envvar="REFCOUNT_DB",
+            metavar="URL",
+            help="SQLAlchemy URL; default sqlite:///STORE/.refcount/refcount.db.",
         ),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, show_default=False, help="More logging (-vv for debug)."
+        ),
     ] = 0,
     trash_ttl: Annotated[
         str,
-        typer.Option(help="How long freed blobs stay in .refcount/trash/ (0 = unlink at once)."),
+        typer.Option(
+            metavar="DURATION",
+            help="How long freed blobs stay in .refcount/trash/ (0 = unlink at once).",
+        ),
     ] = "10m",
     grace: Annotated[
-        str, typer.Option(help="Age before an orphan blob may be swept by gc.")
+        str,
+        typer.Option(metavar="DURATION", help="Age before an orphan blob may be swept by gc."),
     ] = "1h",
     keep_referrers: Annotated[
-        bool, typer.Option(help="Keep untagged referrers whose subject is freed.")
+        bool,
+        typer.Option("--keep-referrers", help="Keep untagged referrers whose subject is freed."),
     ] = False,
     keep_untagged: Annotated[
-        bool, typer.Option(help="Keep untagged entries only the deleted image reached.")
+        bool,
+        typer.Option(
+            "--keep-untagged", help="Keep untagged entries only the deleted image reached."
+        ),
     ] = False,
-    max_manifest: Annotated[int, typer.Option(help="Largest manifest parsed, in bytes.")] = 4
-    * 1024
-    * 1024,
+    max_manifest: Annotated[
+        int, typer.Option(metavar="BYTES", help="Largest manifest parsed, in bytes.")
+    ] = 4 * 1024 * 1024,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            expose_value=False,
+            callback=_print_version,
+            help="Print the version and exit.",
+        ),
+    ] = False,
     mass_free_threshold: Annotated[
         float,
         typer.Option(
             min=0.0,
             max=1.0,
+            metavar="FRACTION",
             help="Fraction of the live bytes above which one outside change of index.json "
             "is a mass free, held in the quarantine whatever --trash-ttl says.",
         ),
@@ -210,20 +259,29 @@ def init(ctx: typer.Context) -> None:
         refcount --store /srv/oci init
     """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.init())
+        _render_sync(ctx, rc.init())
 
 
-@app.command()
+@app.command(short_help="Reconcile the database with the disk once.")
 def sync(ctx: typer.Context) -> None:
-    """Reconcile the database with the disk once, applying only the differences."""
+    """Reconcile the database with the disk once, applying only the differences; exit 1
+    when it finds referenced blobs missing."""
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.sync())
+        _render_sync(ctx, rc.sync())
 
 
-@delete_app.command("tag")
+def _render_sync(ctx: typer.Context, report: SyncReport) -> None:
+    """The report, and exit 1 when it found referenced blobs missing (SPEC §4: the
+    command ran but found a problem); the counts are recorded either way."""
+    render(ctx, report)
+    if report.missing:
+        raise typer.Exit(1)
+
+
+@delete_app.command("tag", short_help="Remove the entries tagged REF; free what reaches zero.")
 def delete_tag(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(help="The tag.")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="The tag.")],
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry tagged REF; free what reaches zero.
@@ -236,10 +294,12 @@ def delete_tag(
         render(ctx, rc.delete_tag(ref, dry_run=dry_run))
 
 
-@delete_app.command("manifest")
+@delete_app.command(
+    "manifest", short_help="Remove the entries pointing at DIGEST; free what reaches zero."
+)
 def delete_manifest(
     ctx: typer.Context,
-    digest: Annotated[str, typer.Argument(help="sha256:...")],
+    digest: Annotated[str, typer.Argument(metavar="DIGEST", help="sha256:...")],
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
@@ -247,12 +307,17 @@ def delete_manifest(
         render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
 
 
-@app.command()
+@app.command(short_help="Recount from scratch and compare with the database.")
 def verify(
     ctx: typer.Context,
-    deep: Annotated[bool, typer.Option(help="Also hash every blob and check sizes.")] = False,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also hash every blob and check sizes.")
+    ] = False,
     repair: Annotated[
-        bool, typer.Option(help="Rewrite the database to match the disk (never deletes content).")
+        bool,
+        typer.Option(
+            "--repair", help="Rewrite the database to match the disk (never deletes content)."
+        ),
     ] = False,
 ) -> None:
     """Recount from scratch and compare with the database; exit 1 on any disagreement."""
@@ -268,7 +333,8 @@ def gc(
     ctx: typer.Context,
     dry_run: DryRun = False,
     grace: Annotated[
-        str | None, typer.Option(help="Override the orphan grace period, e.g. 10m.")
+        str | None,
+        typer.Option(metavar="DURATION", help="Override the orphan grace period, e.g. 10m."),
     ] = None,
 ) -> None:
     """Sweep orphans older than the grace period; purge expired trash."""
@@ -277,39 +343,82 @@ def gc(
 
 
 @app.command()
-def tags(ctx: typer.Context) -> None:
-    """The tags, their digests and the bytes of each image."""
+def tags(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also the untagged entries, with what refers to them or what they refer to.",
+        ),
+    ] = False,
+) -> None:
+    """The tags, their digests and the bytes of each image.
+
+    \b
+    Example:
+        refcount tags --all
+    """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.tags())
+        render(ctx, rc.tags(include_untagged=everything), _roots_text if everything else None)
 
 
 @app.command()
 def show(
-    ctx: typer.Context, ref: Annotated[str, typer.Argument(help="A digest or a tag.")]
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="DIGEST|REF", help="A digest or a tag.")],
 ) -> None:
     """Count, state, parents (why it is alive) and children of a blob."""
     with _settings(ctx).counter() as rc:
         render(ctx, rc.show(ref))
 
 
-@app.command()
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: str) -> str:
+    if value not in LOG_FORMATS:
+        raise typer.BadParameter(f"{value!r}: not a log format; use text or json")
+    return value
+
+
+@app.command(short_help="Run as a daemon beside the store: watch, reconcile, free.")
 def watch(
     ctx: typer.Context,
     debounce: Annotated[
         float,
-        typer.Option(help="Quiet period after the last event before a batch is applied, seconds."),
+        typer.Option(
+            metavar="SECONDS",
+            help="Quiet period after the last event before a batch is applied, seconds.",
+        ),
     ] = 0.1,
     resync: Annotated[
-        str, typer.Option(help="Interval between full reconciles that catch missed events.")
+        str,
+        typer.Option(
+            metavar="DURATION", help="Interval between full reconciles that catch missed events."
+        ),
     ] = "5m",
     gc_interval: Annotated[
         str,
-        typer.Option(help="Interval between sweeps of orphans past --grace and expired trash."),
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between sweeps of orphans past --grace and expired trash.",
+        ),
     ] = "5m",
     metrics_addr: Annotated[
-        str | None, typer.Option(help="HOST:PORT for /metrics and /healthz (default off).")
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT", help="HOST:PORT for /metrics and /healthz (default off)."
+        ),
     ] = None,
-    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            metavar="text|json",
+            callback=_log_format,
+            help="text, or json: one JSON object per line.",
+        ),
+    ] = "text",
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
     reconcile fully)."""
@@ -319,6 +428,9 @@ def watch(
     _configure_logging(log_format)
     if log.getEffectiveLevel() > logging.INFO:  # refcount's own lines; not alembic's
         log.setLevel(logging.INFO)
+        # One line per batch is the daemon's own; what each sync did only with -v.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_sync_details)
     options = WatchOptions(
         debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
     )
@@ -356,37 +468,48 @@ def db_current(ctx: typer.Context) -> None:
 
 
 # --- rendering ----------------------------------------------------------------
-def render(ctx: typer.Context, report: Any) -> None:
+def render(ctx: typer.Context, report: Any, text: Callable[[Any], list[str]] | None = None) -> None:
+    """One JSON document, or `text(report)` (by default the report type's own lines)."""
     if (on_report := _ON_REPORT.get()) is not None:
         on_report(report)
     if _settings(ctx).json:
         typer.echo(json.dumps(to_json(report), indent=2, default=str))
         return
-    for line in _text(report):
+    for line in (text or _text)(report):
         typer.echo(line)
 
 
 def _size(n: int | None) -> str:
-    return "?" if n is None else f"{n} B"
+    """Sizes in text: binary units (`492 KiB`); `--json` keeps exact bytes."""
+    return human_size(n)
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells, each column as wide as its widest cell (the last one unpadded)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _text(report: Any) -> list[str]:
     if isinstance(report, DeleteReport):
         verb = ("would remove", "would free") if report.dry_run else ("removed", "freed")
-        lines = [f"{verb[0]} {len(report.removed)} index.json entries:"]
-        lines += [f"  {e.tag or '(untagged)'}  {e.digest}" for e in report.removed]
-        lines.append(f"{verb[1]} {len(report.freed)} blobs, {report.freed_bytes} bytes:")
-        lines += [
-            f"  {b.digest}  {_size(b.size)}  {b.media_type or ''}".rstrip() for b in report.freed
-        ]
+        entries = plural(len(report.removed), "index.json entry", "index.json entries")
+        lines = [f"{verb[0]} {entries}:"]
+        lines += _columns([["", e.tag or "(untagged)", e.digest] for e in report.removed])
+        freed = f"{verb[1]} {plural(len(report.freed), 'blob')}, {_size(report.freed_bytes)}"
+        lines.append(freed + (":" if report.freed else ""))
+        lines += _columns([["", b.digest, _size(b.size), b.media_type or ""] for b in report.freed])
         return lines
     if isinstance(report, SyncReport):
         lines = [
             f"roots +{report.roots_added} -{report.roots_removed}; "
-            f"{report.became_live} blobs became live; "
-            f"{len(report.freed)} freed ({report.freed_bytes} bytes); "
+            f"{plural(report.became_live, 'blob')} became live; "
+            f"{len(report.freed)} freed ({_size(report.freed_bytes)}); "
             f"{len(report.restored)} restored; {len(report.missing)} missing; "
-            f"{len(report.orphans)} new orphans"
+            f"{plural(len(report.orphans), 'new orphan')}"
         ]
         lines += [f"missing: {d}" for d in report.missing]
         lines += [f"skipped: {p}" for p in report.problems]
@@ -398,13 +521,16 @@ def _text(report: Any) -> list[str]:
     if isinstance(report, GcReport):
         sweep, purge = ("would sweep", "would purge") if report.dry_run else ("swept", "purged")
         lines = [
-            f"{sweep} {len(report.swept)} orphans, {purge} {len(report.purged)} trashed blobs, "
-            f"{report.freed_bytes} bytes"
+            f"{sweep} {plural(len(report.swept), 'orphan')}, "
+            f"{purge} {plural(len(report.purged), 'trashed blob')}, {_size(report.freed_bytes)}"
         ]
-        lines += [
-            f"  orphan {a.digest}  {a.size} B  {a.age_seconds:.0f}s old" for a in report.swept
-        ]
-        lines += [f"  trash  {a.digest}  {a.size} B" for a in report.purged]
+        lines += _columns(
+            [
+                ["", "orphan", a.digest, _size(a.size), f"{a.age_seconds:.0f}s old"]
+                for a in report.swept
+            ]
+            + [["", "trash", a.digest, _size(a.size), ""] for a in report.purged]
+        )
         return lines
     if isinstance(report, list):
         return _tags_text(report)
@@ -413,7 +539,7 @@ def _text(report: Any) -> list[str]:
             f"digest:     {report.digest}",
             f"count:      {report.count}",
             f"state:      {report.state}",
-            f"size:       {_size(report.size)}",
+            f"size:       {_exact_size(report.size)}",
             f"media type: {report.media_type or '?'}",
         ]
         if report.tags:
@@ -428,6 +554,12 @@ def _text(report: Any) -> list[str]:
     raise TypeError(f"no renderer for {type(report).__name__}")
 
 
+def _exact_size(n: int | None) -> str:
+    """One blob's size: human, and the exact bytes when they differ (`1.2 KiB (1234 B)`)."""
+    text = _size(n)
+    return text if n is None or n < 1024 else f"{text} ({n} B)"
+
+
 def _verify_text(report: VerifyReport) -> list[str]:
     repaired = " (repaired)" if report.repaired else ""
     lines = [
@@ -439,18 +571,21 @@ def _verify_text(report: VerifyReport) -> list[str]:
     lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]
     lines += [f"corrupt {c.digest}: {c.reason}" for c in report.corrupt]
     lines += [f"problem {p}" for p in report.problems]
-    lines += [f"orphan {a.digest}: {a.size} B, {a.age_seconds:.0f}s old" for a in report.orphans]
-    lines += [f"quarantined {a.digest}: {a.size} B" for a in report.quarantined]
+    lines += [
+        f"orphan {a.digest}: {_size(a.size)}, {a.age_seconds:.0f}s old" for a in report.orphans
+    ]
+    lines += [f"quarantined {a.digest}: {_size(a.size)}" for a in report.quarantined]
     lines += [_mass_free_text(m) for m in report.mass_frees]
     if report.behind:
+        entries = plural(report.behind, "index.json entry", "index.json entries")
         lines.append(
-            f"behind: the database is {report.behind} index.json entries behind (the store is "
-            "read-only, so it could not catch up); counts not compared: run `refcount sync` "
-            "where the store is writable"
+            f"behind: the database is {entries} "
+            "behind (the store is read-only, so it could not catch up); counts not compared: "
+            "run `refcount sync` where the store is writable"
         )
     status = "OK" if report.ok else "FAILED"
     lines.append(
-        f"{status}: {report.roots} roots, {report.live} live blobs"
+        f"{status}: {plural(report.roots, 'root')}, {plural(report.live, 'live blob')}"
         + (", content hashed" if report.deep else "")
     )
     return lines
@@ -460,17 +595,37 @@ def _mass_free_text(event: MassFree) -> str:
     return (
         f"WARNING mass free at {event.at:%Y-%m-%d %H:%M:%S} UTC: an outside change of "
         f"index.json removed {event.roots_removed} of {event.roots_before} roots and freed "
-        f"{event.blobs} blobs ({event.bytes} of {event.live_bytes} live bytes); held in "
+        f"{plural(event.blobs, 'blob')} ({human_size(event.bytes)} of "
+        f"{human_size(event.live_bytes)} live); held in "
         f".refcount/trash/ until {event.held_until:%H:%M:%S} UTC: to undo, put the old "
         "index.json back and run `refcount sync`"
     )
 
 
 def _tags_text(tags: list[TagInfo]) -> list[str]:
-    width = max((len(t.tag) for t in tags), default=3)
-    return [f"{'TAG':<{width}}  {'DIGEST':<71}  SIZE"] + [
-        f"{t.tag:<{width}}  {t.digest:<71}  {_size(t.size)}" for t in tags
-    ]
+    return _columns(
+        [["TAG", "DIGEST", "SIZE"]]
+        + [[t.tag or "(untagged)", t.digest, _size(t.size)] for t in tags]
+    )
+
+
+def _roots_text(roots: list[TagInfo]) -> list[str]:
+    """`tags --all`: every entry, and what relates it to the tagged images."""
+    return _columns(
+        [["TAG", "DIGEST", "SIZE", "RELATION"]]
+        + [[t.tag or "(untagged)", t.digest, _size(t.size), _relation(t)] for t in roots]
+    )
+
+
+def _relation(t: TagInfo) -> str:
+    """`referrer of sha256:… (a)`, `in a, b`, both, or `-`."""
+    parts = []
+    if t.subject is not None:
+        tags = f" ({', '.join(t.subject_tags)})" if t.subject_tags else ""
+        parts.append(f"referrer of {t.subject}{tags}")
+    if t.included_in:
+        parts.append(f"in {', '.join(t.included_in)}")
+    return "; ".join(parts) or "-"
 
 
 # --- the error boundary ---------------------------------------------------------
@@ -484,6 +639,10 @@ class _JsonFormatter(logging.Formatter):
                 "message": record.getMessage(),
             }
         )
+
+
+def _without_sync_details(record: logging.LogRecord) -> bool:
+    return record.name != sync_log.name or record.levelno >= logging.WARNING
 
 
 def _configure_logging(log_format: str, level: int | None = None) -> None:
@@ -516,27 +675,52 @@ def _command() -> Any:
 
 def _run(argv: list[str] | None) -> int:
     """Run one command: the one place errors become messages and exit codes."""
+    args = normalise(sys.argv[1:] if argv is None else argv)
+    as_json = asks_for_json(args)  # known even when parsing is what fails
     try:
-        result = _command().main(args=argv, standalone_mode=False, prog_name="refcount")
+        result = _command().main(args=args, standalone_mode=False, prog_name="refcount")
         return result if isinstance(result, int) else 0
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
-        typer.echo(f"refcount: error: {exc}", err=True)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code, as_json)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("refcount: interrupted", err=True)
         return 130
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
-        typer.echo(f"refcount: error: {exc.format_message()}", err=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `refcount`, `refcount delete`
+            # Click's message is the help itself (empty when rich printed it):
+            # the help is the answer, not an error line (under --json, an error).
+            if as_json:
+                return _fail("error: Missing command.", 2, as_json)
+            if exc.format_message():
+                typer.echo(exc.format_message())
+            return 2
         code: int = getattr(exc, "exit_code", 2)
-        return code
+        return _fail(f"error: {_usage_message(exc)}", code, as_json)
     except Exception as exc:
         log.debug("internal error", exc_info=True)
-        typer.echo(
-            f"refcount: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
-            err=True,
-        )
-        return INTERNAL_ERROR
+        message = f"internal error: {type(exc).__name__}: {exc} (run with -vv for details)"
+        return _fail(message, INTERNAL_ERROR, as_json)
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    """The one line on stderr; with --json also one JSON document on stdout, so a
+    script reading stdout learns what went wrong: {"error": ..., "exit_code": ...}."""
+    typer.echo(f"refcount: {message}", err=True)
+    if as_json:
+        error = message.removeprefix("error: ")
+        typer.echo(json.dumps({"error": error, "exit_code": code}, indent=2))
+    return code
+
+
+def _usage_message(exc: typer.TyperException) -> str:
+    """Click's message, and where a global option goes when one is misplaced
+    (`sync --grace 1h`: gc's own --grace is the only one after a command)."""
+    message = exc.format_message()
+    option = getattr(exc, "option_name", None)
+    if option in GLOBAL_VALUE_OPTIONS or option in GLOBAL_FLAGS:
+        message += f" ({option} is a global option: write it before the command)"
+    return message
 
 
 # --- commands run inside the daemon ----------------------------------------------

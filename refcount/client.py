@@ -37,6 +37,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
+from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, normalise
 from refcount.wire import ACCEPTED, SOCKET_NAME, recv_exact, recv_size, send_frame, short_path
 
 NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
@@ -47,12 +48,8 @@ INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
 
 SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
 """refcount.cli.SERVED_COMMANDS: what the daemon runs for a client."""
-_VALUE_OPTIONS = frozenset(
-    {"--store", "--db", "--trash-ttl", "--grace", "--max-manifest", "--mass-free-threshold"}
-)
-_FLAG_OPTIONS = frozenset(
-    {"--json", "--keep-referrers", "--no-keep-referrers", "--keep-untagged", "--no-keep-untagged"}
-)
+_VALUE_OPTIONS = GLOBAL_VALUE_OPTIONS
+_FLAG_OPTIONS = GLOBAL_FLAGS - {"--verbose"}  # -v: the log lines asked for are this process's
 
 
 class _NotSent(Exception):
@@ -62,15 +59,17 @@ class _NotSent(Exception):
 def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None:
     """The command line to send to the daemon, or None when it must run here.
 
-    The store is resolved as the CLI resolves it (the last `--store` before the
-    command, else REFCOUNT_STORE, else the working directory), made absolute and
-    put first; REFCOUNT_DB becomes `--db` unless the command line has one.
-    Global options other than `--store` are sent as they are.
+    The store is resolved as the CLI resolves it (the last `--store`, before or
+    after the command, else REFCOUNT_STORE, else the working directory), made
+    absolute and put first; REFCOUNT_DB becomes `--db` unless the command line has
+    one. Global options other than `--store` are sent as they are, before the
+    command (`refcount.argv`).
     """
     if environ.get(NO_DAEMON_ENV, "") not in ("", "0"):
         return None
     if "--help" in argv or "-h" in argv:
         return None
+    argv = normalise(argv)
     store: str | None = None
     db: str | None = None
     rest: list[str] = []

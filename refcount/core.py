@@ -83,8 +83,13 @@ from refcount.reports import (
     VerifyReport,
 )
 from refcount.store import DEFAULT_MAX_MANIFEST, BlobFile, IndexSnapshot, Store, crash_point
+from refcount.units import human_size, plural
 
 log = logging.getLogger(__name__)
+sync_log = logging.getLogger(f"{__name__}.sync")
+"""What each sync and init did: a line per kind of change at INFO (`-v`), every
+digest at DEBUG (`-vv`). A logger of its own so that the daemon, which logs one
+line per batch, can leave these out."""
 
 INDEX_HASH = "index_hash"
 STORE_ID = "store_id"
@@ -486,6 +491,43 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
     return _Scan(index.roots, counts, edges, hints, parsed, files, problems, blind)
 
 
+def _log_sync(what: str, report: SyncReport) -> None:
+    """Log what a reconcile did (see `sync_log`)."""
+    if not report.changed and not report.problems:
+        sync_log.debug("%s: nothing changed", what)
+        return
+    if report.roots_added or report.roots_removed:
+        sync_log.info(
+            "%s: index.json: %s added, %d removed",
+            what,
+            plural(report.roots_added, "root"),
+            report.roots_removed,
+        )
+    if report.became_live:
+        sync_log.info("%s: %s became live", what, plural(report.became_live, "blob"))
+    if report.freed:
+        sync_log.info(
+            "%s: %s freed (%s)",
+            what,
+            plural(len(report.freed), "blob"),
+            human_size(report.freed_bytes),
+        )
+        for blob in report.freed:
+            sync_log.debug("%s: freed %s (%s)", what, blob.digest, human_size(blob.size))
+    kinds = [
+        ("restored", report.restored, "blob restored from the trash", "blobs restored"),
+        ("missing", report.missing, "referenced blob missing", "referenced blobs missing"),
+        ("found", report.found, "missing blob found again", "missing blobs found again"),
+        ("orphan", report.orphans, "new orphan", "new orphans"),
+        ("skipped", report.problems, "problem skipped", "problems skipped"),
+    ]
+    for label, items, singular, several in kinds:
+        if items:
+            sync_log.info("%s: %s", what, plural(len(items), singular, several))
+            for item in items:
+                sync_log.debug("%s: %s %s", what, label, item)
+
+
 # ---------------------------------------------------------------------------
 class Refcounter:
     """Reference counts for one OCI layout, kept in one database.
@@ -668,13 +710,15 @@ class Refcounter:
             with transaction(self.engine) as repo:
                 self._rebuild(repo, scan, snapshot.hash)
                 live = sum(1 for c in scan.counts.values() if c > 0)
-            return SyncReport(
+            report = SyncReport(
                 roots_added=len(scan.roots),
                 became_live=live,
                 missing=tuple(sorted(d for d in scan.counts if self._is_missing(scan, d))),
                 orphans=tuple(sorted(set(scan.files) - set(scan.counts))),
                 problems=tuple(scan.problems),
             )
+            _log_sync("init", report)
+            return report
 
     def sync(self, changes: Changes | None = None) -> SyncReport:
         """Apply what changed on disk since the database last looked.
@@ -708,6 +752,7 @@ class Refcounter:
             crash_point("sync-before-commit")
         crash_point("sync-after-commit")
         self._log_missing(report.missing)
+        _log_sync("sync", report)
         self._settle()
         return report
 
@@ -851,11 +896,45 @@ class Refcounter:
         return report
 
     def _explain_not_found(self, snapshot: IndexSnapshot, target: str, what: str) -> NoReturn:
-        for problem in parse_index(snapshot.data, str(self.store.index_path)).problems:
+        index = parse_index(snapshot.data, str(self.store.index_path))
+        for problem in index.problems:
             if problem.tag == target:
                 raise InvalidStore(str(problem))
+        kind = what.split()[0]
+        if kind == "tag" and not target:
+            raise NotFound("empty tag: name a tag (see refcount tags)")
         shown = target if target.isprintable() else ascii(target)
-        raise NotFound(f"{shown}: no such {what.split()[0]} in {self.store.index_path}")
+        hint = None
+        if kind == "tag":
+            hint = self._tag_hint(target, {r.tag for r in index.roots}, "delete tag")
+        raise NotFound(
+            f"{shown}: no such {kind} in {self.store.index_path}" + (f"; {hint}" if hint else "")
+        )
+
+    def _tag_hint(self, ref: str, tags: set[str | None], command: str) -> str | None:
+        """What the user may have meant by a tag that does not exist, or None.
+
+        A digest given as a tag (`delete tag sha256:...`), and umoci's
+        `LAYOUT:TAG` form: `L:b` where L is this store (by path or by name) and b
+        one of its tags, or L another directory holding an OCI layout.
+        """
+        prefix, colon, rest = ref.partition(":")
+        if not colon or not rest or not ref.isprintable():
+            return None
+        if prefix in ("sha256", "sha512"):
+            return (
+                f"to delete by digest: refcount delete manifest {ref}"
+                if command == "delete tag"
+                else None
+            )
+        try:
+            here = prefix == self.store.path.name or Path(prefix).resolve() == self.store.path
+            elsewhere = not here and (Path(prefix) / "oci-layout").is_file()
+        except (OSError, ValueError):
+            return None
+        if (here and rest in tags) or elsewhere:
+            return f"did you mean: refcount --store {prefix} {command} {rest}?"
+        return None
 
     def _rewrite_index(self, repo: Repo, snapshot: IndexSnapshot, removed: list[RootRow]) -> None:
         """Cut the removed entries out of index.json's bytes and replace the file.
@@ -1169,24 +1248,61 @@ class Refcounter:
         repo.set_meta(INDEX_HASH, index_hash)
 
     # --- reading --------------------------------------------------------------
-    def tags(self) -> list[TagInfo]:
+    def tags(self, *, include_untagged: bool = False) -> list[TagInfo]:
         """Every tag in index.json order, with the bytes of its whole image.
+
+        With `include_untagged`, the untagged entries too (what skopeo re-tagging
+        leaves, platform manifests, referrers), so that `delete manifest` can be
+        given their digests. Each entry says what relates it to the tagged
+        images: the subject it refers to and that subject's tags, and the tags
+        whose image (an index) lists it.
 
         Reads the edges and sizes once and walks each image in memory: one pass
         over the database, however many tags there are.
         """
         with transaction(self._current(), write=False) as repo:
             children: dict[str, list[str]] = {}
+            parents: dict[str, list[str]] = {}
             for parent, child in repo.all_edges():
                 children.setdefault(parent, []).append(child)
+                parents.setdefault(child, []).append(parent)
             sizes = repo.sizes()
+            subjects = repo.subjects()
+            roots = repo.roots()
+            tagged: dict[str, list[tuple[int, str]]] = {}
+            for root in roots:
+                if root.tag is not None:
+                    tagged.setdefault(root.digest, []).append((root.position, root.tag))
+
+            def tags_holding(digests: set[str]) -> tuple[str, ...]:
+                found = sorted(t for d in digests for t in tagged.get(d, ()))
+                return tuple(dict.fromkeys(tag for _, tag in found))
+
             result = []
-            for root in repo.roots():
-                if root.tag is None:
+            for root in roots:
+                if root.tag is None and not include_untagged:
                     continue
                 image = graph.descendants([root.digest], lambda d: children.get(d, ()))
                 total = sum(sizes.get(d) or 0 for d in image | {root.digest})
-                result.append(TagInfo(root.tag, root.digest, root.media_type, total))
+                above = graph.descendants([root.digest], lambda d: parents.get(d, ()))
+                subject = subjects.get(root.digest)
+                holding_subject: set[str] = set()
+                if subject is not None:
+                    holding_subject = {subject} | graph.descendants(
+                        [subject], lambda d: parents.get(d, ())
+                    )
+                result.append(
+                    TagInfo(
+                        root.tag,
+                        root.digest,
+                        root.media_type,
+                        total,
+                        untagged=root.tag is None,
+                        subject=subject,
+                        subject_tags=tags_holding(holding_subject),
+                        included_in=tags_holding(above - {root.digest}),
+                    )
+                )
             return result
 
     def show(self, ref: str) -> BlobInfo:
@@ -1217,6 +1333,8 @@ class Refcounter:
             return 0 if row is None else row.count
 
     def _resolve(self, repo: Repo, ref: str) -> str:
+        if not ref:
+            raise NotFound("empty tag: name a tag or a digest (see refcount tags)")
         if not usable_tag(ref):
             raise NotFound(f"{ref!a}: no such tag in {self.store.index_path}")
         if ":" in ref and ref.split(":", 1)[0] in ("sha256", "sha512"):
@@ -1226,7 +1344,10 @@ class Refcounter:
             try:
                 return str(Digest.parse(ref))
             except InvalidDigest:
-                raise NotFound(f"{ref}: no such tag in {self.store.index_path}") from None
+                hint = self._tag_hint(ref, {r.tag for r in repo.roots()}, "show")
+                raise NotFound(
+                    f"{ref}: no such tag in {self.store.index_path}" + (f"; {hint}" if hint else "")
+                ) from None
         return roots[0].digest
 
     def sync_roots(self) -> None:

@@ -146,10 +146,16 @@ class GcReport:
 
 @dataclass(frozen=True)
 class TagInfo:
-    tag: str
+    """An index.json entry as `tags` lists it (untagged ones only when asked)."""
+
+    tag: str | None  # None: an untagged entry
     digest: str
     media_type: str | None
     size: int | None  # bytes of the whole image: the root and every blob below it
+    untagged: bool = False
+    subject: str | None = None  # a referrer: the manifest it refers to
+    subject_tags: tuple[str, ...] = ()  # the tags whose image holds that subject
+    included_in: tuple[str, ...] = ()  # the tags whose image lists this manifest (an index)
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ def test_two_cli_deletes_started_together_both_succeed(
     for process, (out, err) in zip(processes, results, strict=True):
         assert process.returncode == 0, err
         assert err == "", err
-        assert "removed 1 index.json entries" in out
+        assert "removed 1 index.json entry" in out
     assert_a_and_b_deleted(store, shared_template, "CLI")
 
 

@@ -224,9 +224,9 @@ def test_the_acceptance_cases_answer_identically_through_the_daemon_and_directly
     assert code == 0 and out.startswith("OK: ")
 
     code, out, _ = both(pair, "delete", "tag", "b:1", "--dry-run")
-    assert code == 0 and out.startswith("would remove 1 index.json entries:")
+    assert code == 0 and out.startswith("would remove 1 index.json entry:")
     code, out, _ = both(pair, "delete", "tag", "b:1")
-    assert code == 0 and out.startswith("removed 1 index.json entries:")
+    assert code == 0 and out.startswith("removed 1 index.json entry:")
     code, out, _ = both(pair, "--json", "delete", "tag", "multi:1")
     assert code == 0 and json.loads(out)["freed"]
     code, out, _ = both(pair, "delete", "manifest", manifest_a, "--dry-run")
@@ -237,6 +237,10 @@ def test_the_acceptance_cases_answer_identically_through_the_daemon_and_directly
         "",
         "refcount: error: b:1: no such tag in STORE/index.json\n",
     )
+    code, out, _ = both(pair, "delete", "tag", "b:1", "--json")  # options after the command
+    assert code == 1 and json.loads(out)["exit_code"] == 1
+    code, out, _ = both(pair, "tags", "--all")
+    assert code == 0 and out.startswith("TAG ") and "RELATION" in out.splitlines()[0]
     code, out, err = both(pair, "show", "sha256:zz")
     assert (code, out) == (2, "") and err.startswith("refcount: error: sha256:zz: ")
     code, _, err = both(pair, "delete", "tag")  # a usage error, found by Typer
@@ -293,6 +297,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
     assert {m for m in ran.imported if m.startswith("refcount")} == {
         "refcount",
         "refcount.client",
+        "refcount.argv",
         "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 
@@ -433,7 +438,7 @@ def test_the_client_agrees_with_the_modules_it_cannot_import() -> None:
     # Every global option of the CLI is known to the client's parser: one taking a
     # value, a flag, or one that makes the client run the command itself.
     command = typer.main.get_command(cli.app)
-    direct = {"-v", "--verbose", "-h", "--help"}
+    direct = {"-v", "--verbose", "-h", "--help", "--version"}
     for param in command.params:
         names = {*param.opts, *param.secondary_opts}
         takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
@@ -453,6 +458,20 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         "a",
     ]
     assert build(["--store=x", "--store", "y", "gc"], {})[:2] == ["--store", os.path.abspath("y")]
+    assert build(["tags", "--store", "x", "--json"], {}) == [
+        "--store",
+        os.path.abspath("x"),
+        "--json",
+        "tags",
+    ]
+    assert build(["delete", "tag", "--store=x", "a", "--keep-untagged"], {}) == [
+        "--store",
+        os.path.abspath("x"),
+        "--keep-untagged",
+        "delete",
+        "tag",
+        "a",
+    ]
     assert build(["--grace", "1h", "gc"], env) == ["--store", str(tmp_path), "--grace=1h", "gc"]
     assert build(["sync"], {**env, "REFCOUNT_DB": "postgresql://h/db"}) == [
         "--store",
@@ -478,6 +497,8 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         (["delete", "tag", "-h"], {}),
         ([], {}),
         (["--store"], {}),
+        (["--version"], {}),
+        (["tags", "-v"], {}),
         (["--db", "sqlite:///relative.db", "tags"], {}),
         (["tags"], {"REFCOUNT_DB": "sqlite+pysqlite:///relative.db"}),
     ]:

@@ -155,9 +155,11 @@ def one_error_line(result: Result, code: int, *needles: str) -> None:
 
 
 def skipped(result: Result, *needles: str) -> None:
-    """init/sync carried on (exit 0) and printed one `skipped:` line holding every needle."""
+    """init/sync carried on and printed one `skipped:` line holding every needle; exit 0,
+    or 1 when the report also lists referenced blobs missing (a skipped file is absent)."""
     assert "Traceback" not in result.err and "internal error" not in result.err, result.err
-    assert result.code == 0, (result.code, result.out, result.err)
+    missing = any(x.startswith("missing: ") for x in result.out.splitlines())
+    assert result.code == (1 if missing else 0), (result.code, result.out, result.err)
     lines = [x for x in result.out.splitlines() if x.startswith("skipped: ")]
     assert any(all(n in x for n in needles) for x in lines), (needles, result.out)
 
@@ -732,7 +734,7 @@ def test_a_manifest_that_is_a_link_out_of_the_store_is_never_read_nor_deleted_th
 
 def test_gc_sweeps_nothing_a_manifest_that_is_a_link_holds(cli: Cli, images: Site) -> None:
     link_blob_outside(images, images.a["digest"])
-    assert cli(*images.args("init")).code == 0
+    assert cli(*images.args("init")).code == 1  # a's manifest is missing: a link is no file
     with nothing_changes(images):
         gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
     assert gc.code == 0, gc.err
@@ -817,7 +819,7 @@ def test_gc_sweeps_nothing_a_manifest_that_is_a_directory_holds(cli: Cli, images
     path = blob_path(images.store, images.a["digest"])
     path.unlink()
     path.mkdir()
-    assert cli(*images.args("init")).code == 0
+    assert cli(*images.args("init")).code == 1  # a's manifest is missing: a directory is no file
     with nothing_changes(images):
         gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
     assert gc.code == 0, gc.err
@@ -849,7 +851,8 @@ def test_a_blob_directory_that_is_a_file_is_reported_and_kept(
         sync = cli(*images.args("sync"))
         verify = cli(*images.args("verify"))
         gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
-    assert sync.code == 0 and "Traceback" not in sync.err, sync.err
+    assert sync.code == 1 and "Traceback" not in sync.err, sync.err  # every blob is missing
+    assert "missing: " in sync.out
     reported(verify, str(path.relative_to(images.store)))
     assert gc.code == 0, gc.err
     before = listing(images.store)

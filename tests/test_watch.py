@@ -1133,3 +1133,20 @@ def test_metrics_addresses_are_checked() -> None:
         assert status == 503 and json.loads(body) == {"ok": False, "why": "a test"}
     finally:
         server.close()
+
+
+def test_what_each_sync_did_reaches_the_daemons_log_only_with_v(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 2)
+    quiet = watch(store)
+    sk.remove_entries(store, lambda e: sk.tag_of(e) == "img1")
+    quiet.wait_log(r"batch: index.json changed; roots \+0 -1")
+    quiet.signal(signal.SIGTERM)
+    assert quiet.wait(5) == 0
+    assert "refcount: sync: " not in quiet.log()  # one line per batch
+    loud = watch(store, "-v")
+    sk.remove_entries(store, lambda e: sk.tag_of(e) == "img0")
+    loud.wait_log(r"batch: index.json changed; roots \+0 -1")
+    loud.wait_log(r"refcount: sync: index.json: 0 roots added, 1 removed\n")
+    loud.wait_log(r"refcount: sync: \d+ blobs freed \(\d+ B\)\n")

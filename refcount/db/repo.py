@@ -151,6 +151,13 @@ class Repo:
             found.update(row[0] for row in self.connection.execute(query))
         return found
 
+    def subjects(self) -> dict[str, str]:
+        """digest -> subject of every live referrer."""
+        query = select(blobs.c.digest, blobs.c.subject).where(
+            blobs.c.subject.is_not(None), blobs.c.count > 0
+        )
+        return {row[0]: row[1] for row in self.connection.execute(query)}
+
     def blind_manifests(self) -> list[str]:
         """Live manifests that could not be read at all: nothing is known of what they hold."""
         # No ORDER BY/LIMIT: they would lead SQLite to walk the primary key instead of
