@@ -39,6 +39,16 @@ class InvalidBlob(RefcountError):
     """A manifest-like blob that cannot be parsed, is too large, or is unsafe to read."""
 
 
+class DeleteRefused(RefcountError):
+    """A delete that would free blobs refcount cannot vouch for: its image holds a
+    damaged manifest, or a live manifest could not be read at all."""
+
+
+class UnusableTag(RefcountError):
+    """A tag named on the command line that index.json spells unusably (control
+    characters, not a string): its entry holds its image but cannot be named."""
+
+
 class BlobTooLarge(InvalidBlob):
     """A manifest-like blob over the parsing size cap."""
 

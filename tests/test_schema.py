@@ -292,3 +292,25 @@ def test_a_store_indexed_by_the_first_release_keeps_its_counts_after_the_upgrade
     assert freed == {ma["digest"], h(b'{"name":"a"}'), h(b"L1")}
     assert sk.blob_files(store) == {mb["digest"], h(b'{"name":"b"}'), h(b"L0"), h(b"L2")}
     assert refcount_cli("--store", store, "verify").code == 0
+
+
+@pytest.mark.parametrize(
+    ("row", "table", "model"),
+    [
+        ("BlobRow", "blobs", "Blob"),
+        ("RootRow", "roots", "Root"),
+        ("EdgeRow", "edges", "Edge"),
+    ],
+)
+def test_the_typed_rows_and_orm_classes_name_exactly_the_tables_columns(
+    row: str, table: str, model: str
+) -> None:
+    """The schema is defined once (tables.py); the typed rows across the Repo seam and
+    the ORM classes for library users restate it for mypy, and must not drift."""
+    from dataclasses import fields
+
+    from refcount.db import models, repo, tables
+
+    columns = [c.name for c in getattr(tables, table).columns]
+    assert [f.name for f in fields(getattr(repo, row))] == columns
+    assert list(getattr(models, model).__annotations__) == columns

@@ -17,23 +17,41 @@ from sqlalchemy import Connection, RootTransaction, delete, func, insert, select
 
 from refcount.db.tables import blobs, edges, mass_frees, meta, roots
 from refcount.db.tables import pending_actions as journal
+from refcount.domain import BlobState, FileAction
 from refcount.reports import MassFree
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
+PROBLEM_WIDTH = 1000  # blobs.problem
+INDEX_HASH = "index_hash"  # a meta key
 
 
 @dataclass(frozen=True)
 class BlobRow:
+    """One row of `blobs` (tables.py says what each column means)."""
+
     digest: str
     size: int | None
     media_type: str | None
     count: int
-    state: str
+    state: BlobState
     expanded: bool
     subject: str | None
     problem: str | None
     first_seen: datetime
-    freed_at: datetime | None
+    freed_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # Rows read back carry the state as text; problems are capped at the column's width.
+        object.__setattr__(self, "state", BlobState(self.state))
+        if self.problem is not None and len(self.problem) > PROBLEM_WIDTH:
+            object.__setattr__(self, "problem", self.problem[:PROBLEM_WIDTH])
+
+
+@dataclass(frozen=True)
+class EdgeRow:
+    parent: str
+    child: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -50,7 +68,7 @@ class RootRow:
 @dataclass(frozen=True)
 class Action:
     id: int
-    action: str
+    action: FileAction
     digest: str
 
 
@@ -73,6 +91,14 @@ class Repo:
         return self.connection.dialect.name
 
     # --- meta ---------------------------------------------------------------
+    def index_hash(self) -> str | None:
+        """The hash of the index.json the roots were last brought in line with."""
+        return self.get_meta(INDEX_HASH)
+
+    def set_index_hash(self, value: str) -> None:
+        """Record it; "" forgets it (the next catch-up re-reads index.json)."""
+        self.set_meta(INDEX_HASH, value)
+
     def get_meta(self, key: str) -> str | None:
         return self.connection.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
 
@@ -125,19 +151,55 @@ class Repo:
                 found[row.digest] = BlobRow(**row._mapping)
         return found
 
-    def blob_states(self) -> dict[str, str]:
+    def blob_states(self) -> dict[str, BlobState]:
         """digest -> state for every row: the full reconcile compares this with the disk."""
         query = select(blobs.c.digest, blobs.c.state)
-        return {row[0]: row[1] for row in self.connection.execute(query)}
+        return {row[0]: BlobState(row[1]) for row in self.connection.execute(query)}
 
-    def blobs_with_state(self, state: str) -> list[BlobRow]:
+    def blobs_with_state(self, state: BlobState) -> list[BlobRow]:
         query = select(blobs).where(blobs.c.state == state).order_by(blobs.c.digest)
         return [BlobRow(**row._mapping) for row in self.connection.execute(query)]
 
-    def insert_blob(self, **values: Any) -> None:
-        self.connection.execute(insert(blobs).values(**values))
+    def insert_blob(self, row: BlobRow) -> None:
+        self.connection.execute(insert(blobs).values(**row.__dict__))
 
-    def update_blob(self, digest: str, **values: Any) -> None:
+    def set_state(self, digest: str, state: BlobState) -> None:
+        self._update(digest, state=state)
+
+    def mark_freed(self, digest: str, at: datetime) -> None:
+        """Count 0, file moving to the quarantine."""
+        self._update(digest, state=BlobState.TRASH, freed_at=at)
+
+    def mark_orphan(self, digest: str, first_seen: datetime) -> None:
+        """A quarantined blob an outside tool wrote again: an orphan as of `first_seen`."""
+        self._update(digest, state=BlobState.ORPHAN, freed_at=None, first_seen=first_seen)
+
+    def revive(self, digest: str, state: BlobState, media_type: str | None) -> None:
+        """Count 0 -> 1 again; `media_type` fills in a type still unknown."""
+        values: dict[str, object] = {"state": state, "freed_at": None}
+        if media_type is not None:
+            values["media_type"] = func.coalesce(blobs.c.media_type, media_type)
+        self._update(digest, **values)
+
+    def record_expansion(
+        self,
+        digest: str,
+        *,
+        expanded: bool,
+        media_type: str | None,
+        subject: str | None,
+        problem: str | None,
+    ) -> None:
+        """What reading a manifest-like blob found (its edges go through add_edges)."""
+        self._update(
+            digest,
+            expanded=expanded,
+            media_type=media_type,
+            subject=subject,
+            problem=None if problem is None else problem[:PROBLEM_WIDTH],
+        )
+
+    def _update(self, digest: str, **values: object) -> None:
         self.connection.execute(update(blobs).where(blobs.c.digest == digest).values(**values))
 
     def delete_blob(self, digest: str) -> None:
@@ -177,6 +239,7 @@ class Repo:
 
     # --- edges --------------------------------------------------------------
     def add_edges(self, parent: str, children: Iterable[tuple[str, str]]) -> None:
+        """Edges from `parent` to each (child, kind)."""
         rows = [{"parent": parent, "child": c, "kind": k} for c, k in children]
         if rows:
             self.connection.execute(insert(edges), rows)
@@ -309,14 +372,16 @@ class Repo:
         return [MassFree(**row._mapping) for row in self.connection.execute(query)]
 
     # --- journal ------------------------------------------------------------
-    def add_actions(self, action: str, digests: Iterable[str], now: datetime) -> None:
+    def add_actions(self, action: FileAction, digests: Iterable[str], now: datetime) -> None:
         rows = [{"action": action, "digest": d, "created": now} for d in digests]
         if rows:
             self.connection.execute(insert(journal), rows)
 
     def pending_actions(self) -> list[Action]:
         query = select(journal.c.id, journal.c.action, journal.c.digest).order_by(journal.c.id)
-        return [Action(*row) for row in self.connection.execute(query)]
+        return [
+            Action(row[0], FileAction(row[1]), row[2]) for row in self.connection.execute(query)
+        ]
 
     def finish_actions(self, ids: Iterable[int]) -> None:
         for chunk in _chunks(sorted(set(ids))):
@@ -325,16 +390,16 @@ class Repo:
     # --- bulk rebuild (init of an empty database, verify --repair) ---------------
     def replace_all(
         self,
-        blob_rows: Sequence[dict[str, Any]],
-        edge_rows: Sequence[dict[str, Any]],
+        blob_rows: Sequence[BlobRow],
+        edge_rows: Sequence[EdgeRow],
         root_rows: Sequence[RootRow],
     ) -> None:
         for table in (edges, blobs):
             self.connection.execute(delete(table))
         for chunk in _chunks(blob_rows):
-            self.connection.execute(insert(blobs), list(chunk))
+            self.connection.execute(insert(blobs), [r.__dict__ for r in chunk])
         for chunk in _chunks(edge_rows):
-            self.connection.execute(insert(edges), list(chunk))
+            self.connection.execute(insert(edges), [r.__dict__ for r in chunk])
         self.replace_roots(root_rows)
 
     def counts(self) -> dict[str, int]:
@@ -351,7 +416,7 @@ class Repo:
             for r in self.connection.execute(select(edges.c.parent, edges.c.child))
         ]
 
-    def sum_sizes(self, state: str) -> tuple[int, int]:
+    def sum_sizes(self, state: BlobState) -> tuple[int, int]:
         query = select(func.count(), func.coalesce(func.sum(blobs.c.size), 0)).where(
             blobs.c.state == state
         )
@@ -359,4 +424,4 @@ class Repo:
         return int(number), int(size)
 
 
-__all__ = ["Action", "BlobRow", "Repo", "RootRow"]
+__all__ = ["PROBLEM_WIDTH", "Action", "BlobRow", "EdgeRow", "Repo", "RootRow"]

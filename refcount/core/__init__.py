@@ -1,0 +1,22 @@
+"""The use cases, one module each, behind the `Refcounter` facade.
+
+How the pieces fit (each imports only those below it):
+
+    refcounter  the facade: one short method per use case, the writing sequence
+    opening     opening the database for reading or writing; the store's identity
+    planner     delete: which entries go, what is freed, refusals, index.json rewrite
+    reading     tags, show, stats
+    sweep       gc: orphans past the grace period, trash past its TTL
+    reconcile   catch up with index.json (and the mass-deletion valve); blob files
+    journal     file actions after commit: settle, recover
+    scan        the from-scratch count: verify's oracle, init's bulk build, repair
+    ledger      one transaction's counts and the blob state machine
+    expansion   a manifest's children, through a blob reader
+    policy      Policy, Changes, progress, the clock
+"""
+
+from refcount.core.policy import Changes, Policy, Progress
+from refcount.core.reconcile import sync_log
+from refcount.core.refcounter import Refcounter, open
+
+__all__ = ["Changes", "Policy", "Progress", "Refcounter", "open", "sync_log"]

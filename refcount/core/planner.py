@@ -1,0 +1,191 @@
+"""The deletion planner: which entries a delete removes, what it frees, whether it
+may, and the rewrite of index.json that carries it out.
+
+Cost: the deleted image's subtree and its ancestors' rows, plus reading and
+writing index.json's bytes once (the entries are cut out by their recorded byte
+spans; the rest of the file is not parsed while the database is current).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from refcount import graph
+from refcount.core.ledger import Ledger
+from refcount.db.repo import Repo, RootRow
+from refcount.errors import ConcurrentChange, DeleteRefused, NotFound, UnusableTag
+from refcount.oci import Removal, apply_cuts, cuts, parse_index, usable_tag
+from refcount.store import IndexSnapshot, Store, crash_point
+
+
+@dataclass(frozen=True)
+class Select:
+    """Which index.json entries a delete names, and how messages call them."""
+
+    what: str  # "tag 'a'", "manifest sha256:..."
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "tag" if self.tag is not None else "manifest"
+
+
+def plan(ledger: Ledger, select: Select, snapshot: IndexSnapshot) -> list[RootRow]:
+    """Release the entries `select` names, the untagged children only they reach
+    and (cascading) the untagged referrers of what is freed; journal the frees.
+    Returns the entries to cut out of index.json, in file order.
+
+    Refuses (DeleteRefused) an image holding a damaged blob, and any free while a
+    live manifest could not be read at all (what it needs is unknown).
+    """
+    repo, policy = ledger.repo, ledger.policy
+    named = (
+        repo.roots_where(tag=select.tag, digest=select.digest)
+        if select.tag is None or usable_tag(select.tag)
+        else []
+    )
+    removed = {r.position: r for r in named}
+    if not removed:
+        explain_not_found(ledger.store, snapshot, select)
+    refuse_damaged(repo, {r.digest for r in removed.values()}, select.what)
+    if not policy.keep_untagged:
+        removed.update((r.position, r) for r in untagged_children(repo, removed))
+    freed = ledger.release(r.digest for r in removed.values())
+    while freed and not policy.keep_referrers:
+        referrers = [
+            r
+            for r in repo.roots_where(digests=repo.referrers_of(freed), untagged=True)
+            if r.position not in removed
+        ]
+        removed.update((r.position, r) for r in referrers)
+        freed = ledger.release(r.digest for r in referrers)
+    ledger.dispose()  # refcount's own deletes are never a mass free
+    blind = repo.blind_manifests() if ledger.freed else []
+    if blind:
+        raise DeleteRefused(
+            f"{select.what}: not deleted: live manifests {', '.join(blind)} could not be read, "
+            "so the blobs they need are unknown; fix or delete them first"
+        )
+    return sorted(removed.values(), key=lambda r: r.position)
+
+
+def refuse_damaged(repo: Repo, roots: set[str], what: str) -> None:
+    """Refuse to delete an image whose own manifests could not be parsed.
+
+    Their children were never counted, so freeing would leave them behind (or,
+    worse, a later repair could count them differently); the user fixes or
+    removes the broken blob first. Cost: the image's own subtree.
+    """
+    below = graph.descendants(roots, lambda d: [c for c, _ in repo.children(d)])
+    for row in repo.blobs_in(below | roots).values():
+        if row.problem is not None:
+            raise DeleteRefused(
+                f"{what}: not deleted: its image holds a damaged blob: {row.problem}"
+            )
+
+
+def untagged_children(repo: Repo, removed: dict[int, RootRow]) -> list[RootRow]:
+    """Untagged entries below the deleted roots that no remaining tagged root reaches.
+
+    Cost: the deleted image's subtree, and the ancestors of each candidate.
+    """
+    deleted = {r.digest for r in removed.values()}
+    below = graph.descendants(deleted, lambda d: [c for c, _ in repo.children(d)])
+
+    def tagged_and_kept(digest: str) -> bool:
+        return any(
+            r.tag is not None and r.position not in removed for r in repo.roots_where(digest=digest)
+        )
+
+    return [
+        r
+        for r in repo.roots_where(digests=below, untagged=True)
+        if r.position not in removed
+        and not graph.reachable_from_any(
+            r.digest, tagged_and_kept, lambda d: [p for p, _ in repo.parents(d)]
+        )
+    ]
+
+
+def rewrite_index(
+    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow]
+) -> None:
+    """Cut the removed entries out of index.json's bytes and replace the file.
+
+    The spans come from the database; each is checked to still hold the entry it
+    should before anything is written (ConcurrentChange makes the caller start
+    over with a fresh parse).
+    """
+    positions = [r.position for r in removed]
+    removals = []
+    for root in removed:
+        if not _span_holds(snapshot.data, root):
+            repo.set_index_hash("")
+            raise ConcurrentChange(f"{store.index_path}: entry moved; re-reading")
+        assert root.start is not None and root.end is not None
+        before, after = repo.kept_neighbours(root.start, positions)
+        removals.append(Removal(root.start, root.end, before, after))
+    ranges = cuts(removals)
+    crash_point("delete-before-index")
+    new_hash = store.replace_index(apply_cuts(snapshot.data, ranges), snapshot.hash)
+    repo.delete_roots(positions)
+    for start, end in ranges:  # highest first, so lower offsets stay valid
+        repo.shift_spans(end, end - start)
+    repo.set_index_hash(new_hash)
+
+
+def _span_holds(data: bytes, root: RootRow) -> bool:
+    """Whether index.json's bytes at the recorded span are the recorded entry."""
+    try:
+        entry = json.loads(data[root.start : root.end])
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("digest") == root.digest
+
+
+def explain_not_found(store: Store, snapshot: IndexSnapshot, select: Select) -> NoReturn:
+    """The error for a delete that names no entry, saying what was meant if it can."""
+    target = select.tag if select.tag is not None else select.digest or ""
+    index = parse_index(snapshot.data, str(store.index_path))
+    for problem in index.problems:
+        if problem.tag == target:
+            raise UnusableTag(str(problem))
+    if select.kind == "tag" and not target:
+        raise NotFound("empty tag: name a tag (see refcount tags)")
+    shown = target if target.isprintable() else ascii(target)
+    hint = None
+    if select.kind == "tag":
+        hint = tag_hint(store, target, {r.tag for r in index.roots}, "delete tag")
+    raise NotFound(
+        f"{shown}: no such {select.kind} in {store.index_path}" + (f"; {hint}" if hint else "")
+    )
+
+
+def tag_hint(store: Store, ref: str, tags: set[str | None], command: str) -> str | None:
+    """What the user may have meant by a tag that does not exist, or None.
+
+    A digest given as a tag (`delete tag sha256:...`), and umoci's `LAYOUT:TAG`
+    form: `L:b` where L is this store (by path or by name) and b one of its
+    tags, or L another directory holding an OCI layout.
+    """
+    prefix, colon, rest = ref.partition(":")
+    if not colon or not rest or not ref.isprintable():
+        return None
+    if prefix in ("sha256", "sha512"):
+        return (
+            f"to delete by digest: refcount delete manifest {ref}"
+            if command == "delete tag"
+            else None
+        )
+    try:
+        here = prefix == store.path.name or Path(prefix).resolve() == store.path
+        elsewhere = not here and (Path(prefix) / "oci-layout").is_file()
+    except (OSError, ValueError):
+        return None
+    if (here and rest in tags) or elsewhere:
+        return f"did you mean: refcount --store {prefix} {command} {rest}?"
+    return None

@@ -1,0 +1,209 @@
+"""A from-scratch count of the store: verify's oracle, init's bulk build, --repair.
+
+`scan` marks from index.json (refcount.graph.mark) reading every manifest it
+reaches through the same `expand` the ledger uses; `drift` compares the result
+with the database; `rebuild` replaces the database with it (no file is touched).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from refcount import graph
+from refcount.core.expansion import LEAF, Expansion, expand, known_size
+from refcount.core.ledger import orphan_row
+from refcount.core.policy import Progress, mtime, no_progress, now
+from refcount.db.repo import BlobRow, EdgeRow, Repo, RootRow
+from refcount.domain import BlobState, referenced_state
+from refcount.oci import Descriptor, Root, parse_index
+from refcount.reports import Aged, Corrupt, Drift, MassFree, VerifyReport
+from refcount.store import BlobFile, IndexSnapshot, Store
+
+
+@dataclass
+class Scan:
+    roots: tuple[Root, ...]
+    counts: Counter[str]
+    files: dict[str, BlobFile]
+    hints: dict[str, Descriptor] = field(default_factory=dict)
+    expansions: dict[str, Expansion] = field(default_factory=dict)
+    """The manifest-like blobs read, and what each holds."""
+    problems: list[str] = field(default_factory=list)
+
+    def state_of(self, digest: str) -> BlobState:
+        """What the disk says of a referenced blob (the one rule)."""
+        hint = self.hints.get(digest)
+        return referenced_state(
+            in_blobs=digest in self.files, foreign=hint is not None and hint.urls
+        )
+
+    def missing(self) -> tuple[str, ...]:
+        return tuple(sorted(d for d in self.counts if self.state_of(d) is BlobState.MISSING))
+
+    def orphans(self) -> list[str]:
+        return sorted(set(self.files) - set(self.counts))
+
+
+def root_row(root: Root) -> RootRow:
+    return RootRow(
+        root.position, root.digest, root.tag, root.media_type, root.size, root.start, root.end
+    )
+
+
+def scan(store: Store, snapshot: IndexSnapshot, progress: Progress = no_progress) -> Scan:
+    """Count the store from scratch. Cost: every manifest reachable, once."""
+    index = parse_index(snapshot.data, str(store.index_path))
+    files, file_problems = store.list_blobs()
+    result = Scan(index.roots, Counter(), files)
+    result.problems = [str(p) for p in (*index.problems, *file_problems)]
+    for root in index.roots:
+        result.hints.setdefault(root.digest, Descriptor(root.digest, root.media_type, root.size))
+
+    visited = 0
+
+    def children(digest: str) -> list[str]:
+        nonlocal visited
+        visited += 1
+        if visited % 512 == 0:
+            progress("counting", visited, len(files))
+        hint = result.hints.get(digest)
+        found = expand(store, digest, hint.media_type if hint else None)
+        if found is None or found is LEAF:
+            return []
+        for child in found.children:
+            result.hints.setdefault(child.digest, child)
+        if found.problem:
+            result.problems.append(found.problem)
+        result.expansions[digest] = found
+        return [c.digest for c in found.children]
+
+    result.counts = graph.mark((r.digest for r in index.roots), children)
+    progress("counting", len(files), len(files))
+    return result
+
+
+def drift(repo: Repo, found: Scan) -> tuple[Drift, ...]:
+    """Counts that differ from the recount, then (counts agreeing) recorded states
+    that differ from what the disk shows."""
+    recorded = repo.counts()
+    counts = tuple(
+        Drift(d, found.counts.get(d, 0), recorded.get(d, 0))
+        for d in sorted(set(recorded) | set(found.counts))
+        if found.counts.get(d, 0) != recorded.get(d, 0)
+    )
+    states = repo.blob_states()
+    return counts + tuple(
+        Drift(d, found.counts[d], recorded.get(d, 0), states.get(d), actual)
+        for d in sorted(found.counts)
+        if found.counts[d] == recorded.get(d, 0) and states.get(d) != (actual := found.state_of(d))
+    )
+
+
+def rebuild(repo: Repo, found: Scan, index_hash: str) -> None:
+    """Replace the database with what the scan found (no file is touched)."""
+    at = now()
+    rows: list[BlobRow] = []
+    for digest, count in found.counts.items():
+        hint = found.hints.get(digest)
+        file = found.files.get(digest)
+        expansion = found.expansions.get(digest)
+        rows.append(
+            BlobRow(
+                digest=digest,
+                size=known_size(hint, file.size if file else None),
+                media_type=(expansion.media_type if expansion else None)
+                or (hint.media_type if hint else None),
+                count=count,
+                state=found.state_of(digest),
+                expanded=expansion is not None and not expansion.blind,
+                subject=expansion.subject if expansion else None,
+                problem=expansion.problem if expansion else None,
+                first_seen=at,
+            )
+        )
+    rows += [orphan_row(d, found.files[d]) for d in found.orphans()]
+    rows += [
+        row
+        for row in repo.blobs_with_state(BlobState.TRASH)
+        if row.digest not in found.counts and row.digest not in found.files
+    ]
+    edges = [
+        EdgeRow(parent, child.digest, child.kind)
+        for parent, expansion in found.expansions.items()
+        for child in expansion.children
+    ]
+    repo.replace_all(rows, edges, [root_row(r) for r in found.roots])
+    repo.set_index_hash(index_hash)
+
+
+def check_content(
+    store: Store, found: Scan, progress: Progress, workers: int = 4
+) -> tuple[Corrupt, ...]:
+    """Hash every blob file and compare sizes with descriptors (verify --deep)."""
+
+    def check(digest: str) -> Corrupt | None:
+        actual = store.hash_blob(digest)
+        if actual is None:
+            return Corrupt(digest, "unreadable")
+        if actual != digest.split(":", 1)[1]:
+            return Corrupt(digest, f"content hashes to {actual}")
+        hint = found.hints.get(digest)
+        size = found.files[digest].size
+        if hint is not None and hint.size is not None and hint.size != size:
+            return Corrupt(digest, f"size {size} differs from descriptor size {hint.size}")
+        return None
+
+    return _in_threads(check, sorted(found.files), progress, workers)
+
+
+def _in_threads(
+    check: Callable[[str], Corrupt | None], digests: list[str], progress: Progress, workers: int
+) -> tuple[Corrupt, ...]:
+    results: list[Corrupt] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, result in enumerate(pool.map(check, digests, chunksize=64), 1):
+            if result is not None:
+                results.append(result)
+            if done % 512 == 0 or done == len(digests):
+                progress("hashing", done, len(digests))
+    return tuple(results)
+
+
+def report(
+    found: Scan,
+    *,
+    deep: bool,
+    repaired: bool,
+    drift: tuple[Drift, ...],
+    trash: list[BlobRow],
+    corrupt: tuple[Corrupt, ...],
+    behind: int,
+    mass_frees: tuple[MassFree, ...],
+    quarantined: dict[str, BlobFile],
+) -> VerifyReport:
+    """verify's report: the comparison, and the store's orphans and quarantine with ages."""
+    at = now()
+    freed_at = {r.digest: r.freed_at for r in trash}
+    return VerifyReport(
+        deep=deep,
+        repaired=repaired,
+        roots=len(found.roots),
+        live=len(found.counts),
+        drift=drift,
+        missing=found.missing(),
+        orphans=tuple(
+            Aged(d, found.files[d].size, (at - mtime(found.files[d].mtime)).total_seconds())
+            for d in found.orphans()
+        ),
+        quarantined=tuple(
+            Aged(d, f.size, (at - (freed_at.get(d) or mtime(f.mtime))).total_seconds())
+            for d, f in sorted(quarantined.items())
+        ),
+        corrupt=corrupt,
+        problems=tuple(found.problems),
+        behind=behind,
+        mass_frees=mass_frees,
+    )
