@@ -4,7 +4,8 @@ Each command parses its options, calls one library method and renders one
 report. `_run()` is the only place that turns errors into messages and exit
 codes (SPEC §4): 0 success, 1 a problem found or a name that does not exist,
 2 usage or input error, 3 an internal error (a bug: the traceback is logged
-with -v, never shown otherwise).
+with -v, never shown otherwise), 130 interrupted (SIGINT or SIGTERM;
+see `refcount.interrupts`).
 
 The same boundary serves two callers. `main()` is a process of its own: it
 configures logging and runs one command. `serve_request()` runs one command
@@ -34,6 +35,7 @@ from typing import Annotated, Any
 
 import typer
 
+from refcount import interrupts
 from refcount.core import Refcounter
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
@@ -448,11 +450,33 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
-def _configure_logging(log_format: str, level: int | None = None) -> None:
+class _LineFormatter(logging.Formatter):
+    """`refcount: message`, one line: a traceback only when debug logging is on (-vv).
+
+    A library's own error log (SQLAlchemy's pool logs "Exception closing
+    connection" with exc_info) must not put a traceback in front of a user.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("refcount: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return super().format(record)
+        record.message = record.getMessage()
+        return self.formatMessage(record)  # without exc_info, exc_text or stack_info
+
+
+def _configure_logging(
+    log_format: str, level: int | None = None, *, tracebacks: bool = True
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter() if log_format == "json" else logging.Formatter("refcount: %(message)s")
-    )
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("refcount: %(message)s") if tracebacks else _LineFormatter()
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     if level is not None and root.level > level:
@@ -461,7 +485,7 @@ def _configure_logging(log_format: str, level: int | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in this process; returns the exit code."""
-    _configure_logging("text")
+    _configure_logging("text", tracebacks=False)
     logging.getLogger().setLevel(logging.WARNING)
     try:
         return _run(argv)
@@ -477,10 +501,29 @@ def _command() -> Any:
 
 
 def _run(argv: list[str] | None) -> int:
-    """Run one command: the one place errors become messages and exit codes."""
+    """Run one command: the one place errors become messages and exit codes.
+
+    An interruption (SIGINT or SIGTERM) ends the command
+    with `refcount: interrupted`, exit 130. When it came while an operation was
+    completing, the operation finishes, its report is printed, and the line
+    names it: `refcount: interrupted (delete tag 'a' had completed)`.
+    """
+    interrupts.begin()
+    code = _outcome(argv)
+    if interrupts.requested():
+        typer.echo(interrupts.describe(), err=True)
+        return interrupts.EXIT_CODE
+    return code
+
+
+def _outcome(argv: list[str] | None) -> int:
     try:
         result = _command().main(args=argv, standalone_mode=False, prog_name="refcount")
         return result if isinstance(result, int) else 0
+    except interrupts.Interrupted:
+        log.debug("interrupted", exc_info=True)
+        typer.echo(interrupts.describe(), err=True)
+        return interrupts.EXIT_CODE
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
         typer.echo(f"refcount: error: {exc}", err=True)
@@ -549,7 +592,7 @@ def serve_request(argv: list[str]) -> tuple[int, str, str]:
     """
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("refcount: %(message)s"))
+    handler.setFormatter(_LineFormatter())
     handler.setLevel(logging.WARNING)
     handler.addFilter(_ThreadOnly())
     root = logging.getLogger()

@@ -27,6 +27,11 @@ itself. A connection lost after it is an error (exit 3), since the command may
 have done its work. The protocol is described in `refcount.serve`, which this
 module cannot import at module level; `tests/test_fastpath.py` checks that the
 two agree.
+
+Interruptions (SPEC §7, `refcount.interrupts`): `run()` makes SIGINT and
+SIGTERM raise `Interrupted` before it does anything else, and whatever is
+running then (this module, the import of the CLI, a command) ends with
+`refcount: interrupted`, exit 130, never a traceback.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
+from refcount import interrupts
 from refcount.wire import ACCEPTED, SOCKET_NAME, recv_exact, recv_size, send_frame, short_path
 
 NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
@@ -167,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return INTERNAL_ERROR
-    except KeyboardInterrupt:
-        print("refcount: interrupted", file=sys.stderr)
-        return 130
     sys.stdout.write(out)
     sys.stdout.flush()
     sys.stderr.write(err)
@@ -179,4 +182,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script and `python -m refcount`."""
-    sys.exit(main())
+    interrupts.install()  # first: from here on SIGINT and SIGTERM end in one line, exit 130
+    try:
+        try:
+            code = main()
+        finally:
+            interrupts.ignore_further()  # exiting now: a late signal changes nothing
+    except interrupts.Interrupted:
+        print(interrupts.describe(), file=sys.stderr)
+        code = interrupts.EXIT_CODE
+    sys.exit(code)

@@ -291,6 +291,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
     assert {m for m in ran.imported if m.startswith("refcount")} == {
         "refcount",
         "refcount.client",
+        "refcount.interrupts",
         "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 
