@@ -13,6 +13,10 @@ A crash before 5 leaves index.json as the truth and the database as it was, so
 the next start's catch-up heals it; a crash during 5 leaves journal rows whose
 actions are idempotent and re-checked against the committed state, so the next
 start finishes them. No file is removed before the commit that decided it.
+
+SIGINT and SIGTERM do not wait for the next start: steps 3 to 5 run in a
+`refcount.interrupts.deferred` section, so an interrupted operation is rolled
+back whole or finished before the interruption is raised (SPEC §7).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from refcount import graph
+from refcount import graph, interrupts
 from refcount.db.engine import (
     current_revision,
     default_url,
@@ -463,7 +468,8 @@ class Refcounter:
         ensure_schema(self.engine)
 
     def close(self) -> None:
-        self.engine.dispose()
+        with interrupts.deferred():  # a driver cut while closing logs tracebacks
+            self.engine.dispose()
 
     def schema_revision(self) -> str | None:
         return current_revision(self.engine)
@@ -482,10 +488,11 @@ class Refcounter:
             with transaction(self.engine) as repo:
                 empty = repo.get_meta(INDEX_HASH) is None
             if not empty:
-                return self._sync_locked(None)
+                with interrupts.deferred("init"):
+                    return self._sync_locked(None)
             snapshot = self.store.read_index()
             scan = _scan(self.store, snapshot, self.progress)
-            with transaction(self.engine) as repo:
+            with interrupts.deferred("init"), transaction(self.engine) as repo:
                 self._rebuild(repo, scan, snapshot.hash)
                 live = sum(1 for c in scan.counts.values() if c > 0)
             return SyncReport(
@@ -503,11 +510,13 @@ class Refcounter:
         every blob file is compared too. index.json that does not parse raises
         InvalidStore and changes nothing: it is never read as "no roots".
         """
-        with self.store.locked():
+        with self.store.locked(), interrupts.deferred("sync"):
             self._recover()
             return self._sync_locked(changes)
 
     def _sync_locked(self, changes: Changes | None) -> SyncReport:
+        """Callers hold the lock and keep interruptions out (refcount.interrupts): this
+        runs from the transaction through the journal, done or not done."""
         snapshot = self.store.read_index()
         with transaction(self.engine) as repo:
             work = _Work(repo, self.store, self.policy)
@@ -567,13 +576,16 @@ class Refcounter:
         with self.store.locked():
             self._recover()
             for _attempt in range(REWRITE_ATTEMPTS):
+                # index.json rewritten, committed and the journal carried out, or
+                # none of it: an interruption waits for the end of the attempt.
                 try:
-                    report = self._delete_once(target, selects, what, dry_run)
+                    with interrupts.deferred(None if dry_run else f"delete {what}"):
+                        report = self._delete_once(target, selects, what, dry_run)
+                        if not dry_run:
+                            crash_point("delete-after-commit")
+                            self._settle()
                 except ConcurrentChange:
                     continue
-                if not dry_run:
-                    crash_point("delete-after-commit")
-                    self._settle()
                 return report
         raise ConcurrentChange(f"{self.store.index_path}: kept changing; {what} not deleted")
 
@@ -711,11 +723,12 @@ class Refcounter:
         pending unlink or quarantine is re-checked against the database.
         """
         self.store.clear_temp()
-        with transaction(self.engine) as repo:
-            if not repo.pending_actions():
-                return
-            self._catch_up(_Work(repo, self.store, self.policy), self.store.read_index())
-        self._settle()
+        with interrupts.deferred():
+            with transaction(self.engine) as repo:
+                if not repo.pending_actions():
+                    return
+                self._catch_up(_Work(repo, self.store, self.policy), self.store.read_index())
+            self._settle()
 
     def _settle(self) -> None:
         """Carry out the file actions committed transactions decided; idempotent."""
@@ -741,7 +754,7 @@ class Refcounter:
     def gc(self, *, dry_run: bool = False, grace: timedelta | None = None) -> GcReport:
         """Sweep orphans older than the grace period; purge trash older than its TTL."""
         grace = self.policy.grace if grace is None else grace
-        with self.store.locked():
+        with self.store.locked(), interrupts.deferred(None if dry_run else "gc"):
             self._recover()
             if not dry_run:
                 self._sync_locked(None)
@@ -793,7 +806,10 @@ class Refcounter:
             self._recover()
             snapshot = self.store.read_index()
             scan = _scan(self.store, snapshot, self.progress)
-            with transaction(self.engine, write=repair) as repo:
+            with (
+                interrupts.deferred("verify --repair") if repair else nullcontext(),
+                transaction(self.engine, write=repair) as repo,
+            ):
                 recorded = repo.counts()
                 drift = tuple(
                     Drift(d, scan.counts.get(d, 0), recorded.get(d, 0))
@@ -992,7 +1008,10 @@ class Refcounter:
         with transaction(self.engine, write=False) as repo:
             if repo.get_meta(INDEX_HASH) == snapshot.hash:
                 return
-        self.sync(Changes(index=True))
+        # Not `sync()`: this catch-up is not the operation the user asked for.
+        with self.store.locked(), interrupts.deferred():
+            self._recover()
+            self._sync_locked(Changes(index=True))
 
     def stats(self) -> Stats:
         with transaction(self.engine, write=False) as repo:
