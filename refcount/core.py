@@ -25,7 +25,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 
 INDEX_HASH = "index_hash"
 REWRITE_ATTEMPTS = 5
+POLL = 0.1
+"""Seconds between looks for an interruption while waiting on worker threads."""
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
         nonlocal visited
         visited += 1
         if visited % 512 == 0:
+            interrupts.checkpoint()
             progress("counting", visited, len(files))
         hint = hints.get(digest)
         found = _expand(store, digest, hint.media_type if hint else None)
@@ -449,6 +452,16 @@ def _scan(store: Store, snapshot: IndexSnapshot, progress: Progress = _no_progre
     counts = graph.mark((r.digest for r in index.roots), children)
     progress("counting", len(files), len(files))
     return _Scan(index.roots, counts, edges, hints, parsed, files, problems, blind)
+
+
+def _result(future: Future[Corrupt | None], section: interrupts.deferred) -> Corrupt | None:
+    """The future's result, looking for an interruption every POLL seconds meanwhile."""
+    while True:
+        section.check()
+        try:
+            return future.result(timeout=POLL)
+        except TimeoutError:
+            continue
 
 
 # ---------------------------------------------------------------------------
@@ -876,13 +889,22 @@ class Refcounter:
             return None
 
         found: list[Corrupt] = []
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            results = pool.map(check, sorted(scan.files), chunksize=64)
-            for done, result in enumerate(results, 1):
-                if result is not None:
-                    found.append(result)
-                if done % 512 == 0 or done == len(scan.files):
-                    self.progress("hashing", done, len(scan.files))
+        # A signal must not land inside the pool's locks (one left held hangs the
+        # exit): the section takes it at `section.check()`, between results. Then
+        # the blobs not started are dropped, not hashed first; the workers finish
+        # the one in hand.
+        with interrupts.deferred() as section:
+            pool = ThreadPoolExecutor(max_workers=4)
+            try:
+                futures = [pool.submit(check, digest) for digest in sorted(scan.files)]
+                for done, future in enumerate(futures, 1):
+                    result = _result(future, section)
+                    if result is not None:
+                        found.append(result)
+                    if done % 512 == 0 or done == len(scan.files):
+                        self.progress("hashing", done, len(scan.files))
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
         return tuple(found)
 
     def _rebuild(self, repo: Repo, scan: _Scan, index_hash: str) -> None:
