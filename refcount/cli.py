@@ -4,8 +4,8 @@ Each command parses its options, calls one library method and renders one
 report. `_run()` is the only place that turns errors into messages and exit
 codes (SPEC §4): 0 success, 1 a problem found or a name that does not exist,
 2 usage or input error, 3 an internal error (a bug: the traceback is logged
-with -v, never shown otherwise), 130 interrupted (SIGINT or SIGTERM;
-see `refcount.interrupts`).
+with -v, never shown otherwise), 130 interrupted (SIGINT, SIGTERM, or a daemon's
+client that went away; see `refcount.interrupts`).
 
 The same boundary serves two callers. `main()` is a process of its own: it
 configures logging and runs one command. `serve_request()` runs one command
@@ -503,7 +503,7 @@ def _command() -> Any:
 def _run(argv: list[str] | None) -> int:
     """Run one command: the one place errors become messages and exit codes.
 
-    An interruption (SIGINT or SIGTERM) ends the command
+    An interruption (SIGINT, SIGTERM, a daemon's client gone) ends the command
     with `refcount: interrupted`, exit 130. When it came while an operation was
     completing, the operation finishes, its report is printed, and the line
     names it: `refcount: interrupted (delete tag 'a' had completed)`.
@@ -561,8 +561,12 @@ class _ThreadOnly(logging.Filter):
         return record.thread == self.thread
 
 
-def serve_request(argv: list[str]) -> tuple[int, str, str]:
+def serve_request(argv: list[str], cancel: threading.Event) -> tuple[int, str, str]:
     """Run one command for a client of the daemon; returns (exit code, stdout, stderr).
+
+    `cancel` is set when the client goes away or is interrupted (`refcount.serve`
+    watches its connection): the command stops as an interrupted CLI process
+    does (`refcount.interrupts`), and answers exit 130.
 
     What the client gets is exactly what `main(argv)` would have printed: the
     same Typer app, renderers and error mapping, a stdout that is not a
@@ -601,7 +605,7 @@ def serve_request(argv: list[str]) -> tuple[int, str, str]:
         root.addHandler(handler)
         started = time.monotonic()
         try:
-            with redirect_stdout(out), redirect_stderr(err):
+            with redirect_stdout(out), redirect_stderr(err), interrupts.cancelled_by(cancel):
                 code = _run(argv)
         finally:
             root.removeHandler(handler)
