@@ -4,7 +4,8 @@ Each command parses its options, calls one library method and renders one
 report. `_run()` is the only place that turns errors into messages and exit
 codes (SPEC §4): 0 success, 1 a problem found or a name that does not exist,
 2 usage or input error, 3 an internal error (a bug: the traceback is logged
-with -v, never shown otherwise).
+with -v, never shown otherwise), 130 interrupted (SIGINT, SIGTERM, or a daemon's
+client that went away; see `refcount.interrupts`).
 
 The same boundary serves two callers. `main()` is a process of its own: it
 configures logging and runs one command. `serve_request()` runs one command
@@ -34,8 +35,9 @@ from typing import Annotated, Any
 
 import typer
 
+from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import Refcounter, sync_log
+from refcount.core import Progress, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
 from refcount.errors import RefcountError
@@ -100,7 +102,7 @@ class Settings:
     max_manifest: int
     mass_free_threshold: float
 
-    def open(self) -> Refcounter:
+    def open(self, progress: Progress | None = None) -> Refcounter:
         return open_store(
             self.store,
             self.db,
@@ -110,26 +112,27 @@ class Settings:
             keep_untagged=self.keep_untagged,
             max_manifest=self.max_manifest,
             mass_free_threshold=self.mass_free_threshold,
+            progress=progress,
         )
 
     @contextmanager
     def counter(self) -> Iterator[Refcounter]:
         """The store's Refcounter, drawing a progress bar on a terminal (never in JSON mode)."""
-        with self.open() as rc:
-            if self.json or not sys.stdout.isatty():
+        if self.json or not sys.stdout.isatty():
+            with self.open() as rc:
                 yield rc
-                return
-            from rich.progress import Progress
+            return
+        from rich.progress import Progress as Bar
 
-            with Progress(transient=True) as bar:
-                tasks: dict[str, Any] = {}
+        with Bar(transient=True) as bar:
+            tasks: dict[str, Any] = {}
 
-                def show(phase: str, done: int, total: int) -> None:
-                    if phase not in tasks:
-                        tasks[phase] = bar.add_task(phase, total=total)
-                    bar.update(tasks[phase], completed=done, total=total)
+            def show(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done, total=total)
 
-                rc.progress = show
+            with self.open(progress=show) as rc:
                 yield rc
 
 
@@ -645,11 +648,33 @@ def _without_sync_details(record: logging.LogRecord) -> bool:
     return record.name != sync_log.name or record.levelno >= logging.WARNING
 
 
-def _configure_logging(log_format: str, level: int | None = None) -> None:
+class _LineFormatter(logging.Formatter):
+    """`refcount: message`, one line: a traceback only when debug logging is on (-vv).
+
+    A library's own error log (SQLAlchemy's pool logs "Exception closing
+    connection" with exc_info) must not put a traceback in front of a user.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("refcount: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return super().format(record)
+        record.message = record.getMessage()
+        return self.formatMessage(record)  # without exc_info, exc_text or stack_info
+
+
+def _configure_logging(
+    log_format: str, level: int | None = None, *, tracebacks: bool = True
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter() if log_format == "json" else logging.Formatter("refcount: %(message)s")
-    )
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("refcount: %(message)s") if tracebacks else _LineFormatter()
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     if level is not None and root.level > level:
@@ -658,7 +683,7 @@ def _configure_logging(log_format: str, level: int | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in this process; returns the exit code."""
-    _configure_logging("text")
+    _configure_logging("text", tracebacks=False)
     logging.getLogger().setLevel(logging.WARNING)
     try:
         return _run(argv)
@@ -674,18 +699,44 @@ def _command() -> Any:
 
 
 def _run(argv: list[str] | None) -> int:
-    """Run one command: the one place errors become messages and exit codes."""
+    """Run one command: the one place errors become messages and exit codes.
+
+    An interruption (SIGINT, SIGTERM, a daemon's client gone) ends the command
+    with `refcount: interrupted`, exit 130. When it came while an operation was
+    completing, the operation finishes, its report is printed, and the line
+    names it: `refcount: interrupted (delete tag 'a' had completed)`.
+    """
+    interrupts.begin()
     args = normalise(sys.argv[1:] if argv is None else argv)
     as_json = asks_for_json(args)  # known even when parsing is what fails
+    code = _outcome(args, as_json)
+    if interrupts.requested():
+        return _interrupted(as_json)
+    return code
+
+
+def _interrupted(as_json: bool) -> int:
+    """The line for an interrupted command (and its JSON document under --json)."""
+    line = interrupts.describe()
+    typer.echo(line, err=True)
+    if as_json:
+        error = line.removeprefix("refcount: ")
+        typer.echo(json.dumps({"error": error, "exit_code": interrupts.EXIT_CODE}, indent=2))
+    return interrupts.EXIT_CODE
+
+
+def _outcome(args: list[str], as_json: bool) -> int:
     try:
         result = _command().main(args=args, standalone_mode=False, prog_name="refcount")
         return result if isinstance(result, int) else 0
+    except interrupts.Interrupted:
+        log.debug("interrupted", exc_info=True)
+        return _interrupted(as_json)
     except RefcountError as exc:
         log.debug("error details", exc_info=True)
         return _fail(f"error: {exc}", exc.exit_code, as_json)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("refcount: interrupted", err=True)
-        return 130
+        return _interrupted(as_json)
     except typer.TyperException as exc:  # usage errors: bad flag, missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":  # `refcount`, `refcount delete`
             # Click's message is the help itself (empty when rich printed it):
@@ -743,12 +794,18 @@ class _ThreadOnly(logging.Filter):
 
 
 def serve_request(
-    argv: list[str], *, on_report: Callable[[object], None] | None = None
+    argv: list[str],
+    cancel: threading.Event,
+    *,
+    on_report: Callable[[object], None] | None = None,
 ) -> tuple[int, str, str]:
     """Run one command for a client of the daemon; returns (exit code, stdout, stderr).
 
-    `on_report` is given every report the command renders (the daemon's
-    metrics count what its clients' commands did: frees, sweeps, roots).
+    `cancel` is set when the client goes away or is interrupted (`refcount.serve`
+    watches its connection): the command stops as an interrupted CLI process
+    does (`refcount.interrupts`), and answers exit 130. `on_report` is given
+    every report the command renders (the daemon's metrics count what its
+    clients' commands did: frees, sweeps, roots).
 
     What the client gets is exactly what `main(argv)` would have printed: the
     same Typer app, renderers and error mapping, a stdout that is not a
@@ -778,7 +835,7 @@ def serve_request(
     """
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("refcount: %(message)s"))
+    handler.setFormatter(_LineFormatter())
     handler.setLevel(logging.WARNING)
     handler.addFilter(_ThreadOnly())
     root = logging.getLogger()
@@ -788,7 +845,7 @@ def serve_request(
         root.addHandler(handler)
         started = time.monotonic()
         try:
-            with redirect_stdout(out), redirect_stderr(err):
+            with redirect_stdout(out), redirect_stderr(err), interrupts.cancelled_by(cancel):
                 code = _run(argv)
         finally:
             root.removeHandler(handler)

@@ -27,16 +27,28 @@ itself. A connection lost after it is an error (exit 3), since the command may
 have done its work. The protocol is described in `refcount.serve`, which this
 module cannot import at module level; `tests/test_fastpath.py` checks that the
 two agree.
+
+Interruptions (SPEC §7, `refcount.interrupts`): `run()` makes SIGINT and
+SIGTERM raise `Interrupted` before it does anything else, and whatever is
+running then (this module, the import of the CLI, a command) ends with
+`refcount: interrupted`, exit 130, never a traceback. Once the daemon may have
+the request, an interruption is passed on to it instead: the client shuts its
+side of the connection, which the daemon takes as "stop the command", and
+waits up to CANCEL_WAIT seconds for the answer, which says whether it ran.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping
+from contextlib import suppress
 
+from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, normalise
 from refcount.wire import ACCEPTED, SOCKET_NAME, recv_exact, recv_size, send_frame, short_path
 
@@ -45,6 +57,10 @@ STATE_DIR = ".refcount"  # refcount.store.STATE_DIR
 CONNECT_TIMEOUT = 1.0
 """Seconds to wait for the daemon to take the connection before running here."""
 INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
+CANCEL_WAIT = 5.0
+"""Seconds an interrupted client waits for the daemon to say whether the command ran."""
+POLL = 0.1
+"""Seconds between looks for an interruption while waiting for the daemon."""
 
 SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
 """refcount.cli.SERVED_COMMANDS: what the daemon runs for a client."""
@@ -54,6 +70,47 @@ _FLAG_OPTIONS = GLOBAL_FLAGS - {"--verbose"}  # -v: the log lines asked for are 
 
 class _NotSent(Exception):
     """The daemon did not take the command: run it here."""
+
+
+class _GaveUp(Exception):
+    """Interrupted, and the daemon did not say in time whether the command ran."""
+
+
+class _Exchange:
+    """The socket, read with interruptions passed on to the daemon.
+
+    Reads happen inside `interrupts.deferred()`, so a signal never cuts one in
+    half (a byte read and dropped would garble the answer); every POLL seconds
+    of waiting, this looks for one. The first shuts the client's side of the
+    connection, which the daemon takes as "stop the command"
+    (`refcount.serve`), and reading goes on for at most CANCEL_WAIT seconds; a
+    second one gives up at once.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.cancelled = False
+        self.signum: int | None = None
+        self._deadline = math.inf
+
+    def recv(self, bufsize: int, /) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(bufsize)
+            except TimeoutError:
+                self._look()
+
+    def _look(self) -> None:
+        signum = interrupts.take()
+        if signum is not None:
+            if self.cancelled:
+                raise _GaveUp
+            self.cancelled, self.signum = True, signum
+            with suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            self._deadline = time.monotonic() + CANCEL_WAIT
+        if time.monotonic() > self._deadline:
+            raise _GaveUp
 
 
 def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None:
@@ -121,8 +178,12 @@ def ask_daemon(socket_path: str, argv: list[str]) -> tuple[int, str, str]:
     """Have the daemon on `socket_path` run `argv`; returns (code, stdout, stderr).
 
     Raises _NotSent when the command did not run there (no daemon, a stale
-    socket, refused, busy past CONNECT_TIMEOUT), and OSError when the
-    connection was lost after the daemon took the command.
+    socket, refused, busy past CONNECT_TIMEOUT), OSError when the connection
+    was lost after the daemon took the command, Interrupted when the client was
+    interrupted before the daemon took it (it never will), and _GaveUp when the
+    daemon took it and did not answer in time after an interruption. After one,
+    the answer is the daemon's (exit 130: it stopped or says what had completed),
+    or exit 130 added to it when the daemon had finished before it noticed.
     """
     request = {"argv": argv, "stdout_isatty": False}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -130,16 +191,32 @@ def ask_daemon(socket_path: str, argv: list[str]) -> tuple[int, str, str]:
         try:
             with short_path(socket_path) as name:
                 sock.connect(name)
-            # A daemon that is busy reads this only when the command before it
-            # is done: wait as long as that takes (Ctrl-C stops waiting).
-            sock.settimeout(None)
-            send_frame(sock, request)
-            if sock.recv(1) != ACCEPTED:
-                raise _NotSent
         except OSError as exc:
             raise _NotSent from exc
-        answer = json.loads(recv_exact(sock, recv_size(sock)))
-    return int(answer["code"]), str(answer["out"]), str(answer["err"])
+        # The answer, once here, is printed whole: an interruption after it (but
+        # not one passed on to the daemon) is reported after it (see main).
+        with interrupts.deferred("the command"):
+            exchange = _Exchange(sock)
+            try:
+                sock.settimeout(None)
+                send_frame(sock, request)
+                # A daemon that is busy reads this only when the command before it
+                # is done: wait as long as that takes (Ctrl-C stops waiting).
+                sock.settimeout(POLL)
+                accepted = exchange.recv(1) == ACCEPTED
+            except (OSError, _GaveUp) as exc:
+                accepted = False
+                if not exchange.cancelled:
+                    raise _NotSent from exc
+            if not accepted:
+                if exchange.cancelled:  # a daemon never runs a request whose client left
+                    raise interrupts.Interrupted(exchange.signum)
+                raise _NotSent
+            answer = json.loads(recv_exact(exchange, recv_size(exchange)))
+    code, out, err = int(answer["code"]), str(answer["out"]), str(answer["err"])
+    if exchange.cancelled and code != interrupts.EXIT_CODE:
+        return interrupts.EXIT_CODE, out, f"{err}{interrupts.describe()}\n"
+    return code, out, err
 
 
 def _direct(argv: list[str]) -> int:
@@ -161,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         code, out, err = ask_daemon(socket_path, request)
     except _NotSent:
         return _direct(args)
+    except _GaveUp:
+        print(
+            f"refcount: interrupted before the daemon ({socket_path}) said whether the "
+            "command ran; it may or may not take effect: check with `refcount verify`",
+            file=sys.stderr,
+        )
+        return interrupts.EXIT_CODE
     except (OSError, ValueError, KeyError) as exc:
         print(
             f"refcount: error: {socket_path}: lost the daemon while it ran the command "
@@ -168,16 +252,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return INTERNAL_ERROR
-    except KeyboardInterrupt:
-        print("refcount: interrupted", file=sys.stderr)
-        return 130
     sys.stdout.write(out)
     sys.stdout.flush()
     sys.stderr.write(err)
     sys.stderr.flush()
+    if code != interrupts.EXIT_CODE and interrupts.requested():  # came after the answer
+        print(interrupts.describe(), file=sys.stderr)
+        return interrupts.EXIT_CODE
     return code
 
 
 def run() -> None:
     """The console script and `python -m refcount`."""
-    sys.exit(main())
+    interrupts.install()  # first: from here on SIGINT and SIGTERM end in one line, exit 130
+    try:
+        try:
+            code = main()
+        finally:
+            interrupts.ignore_further()  # exiting now: a late signal changes nothing
+    except interrupts.Interrupted:
+        print(interrupts.describe(), file=sys.stderr)
+        code = interrupts.EXIT_CODE
+    sys.exit(code)

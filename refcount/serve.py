@@ -18,6 +18,14 @@ got it knows the command did not run (the daemon was gone, stopping, or refused
 it) and runs it itself; one that got it and then lost the connection must not
 run it again, since the command may have done its work.
 
+The client sends nothing after its request, so end of file on the connection
+means it went away or was interrupted (it shuts its side and waits for the
+answer): a request whose client is gone before it starts is not run, and while
+one runs a small thread watches the connection and sets the request's cancel
+event, which stops the command at its next checkpoint, as SIGINT stops a CLI
+process (`refcount.interrupts`). The next request does not wait for abandoned
+work.
+
 Who may connect: the socket is made mode 0600 before it listens, and a peer
 whose uid (SO_PEERCRED) is not the daemon's is refused anyway (root ignores file
 modes). Requests are served one at a time on one thread; each takes the store's
@@ -32,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -52,8 +61,9 @@ POLL = 0.2
 """Seconds between checks for a stop while waiting for connections."""
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-Handler = Callable[[list[str]], tuple[int, str, str]]
-"""Runs one command line; returns (exit code, stdout, stderr)."""
+Handler = Callable[[list[str], threading.Event], tuple[int, str, str]]
+"""Runs one command line; returns (exit code, stdout, stderr). The event is set
+when the client goes away: the command should stop (and answer exit 130)."""
 
 
 class CannotServe(RefcountError):
@@ -76,6 +86,62 @@ def _read_request(sock: socket.socket) -> list[str]:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise _BadRequest("no argv list of strings")
     return argv
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the peer closed or shut its side; call only when `conn` is readable."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _gone(conn: socket.socket) -> bool:
+    """Whether the peer has already closed or shut its side (no waiting)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0)) and _hung_up(conn)
+
+
+class _PeerWatch:
+    """While a request runs: set `cancel` when its client hangs up.
+
+    A thread polls the connection and a pipe; leaving the block writes to the
+    pipe, so the thread ends at once and the connection is the serving
+    thread's alone again before it answers.
+    """
+
+    def __init__(self, conn: socket.socket, cancel: threading.Event) -> None:
+        self.conn = conn
+        self.cancel = cancel
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="refcount-serve-peer", daemon=True)
+
+    def __enter__(self) -> _PeerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.write(self._wake_write, b"\0")
+        self._thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.conn.fileno(), select.POLLIN | select.POLLRDHUP)
+        poller.register(self._wake_read, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._wake_read in ready:
+                return
+            if _hung_up(self.conn):
+                self.cancel.set()
+                return
+            # Bytes the protocol does not send: not a hang-up; stop looking.
+            poller.unregister(self.conn.fileno())
 
 
 class CommandServer:
@@ -167,18 +233,29 @@ class CommandServer:
         except (_BadRequest, OSError) as exc:
             log.warning("serve: dropped a request from pid %d: %s", pid, exc)
             return
+        if _gone(conn):  # interrupted while the daemon was busy: it wants nothing run
+            log.debug("serve: pid %d went away before its request ran", pid)
+            return
         try:
             conn.sendall(ACCEPTED)
         except OSError:  # the client gave up; it runs the command itself
             log.debug("serve: pid %d went away before its request ran", pid)
             return
+        log.debug("serve: pid %d: running %s", pid, " ".join(argv))
+        cancel = threading.Event()
         try:
-            code, out, err = self.handler(argv)
+            with _PeerWatch(conn, cancel):
+                code, out, err = self.handler(argv, cancel)
         except Exception as exc:  # the handler maps errors itself; this is a bug
             log.exception("serve: the command failed")
             code, out, err = 3, "", f"refcount: internal error in the daemon: {exc!r}\n"
+        if cancel.is_set():
+            log.info("serve: pid %d went away or was interrupted; its command exited %d", pid, code)
         conn.settimeout(None)  # the answer may be large; the client reads it whole
         try:
             send_frame(conn, {"code": code, "out": out, "err": err})
         except OSError as exc:
-            log.warning("serve: could not answer pid %d: %s", pid, exc)
+            if cancel.is_set():
+                log.debug("serve: pid %d is gone; no answer sent: %s", pid, exc)
+            else:
+                log.warning("serve: could not answer pid %d: %s", pid, exc)

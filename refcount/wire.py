@@ -14,7 +14,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 SOCKET_NAME = "refcount.sock"
 """The socket's name inside the store's `.refcount/` directory."""
@@ -22,12 +22,18 @@ ACCEPTED = b"\x01"
 HEADER = struct.Struct("!I")
 
 
+class Receiver(Protocol):
+    """What frames are read from: a socket, or a reader wrapping one."""
+
+    def recv(self, bufsize: int, /) -> bytes: ...
+
+
 def send_frame(sock: socket.socket, obj: Any) -> None:
     data = json.dumps(obj).encode()
     sock.sendall(HEADER.pack(len(data)) + data)
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytes:
+def recv_exact(sock: Receiver, size: int) -> bytes:
     """Exactly `size` bytes; ConnectionError when the peer closes before that."""
     chunks = []
     while size:
@@ -39,7 +45,7 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_size(sock: socket.socket) -> int:
+def recv_size(sock: Receiver) -> int:
     """The length of the next frame."""
     (size,) = HEADER.unpack(recv_exact(sock, HEADER.size))
     return int(size)

@@ -298,6 +298,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
         "refcount",
         "refcount.client",
         "refcount.argv",
+        "refcount.interrupts",
         "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 

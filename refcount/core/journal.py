@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from refcount import interrupts
 from refcount.db.engine import Engine, transaction
 from refcount.db.repo import BlobRow, Repo
 from refcount.domain import BlobState, FileAction
@@ -26,11 +27,12 @@ def recover(engine: Engine, store: Store, catch_up: Callable[[Repo], object]) ->
     Called with the store's lock held.
     """
     store.clear_temp()
-    with transaction(engine) as repo:
-        if not repo.pending_actions():
-            return
-        catch_up(repo)
-    settle(engine, store)
+    with interrupts.deferred():
+        with transaction(engine) as repo:
+            if not repo.pending_actions():
+                return
+            catch_up(repo)
+        settle(engine, store)
 
 
 def settle(engine: Engine, store: Store) -> None:

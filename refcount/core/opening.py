@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from enum import StrEnum
 
+from refcount import interrupts
 from refcount.db.engine import (
     Engine,
     current_revision,
@@ -51,7 +52,8 @@ class Opening:
 
     def close(self) -> None:
         if self.engine is not None:
-            self.engine.dispose()
+            with interrupts.deferred():  # a driver cut while closing logs tracebacks
+                self.engine.dispose()
 
     def _make_engine(self, *, read_only: bool) -> Engine:
         if self.engine is None:

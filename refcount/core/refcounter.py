@@ -16,17 +16,22 @@ A crash before 5 leaves index.json as the truth and the database as it was, so
 the next start's catch-up heals it; a crash during 5 leaves journal rows whose
 actions are idempotent and re-checked against the committed state, so the next
 start finishes them. No file is removed before the commit that decided it.
+
+SIGINT and SIGTERM do not wait for the next start: steps 3 to 5 run in a
+`refcount.interrupts.deferred` section, so an interrupted operation is rolled
+back whole or finished before the interruption is raised (SPEC §7).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+from refcount import interrupts
 from refcount.core import journal, planner, reading, reconcile
 from refcount.core import scan as scanning
 from refcount.core.ledger import Ledger
@@ -118,10 +123,11 @@ class Refcounter:
             with transaction(engine) as repo:
                 empty = repo.index_hash() is None
             if not empty:
-                return self._sync_locked(None)
+                with interrupts.deferred("init"):
+                    return self._sync_locked(None)
             snapshot = self.store.read_index()
             found = scanning.scan(self.store, snapshot, self.progress)
-            with transaction(engine) as repo:
+            with interrupts.deferred("init"), transaction(engine) as repo:
                 scanning.rebuild(repo, found, snapshot.hash)
             report = SyncReport(
                 roots_added=len(found.roots),
@@ -140,10 +146,12 @@ class Refcounter:
         every blob file is compared too. index.json that does not parse raises
         InvalidStore and changes nothing: it is never read as "no roots".
         """
-        with self._writing():
+        with self._writing(), interrupts.deferred("sync"):
             return self._sync_locked(changes)
 
     def _sync_locked(self, changes: Changes | None) -> SyncReport:
+        """Callers hold the lock and keep interruptions out (refcount.interrupts): this
+        runs from the transaction through the journal, done or not done."""
         snapshot = self.store.read_index()
         with transaction(self.engine) as repo:
             ledger = self._ledger(repo)
@@ -165,7 +173,9 @@ class Refcounter:
         with transaction(self.engine, write=False) as repo:
             if repo.index_hash() == snapshot.hash:
                 return
-        self.sync(Changes(index=True))
+        # Not `sync()`: this catch-up is not the operation the user asked for.
+        with self._writing(), interrupts.deferred():
+            self._sync_locked(Changes(index=True))
 
     # --- delete -------------------------------------------------------------------------
     def delete_tag(self, tag: str, *, dry_run: bool = False) -> DeleteReport:
@@ -180,13 +190,16 @@ class Refcounter:
     def _delete(self, select: planner.Select, dry_run: bool) -> DeleteReport:
         with self._writing():
             for _attempt in range(REWRITE_ATTEMPTS):
+                # index.json rewritten, committed and the journal carried out, or
+                # none of it: an interruption waits for the end of the attempt.
                 try:
-                    report = self._delete_once(select, dry_run)
+                    with interrupts.deferred(None if dry_run else f"delete {select.what}"):
+                        report = self._delete_once(select, dry_run)
+                        if not dry_run:
+                            crash_point("delete-after-commit")
+                            self._settle()
                 except ConcurrentChange:
                     continue
-                if not dry_run:
-                    crash_point("delete-after-commit")
-                    self._settle()
                 return report
         raise ConcurrentChange(f"{self.store.index_path}: kept changing; {select.what} not deleted")
 
@@ -220,7 +233,7 @@ class Refcounter:
     # --- gc -----------------------------------------------------------------------------
     def gc(self, *, dry_run: bool = False, grace: timedelta | None = None) -> GcReport:
         """Sweep orphans older than the grace period; purge trash older than its TTL."""
-        with self._writing() as engine:
+        with self._writing() as engine, interrupts.deferred(None if dry_run else "gc"):
             if not dry_run:
                 self._sync_locked(None)
             with transaction(engine) as repo:
@@ -251,13 +264,17 @@ class Refcounter:
             return self._verify(deep, repair=False)
         with self._writing():
             if not repair:
-                self._sync_locked(Changes(index=True))
+                with interrupts.deferred():
+                    self._sync_locked(Changes(index=True))
             return self._verify(deep, repair)
 
     def _verify(self, deep: bool, repair: bool) -> VerifyReport:
         snapshot = self.store.read_index()
         found = scanning.scan(self.store, snapshot, self.progress)
-        with transaction(self.engine, write=repair) as repo:
+        with (
+            interrupts.deferred("verify --repair") if repair else nullcontext(),
+            transaction(self.engine, write=repair) as repo,
+        ):
             behind = 0
             if self.opening.mode is Mode.READ and repo.index_hash() != snapshot.hash:
                 behind = reconcile.entries_changed(repo.roots(), found.roots)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from refcount import graph
+from refcount import graph, interrupts
 from refcount.core.expansion import LEAF, Expansion, expand, known_size
 from refcount.core.ledger import orphan_row
 from refcount.core.policy import Progress, mtime, no_progress, now
@@ -68,6 +68,7 @@ def scan(store: Store, snapshot: IndexSnapshot, progress: Progress = no_progress
         nonlocal visited
         visited += 1
         if visited % 512 == 0:
+            interrupts.checkpoint()
             progress("counting", visited, len(files))
         hint = result.hints.get(digest)
         found = expand(store, digest, hint.media_type if hint else None)
@@ -162,14 +163,40 @@ def check_content(
 def _in_threads(
     check: Callable[[str], Corrupt | None], digests: list[str], progress: Progress, workers: int
 ) -> tuple[Corrupt, ...]:
+    """`check` every digest in a pool, in order, stopping at once when interrupted.
+
+    A signal must not land inside the pool's locks (one left held hangs the exit):
+    the section takes it at `section.check()`, between results. Then the blobs not
+    started are dropped, not hashed first; the workers finish the one in hand.
+    """
     results: list[Corrupt] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, result in enumerate(pool.map(check, digests, chunksize=64), 1):
-            if result is not None:
-                results.append(result)
-            if done % 512 == 0 or done == len(digests):
-                progress("hashing", done, len(digests))
+    with interrupts.deferred() as section:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            futures = [pool.submit(check, digest) for digest in digests]
+            for done, future in enumerate(futures, 1):
+                result = _result(future, section)
+                if result is not None:
+                    results.append(result)
+                if done % 512 == 0 or done == len(digests):
+                    progress("hashing", done, len(digests))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     return tuple(results)
+
+
+POLL = 0.1
+"""Seconds between looks for an interruption while waiting on worker threads."""
+
+
+def _result(future: Future[Corrupt | None], section: interrupts.deferred) -> Corrupt | None:
+    """The future's result, looking for an interruption every POLL seconds meanwhile."""
+    while True:
+        section.check()
+        try:
+            return future.result(timeout=POLL)
+        except TimeoutError:
+            continue
 
 
 def report(

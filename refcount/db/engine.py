@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from refcount.db.repo import Repo
 from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import DatabaseError
+from refcount.interrupts import deferred
 
 BUSY_TIMEOUT_MS = 60_000
 
@@ -112,14 +113,29 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
     """One transaction, yielding a Repo; commits on success, rolls back on error.
 
     A caller that wants to discard its work (a dry run) calls `repo.rollback()`.
+
+    Opening, commit or rollback, and closing are never cut by an interruption
+    (`refcount.interrupts`): one that lands inside SQLAlchemy's pool logs
+    "Exception closing connection" with a traceback and may leave a connection
+    for the garbage collector. The body is not protected here; an interruption
+    there rolls the transaction back. Writers protect theirs (refcount.core).
     """
+    stack = ExitStack()
     try:
-        with engine.connect() as connection:
-            if not write and engine.dialect.name == "sqlite":
-                connection = connection.execution_options(refcount_begin="DEFERRED")
-            with connection.begin() as tx:
-                repo = Repo(connection, tx)
-                yield repo
+        try:
+            with deferred():
+                connection = stack.enter_context(engine.connect())
+                if not write and engine.dialect.name == "sqlite":
+                    connection = connection.execution_options(refcount_begin="DEFERRED")
+                tx = stack.enter_context(connection.begin())
+            yield Repo(connection, tx)
+        except BaseException as exc:
+            with deferred():
+                if not stack.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+        else:
+            with deferred():
+                stack.close()
     except SQLAlchemyError as exc:
         raise DatabaseError(f"{redact_url(str(engine.url))}: {_one_line(exc)}") from None
 
@@ -130,7 +146,7 @@ def current_revision(engine: Engine) -> str | None:
     if database is not None and not database.exists():
         return None  # the default database file is created by the first command that writes
     try:
-        with engine.connect() as connection:
+        with deferred(), engine.connect() as connection:
             if not inspect(connection).has_table("alembic_version"):
                 return None
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -149,7 +165,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     try:
-        with engine.begin() as connection:
+        with deferred(), engine.begin() as connection:  # a migration is done or not done
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
