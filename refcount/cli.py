@@ -40,7 +40,7 @@ from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, nor
 from refcount.core import Progress, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.durations import parse_duration
-from refcount.errors import RefcountError
+from refcount.errors import ExitCode, NotServed, RefcountError
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
@@ -55,15 +55,11 @@ from refcount.units import human_size, plural
 
 log = logging.getLogger("refcount")
 
-INTERNAL_ERROR = 3
+INTERNAL_ERROR = ExitCode.INTERNAL
 
 SERVED_COMMANDS = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
 """The commands a daemon runs for a client: not `watch` (a daemon in a daemon)
 nor `db` (migrations are run by hand, next to the process that owns the schema)."""
-
-
-class NotServed(RefcountError):
-    """A request for a command the daemon does not run for clients (exit 2)."""
 
 
 app = typer.Typer(
@@ -262,7 +258,7 @@ def init(ctx: typer.Context) -> None:
         refcount --store /srv/oci init
     """
     with _settings(ctx).counter() as rc:
-        _render_sync(ctx, rc.init())
+        render(ctx, rc.init())
 
 
 @app.command(short_help="Reconcile the database with the disk once.")
@@ -270,15 +266,7 @@ def sync(ctx: typer.Context) -> None:
     """Reconcile the database with the disk once, applying only the differences; exit 1
     when it finds referenced blobs missing."""
     with _settings(ctx).counter() as rc:
-        _render_sync(ctx, rc.sync())
-
-
-def _render_sync(ctx: typer.Context, report: SyncReport) -> None:
-    """The report, and exit 1 when it found referenced blobs missing (SPEC §4: the
-    command ran but found a problem); the counts are recorded either way."""
-    render(ctx, report)
-    if report.missing:
-        raise typer.Exit(1)
+        render(ctx, rc.sync())
 
 
 @delete_app.command("tag", short_help="Remove the entries tagged REF; free what reaches zero.")
@@ -327,8 +315,6 @@ def verify(
     with _settings(ctx).counter() as rc:
         report = rc.verify(deep=deep, repair=repair)
     render(ctx, report)
-    if not report.ok:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -472,14 +458,18 @@ def db_current(ctx: typer.Context) -> None:
 
 # --- rendering ----------------------------------------------------------------
 def render(ctx: typer.Context, report: Any, text: Callable[[Any], list[str]] | None = None) -> None:
-    """One JSON document, or `text(report)` (by default the report type's own lines)."""
+    """One JSON document, or `text(report)` (by default the report type's own lines);
+    then the report's own exit code (1 when it found a problem), read here only."""
     if (on_report := _ON_REPORT.get()) is not None:
         on_report(report)
     if _settings(ctx).json:
         typer.echo(json.dumps(to_json(report), indent=2, default=str))
-        return
-    for line in (text or _text)(report):
-        typer.echo(line)
+    else:
+        for line in (text or _RENDERERS[type(report)])(report):
+            typer.echo(line)
+    code = getattr(report, "exit_code", ExitCode.OK)
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
 
 
 def _size(n: int | None) -> str:
@@ -496,65 +486,62 @@ def _columns(rows: list[list[str]]) -> list[str]:
     ]
 
 
-def _text(report: Any) -> list[str]:
-    if isinstance(report, DeleteReport):
-        verb = ("would remove", "would free") if report.dry_run else ("removed", "freed")
-        entries = plural(len(report.removed), "index.json entry", "index.json entries")
-        lines = [f"{verb[0]} {entries}:"]
-        lines += _columns([["", e.tag or "(untagged)", e.digest] for e in report.removed])
-        freed = f"{verb[1]} {plural(len(report.freed), 'blob')}, {_size(report.freed_bytes)}"
-        lines.append(freed + (":" if report.freed else ""))
-        lines += _columns([["", b.digest, _size(b.size), b.media_type or ""] for b in report.freed])
-        return lines
-    if isinstance(report, SyncReport):
-        lines = [
-            f"roots +{report.roots_added} -{report.roots_removed}; "
-            f"{plural(report.became_live, 'blob')} became live; "
-            f"{len(report.freed)} freed ({_size(report.freed_bytes)}); "
-            f"{len(report.restored)} restored; {len(report.missing)} missing; "
-            f"{plural(len(report.orphans), 'new orphan')}"
-        ]
-        lines += [f"missing: {d}" for d in report.missing]
-        lines += [f"skipped: {p}" for p in report.problems]
-        if report.mass_free is not None:
-            lines.append(_mass_free_text(report.mass_free))
-        return lines
-    if isinstance(report, VerifyReport):
-        return _verify_text(report)
-    if isinstance(report, GcReport):
-        sweep, purge = ("would sweep", "would purge") if report.dry_run else ("swept", "purged")
-        lines = [
-            f"{sweep} {plural(len(report.swept), 'orphan')}, "
-            f"{purge} {plural(len(report.purged), 'trashed blob')}, {_size(report.freed_bytes)}"
-        ]
-        lines += _columns(
-            [
-                ["", "orphan", a.digest, _size(a.size), f"{a.age_seconds:.0f}s old"]
-                for a in report.swept
-            ]
-            + [["", "trash", a.digest, _size(a.size), ""] for a in report.purged]
-        )
-        return lines
-    if isinstance(report, list):
-        return _tags_text(report)
-    if isinstance(report, BlobInfo):
-        lines = [
-            f"digest:     {report.digest}",
-            f"count:      {report.count}",
-            f"state:      {report.state}",
-            f"size:       {_exact_size(report.size)}",
-            f"media type: {report.media_type or '?'}",
-        ]
-        if report.tags:
-            lines.append("roots:      " + ", ".join(t or "(untagged)" for t in report.tags))
-        if report.subject:
-            lines.append(f"subject:    {report.subject}")
-        if report.problem:
-            lines.append(f"problem:    {report.problem}")
-        lines += [f"parent:     {p.digest} ({p.kind})" for p in report.parents]
-        lines += [f"child:      {c.digest} ({c.kind})" for c in report.children]
-        return lines
-    raise TypeError(f"no renderer for {type(report).__name__}")
+def _delete_text(report: DeleteReport) -> list[str]:
+    verb = ("would remove", "would free") if report.dry_run else ("removed", "freed")
+    entries = plural(len(report.removed), "index.json entry", "index.json entries")
+    lines = [f"{verb[0]} {entries}:"]
+    lines += _columns([["", e.tag or "(untagged)", e.digest] for e in report.removed])
+    freed = f"{verb[1]} {plural(len(report.freed), 'blob')}, {_size(report.freed_bytes)}"
+    lines.append(freed + (":" if report.freed else ""))
+    lines += _columns([["", b.digest, _size(b.size), b.media_type or ""] for b in report.freed])
+    return lines
+
+
+def _sync_text(report: SyncReport) -> list[str]:
+    lines = [
+        f"roots +{report.roots_added} -{report.roots_removed}; "
+        f"{plural(report.became_live, 'blob')} became live; "
+        f"{len(report.freed)} freed ({_size(report.freed_bytes)}); "
+        f"{len(report.restored)} restored; {len(report.missing)} missing; "
+        f"{plural(len(report.orphans), 'new orphan')}"
+    ]
+    lines += [f"missing: {d}" for d in report.missing]
+    lines += [f"skipped: {p}" for p in report.problems]
+    if report.mass_free is not None:
+        lines.append(_mass_free_text(report.mass_free))
+    return lines
+
+
+def _gc_text(report: GcReport) -> list[str]:
+    sweep, purge = ("would sweep", "would purge") if report.dry_run else ("swept", "purged")
+    lines = [
+        f"{sweep} {plural(len(report.swept), 'orphan')}, "
+        f"{purge} {plural(len(report.purged), 'trashed blob')}, {_size(report.freed_bytes)}"
+    ]
+    lines += _columns(
+        [["", "orphan", a.digest, _size(a.size), f"{a.age_seconds:.0f}s old"] for a in report.swept]
+        + [["", "trash", a.digest, _size(a.size), ""] for a in report.purged]
+    )
+    return lines
+
+
+def _show_text(report: BlobInfo) -> list[str]:
+    lines = [
+        f"digest:     {report.digest}",
+        f"count:      {report.count}",
+        f"state:      {report.state}",
+        f"size:       {_exact_size(report.size)}",
+        f"media type: {report.media_type or '?'}",
+    ]
+    if report.tags:
+        lines.append("roots:      " + ", ".join(t or "(untagged)" for t in report.tags))
+    if report.subject:
+        lines.append(f"subject:    {report.subject}")
+    if report.problem:
+        lines.append(f"problem:    {report.problem}")
+    lines += [f"parent:     {p.digest} ({p.kind})" for p in report.parents]
+    lines += [f"child:      {c.digest} ({c.kind})" for c in report.children]
+    return lines
 
 
 def _exact_size(n: int | None) -> str:
@@ -629,6 +616,17 @@ def _relation(t: TagInfo) -> str:
     if t.included_in:
         parts.append(f"in {', '.join(t.included_in)}")
     return "; ".join(parts) or "-"
+
+
+_RENDERERS: dict[type, Callable[[Any], list[str]]] = {
+    DeleteReport: _delete_text,
+    SyncReport: _sync_text,
+    VerifyReport: _verify_text,
+    GcReport: _gc_text,
+    BlobInfo: _show_text,
+    list: _tags_text,
+}
+"""The text of each report type (`tags` answers a list of TagInfo)."""
 
 
 # --- the error boundary ---------------------------------------------------------

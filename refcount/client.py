@@ -56,7 +56,7 @@ NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
 STATE_DIR = ".refcount"  # refcount.store.STATE_DIR
 CONNECT_TIMEOUT = 1.0
 """Seconds to wait for the daemon to take the connection before running here."""
-INTERNAL_ERROR = 3  # refcount.cli.INTERNAL_ERROR
+INTERNAL_ERROR = 3  # refcount.errors.ExitCode.INTERNAL (the errors module is not loaded here)
 CANCEL_WAIT = 5.0
 """Seconds an interrupted client waits for the daemon to say whether the command ran."""
 POLL = 0.1

@@ -5,14 +5,10 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from refcount.errors import RefcountError
+from refcount.errors import InvalidDuration
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _FORMAT = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-
-
-class InvalidDuration(RefcountError):
-    """A duration option that does not parse."""
 
 
 def parse_duration(text: str) -> timedelta:

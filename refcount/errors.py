@@ -1,24 +1,61 @@
-"""The library's typed errors.
+"""Every error refcount raises on purpose, and the exit code of each: one table.
 
-Every error the library raises is a `RefcountError`. Each carries the exit code the
-CLI uses (SPEC §4: 1 = the command ran and found a problem or an unknown name,
-2 = usage or input error) and a one-line message that names the file or value at
-fault, in the form "what: problem: why".
+Every error is a `RefcountError` carrying the exit code the CLI uses and a
+one-line message that names the file or value at fault, in the form
+"what: problem: why". The CLI turns them into that line and that code in one
+place (`refcount.cli._outcome`); reports that find a problem carry their own
+exit code (`exit_code` on the report types).
+
+    class                 code  meaning
+    NotFound                 1  a tag or digest the user named does not exist
+    InvalidDigest            2  not a digest refcount accepts
+    InvalidStore             2  the layout is unusable (oci-layout, index.json, blobs/)
+      UnparsableIndex        2    index.json empty or not JSON (a write in progress?)
+    InvalidBlob              2  a manifest that cannot be read safely
+      BlobTooLarge           2    over --max-manifest
+    DeleteRefused            2  the delete would free blobs refcount cannot vouch for
+    UnusableTag              2  the named tag is spelled unusably in index.json
+    ConcurrentChange         2  index.json kept changing under a rewrite
+    DatabaseError            2  the database cannot be opened, upgraded or written
+    ForeignDatabase          2  the database counts another store
+    NotIndexed               2  a reading command on a store never indexed
+    StoreNotWritable         2  a writing command on a store this process may not change
+    InvalidDuration          2  a duration option that does not parse
+    InvalidOption            2  a daemon option out of range
+    InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
+    NotServed                2  a daemon asked to run a command it does not serve
+    StoreBusy                4  another refcount process holds the store (a second daemon)
+    CannotWatch              4  inotify cannot watch the store (limits, permissions)
+    CannotServe              4  the daemon's command socket cannot be made
+
+Code 3 is an internal error (a bug) and 130 an interruption; neither is an
+error class here (see `ExitCode`).
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    PROBLEM = 1  # the command ran and found a problem, or a named thing does not exist
+    USAGE = 2  # usage or input error: bad option, malformed digest, unusable store
+    INTERNAL = 3  # a bug: the traceback is logged with -vv
+    ENVIRONMENT = 4  # the machine or another process prevents the command
+    INTERRUPTED = 130  # SIGINT or SIGTERM (128 + SIGINT, as shells report Ctrl-C)
+
 
 class RefcountError(Exception):
-    """Base of every error the library raises on purpose."""
+    """Base of every error refcount raises on purpose."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.USAGE
 
 
 class NotFound(RefcountError):
     """A tag or digest the user named does not exist in the store."""
 
-    exit_code = 1
+    exit_code = ExitCode.PROBLEM
 
 
 class InvalidDigest(RefcountError):
@@ -56,6 +93,8 @@ class BlobTooLarge(InvalidBlob):
 class StoreBusy(RefcountError):
     """Another refcount process holds the store (a second daemon, a lock timeout)."""
 
+    exit_code = ExitCode.ENVIRONMENT
+
 
 class ConcurrentChange(RefcountError):
     """`index.json` kept changing under a rewrite; nothing was written."""
@@ -75,3 +114,31 @@ class StoreNotWritable(RefcountError):
 
 class ForeignDatabase(RefcountError):
     """The database already counts another store (SPEC §4: one database, one store)."""
+
+
+class InvalidDuration(RefcountError):
+    """A duration option that does not parse."""
+
+
+class InvalidOption(RefcountError):
+    """A daemon option out of range."""
+
+
+class InvalidAddress(RefcountError):
+    """A `--metrics-addr` that is not HOST:PORT, or that cannot be listened on."""
+
+
+class NotServed(RefcountError):
+    """A request for a command the daemon does not run for clients."""
+
+
+class CannotWatch(RefcountError):
+    """The store cannot be watched (inotify limits, permissions)."""
+
+    exit_code = ExitCode.ENVIRONMENT
+
+
+class CannotServe(RefcountError):
+    """The command socket cannot be made (a path too long, a read-only .refcount/)."""
+
+    exit_code = ExitCode.ENVIRONMENT

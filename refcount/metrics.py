@@ -33,7 +33,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from refcount.errors import RefcountError
+from refcount.errors import InvalidAddress
 from refcount.reports import DeleteReport, GcReport, Stats, SyncReport
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ DURATION_BUCKETS = (
     *(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
-
-
-class InvalidAddress(RefcountError):
-    """A `--metrics-addr` that is not HOST:PORT, or that cannot be listened on."""
 
 
 @dataclass(frozen=True)

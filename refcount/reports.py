@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from refcount.errors import ExitCode
+
 
 @dataclass(frozen=True)
 class BlobRef:
@@ -53,6 +55,12 @@ class SyncReport:
     @property
     def freed_bytes(self) -> int:
         return sum(b.size or 0 for b in self.freed)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """1 when referenced blobs were found missing (the command ran and found a
+        problem, SPEC §4); the counts are recorded either way."""
+        return ExitCode.PROBLEM if self.missing else ExitCode.OK
 
     @property
     def changed(self) -> bool:
@@ -131,6 +139,10 @@ class VerifyReport:
         states: they are reported (a mass free loudly), not failures."""
         drift = self.drift and not self.repaired
         return not (drift or self.missing or self.corrupt or self.problems or self.behind)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.ok else ExitCode.PROBLEM
 
 
 @dataclass(frozen=True)

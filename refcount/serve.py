@@ -48,7 +48,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from refcount.errors import RefcountError
+from refcount.errors import CannotServe, ExitCode
 from refcount.wire import ACCEPTED, recv_exact, recv_size, send_frame, short_path
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 Handler = Callable[[list[str], threading.Event], tuple[int, str, str]]
 """Runs one command line; returns (exit code, stdout, stderr). The event is set
 when the client goes away: the command should stop (and answer exit 130)."""
-
-
-class CannotServe(RefcountError):
-    """The command socket cannot be made (a path too long, a read-only .refcount/)."""
 
 
 class _BadRequest(Exception):
@@ -248,7 +244,11 @@ class CommandServer:
                 code, out, err = self.handler(argv, cancel)
         except Exception as exc:  # the handler maps errors itself; this is a bug
             log.exception("serve: the command failed")
-            code, out, err = 3, "", f"refcount: internal error in the daemon: {exc!r}\n"
+            code, out, err = (
+                ExitCode.INTERNAL,
+                "",
+                f"refcount: internal error in the daemon: {exc!r}\n",
+            )
         if cancel.is_set():
             log.info("serve: pid %d went away or was interrupted; its command exited %d", pid, code)
         conn.settimeout(None)  # the answer may be large; the client reads it whole

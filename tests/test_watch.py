@@ -49,7 +49,8 @@ from watchdog.events import (
 import refcount
 import refcount.store as refcount_store
 import refcount.watch as refcount_watch
-from refcount.metrics import Health, InvalidAddress, Metrics, MetricsServer, parse_addr
+from refcount.errors import InvalidAddress
+from refcount.metrics import Health, Metrics, MetricsServer, parse_addr
 from refcount.watch import (
     Daemon,
     Layout,
@@ -671,12 +672,12 @@ def test_sigint_also_stops_cleanly_and_json_logs_are_one_object_a_line(
     assert {r["level"] for r in records} == {"info"}
 
 
-def test_a_second_watch_on_the_same_store_exits_2_with_a_message(
+def test_a_second_watch_on_the_same_store_exits_4_with_a_message(
     store: Path, watch: Callable[..., Watcher]
 ) -> None:
     first = watch(store)
     second = refcount_cli(store, "watch")
-    assert second.returncode == 2
+    assert second.returncode == 4  # another process holds the store: not a usage error
     assert second.stderr.strip().splitlines()[-1] == (
         f"refcount: error: {store}: a refcount watch daemon already runs on this store"
     )
