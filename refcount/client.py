@@ -50,10 +50,10 @@ from contextlib import suppress
 
 from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, normalise
-from refcount.wire import ACCEPTED, SOCKET_NAME, recv_exact, recv_size, send_frame, short_path
+from refcount.layout import SOCKET, STATE_DIR
+from refcount.wire import ACCEPTED, recv_exact, recv_size, send_frame, short_path
 
 NO_DAEMON_ENV = "REFCOUNT_NO_DAEMON"
-STATE_DIR = ".refcount"  # refcount.store.STATE_DIR
 CONNECT_TIMEOUT = 1.0
 """Seconds to wait for the daemon to take the connection before running here."""
 INTERNAL_ERROR = 3  # refcount.errors.ExitCode.INTERNAL (the errors module is not loaded here)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     request = daemon_argv(args, os.environ)
     if request is None:
         return _direct(args)
-    socket_path = os.path.join(request[1], STATE_DIR, SOCKET_NAME)
+    socket_path = os.path.join(request[1], STATE_DIR, SOCKET)
     if not os.path.exists(socket_path):
         return _direct(args)
     try:

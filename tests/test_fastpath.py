@@ -299,6 +299,7 @@ def test_the_client_answered_by_the_daemon_imports_nothing_heavy(pair: tuple[Pat
         "refcount.client",
         "refcount.argv",
         "refcount.interrupts",
+        "refcount.layout",
         "refcount.wire",
     }  # and refcount/__main__.py, which runs as __main__
 

@@ -26,12 +26,13 @@ from refcount.db.repo import Repo
 from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import DatabaseError
 from refcount.interrupts import deferred
+from refcount.layout import default_database
 
 BUSY_TIMEOUT_MS = 60_000
 
 
 def default_url(store: Path) -> str:
-    return f"sqlite:///{store / '.refcount' / 'refcount.db'}"
+    return f"sqlite:///{default_database(store)}"
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
