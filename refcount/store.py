@@ -2,7 +2,11 @@
 
 Paths are built only from a validated `Digest`. Files are opened with
 O_NOFOLLOW and checked to be regular files, so a symbolic link planted in the
-store is never followed out of it, never read and never deleted through.
+store is never followed out of it, never read and never deleted through. The
+directories blob paths are built below (blobs/, blobs/<alg>/, the trash) are
+checked with lstat on the way to every blob, and made one level at a time, so
+no path is ever built, read or created through a linked directory either; a
+store whose blobs/ or blobs/<alg>/ is one is refused when it is opened.
 Everything refcount creates, renames or deletes lies in `blobs/` or
 `.refcount/`; the one exception is replacing `index.json` itself, which is
 written as a temporary file inside `.refcount/` and renamed over it (same
@@ -82,6 +86,7 @@ class Store:
             raise InvalidStore(f"{self.path}: not a directory")
         self._check_layout_file()
         self._regular(self.index_path, layout.INDEX)
+        self.check_blob_dirs()
         self.state_dir = layout.state_path(self.path)
         self.trash_dir = layout.trash_dir(self.path)
 
@@ -111,33 +116,31 @@ class Store:
         if not isinstance(version, str) or not version.startswith("1."):
             raise InvalidStore(f"{path}: unsupported imageLayoutVersion {version!r}")
 
+    def check_blob_dirs(self) -> None:
+        """Refuse a blobs/, blobs/sha256/ or blobs/sha512/ that is a symbolic link or
+        not a directory (a missing one is fine: a hand-made empty layout has none).
+
+        Every blob path is built below them. Through a link, refcount would count
+        files outside the store, move them into its trash, and make directories
+        there to restore one; reading such a store as "no blobs" instead would
+        report every blob missing. So it is refused, naming the path, when the
+        store is opened, before any command reads or writes anything; `_in` and
+        `list_blobs` check again for a store changed since (a daemon runs long).
+        Other entries directly under blobs/ hold no path refcount builds: they
+        are reported and ignored by `list_blobs`.
+        """
+        if _real_directory(layout.blobs_dir(self.path)):
+            for directory in layout.algorithm_dirs(self.path):
+                _real_directory(directory)
+
     def check_state_dir(self) -> None:
         """Refuse a .refcount that is a link or not a directory (missing is fine)."""
-        try:
-            mode = self.state_dir.lstat().st_mode
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise InvalidStore(f"{self.state_dir}: cannot read: {exc.strerror}") from None
-        if stat.S_ISLNK(mode):
-            raise InvalidStore(f"{self.state_dir}: is a symbolic link; not followed")
-        if not stat.S_ISDIR(mode):
-            raise InvalidStore(f"{self.state_dir}: exists and is not a directory")
+        _real_directory(self.state_dir)
 
     def ensure_state_dir(self) -> None:
         """Create .refcount/ (and its trash and tmp) as real directories, or refuse."""
         for directory in layout.state_dirs(self.path):
-            try:
-                directory.mkdir(mode=0o700, exist_ok=True)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise InvalidStore(f"{directory}: cannot create: {exc.strerror}") from None
-            mode = directory.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                raise InvalidStore(f"{directory}: is a symbolic link; not followed")
-            if not stat.S_ISDIR(mode):
-                raise InvalidStore(f"{directory}: exists and is not a directory")
+            _make_directory(directory)
 
     # --- who may change the store -------------------------------------------------
     def writable(self) -> bool:
@@ -304,19 +307,20 @@ class Store:
 
     # --- blobs --------------------------------------------------------------
     def _in(self, path: Path, *, create: bool = False) -> Path | None:
-        """`path` (a blob's file in blobs/ or the trash), or None when a directory
-        on the way is missing or is not a real directory (a symbolic link is never
-        entered). With `create`, missing directories are made."""
-        if create:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for current in layout.directories_to(self.path, path):
-            try:
-                mode = current.lstat().st_mode
-            except OSError:
-                return None
-            if not stat.S_ISDIR(mode):
-                if create:
-                    raise InvalidStore(f"{current}: not a real directory; not entered")
+        """`path`, a blob's file in blobs/ or in the trash, when every directory on
+        the way is a real one; None when one is missing. A directory on the way
+        that is a symbolic link or not a directory is never entered, nor read as
+        "absent": InvalidStore names it.
+
+        With `create`, the missing directories are made one level at a time
+        (blobs/, then blobs/<alg>/), each checked to be a real directory before
+        the next is made in it: nothing is ever created through a link, inside
+        the store or out of it.
+        """
+        for directory in layout.directories_to(self.path, path):
+            if create:
+                _make_directory(directory)
+            elif not _real_directory(directory):
                 return None
         return path
 
@@ -367,9 +371,7 @@ class Store:
         found: dict[str, BlobFile] = {}
         problems: list[Problem] = []
         root = layout.blobs_dir(self.path)
-        if root.is_symlink() or (root.exists() and not root.is_dir()):
-            problems.append(Problem(str(root), "not a real directory; ignored"))
-        if root.is_symlink() or not root.is_dir():
+        if not _real_directory(root):  # InvalidStore for a link (see check_blob_dirs)
             return found, problems
         try:
             return self._scan_blobs(root, found, problems)
@@ -380,20 +382,25 @@ class Store:
     def _scan_blobs(
         root: Path, found: dict[str, BlobFile], problems: list[Problem]
     ) -> tuple[dict[str, BlobFile], list[Problem]]:
-        for algorithm in os.scandir(root):
-            if not algorithm.is_dir(follow_symlinks=False):
+        with os.scandir(root) as listed:
+            algorithms = list(listed)
+        for algorithm in algorithms:
+            if algorithm.name in layout.HEX_LENGTH:
+                _real_directory(Path(algorithm.path))  # InvalidStore for a link or a file
+            elif not algorithm.is_dir(follow_symlinks=False):
                 problems.append(Problem(algorithm.path, "not a directory; ignored"))
                 continue
-            for entry in os.scandir(algorithm.path):
-                name = f"{algorithm.name}:{entry.name}"
-                if not layout.is_blob_name(algorithm.name, entry.name):  # a tool's temp file, junk
-                    problems.append(Problem(entry.path, "not a blob name; ignored"))
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    problems.append(Problem(entry.path, "not a regular file; ignored"))
-                    continue
-                info = entry.stat(follow_symlinks=False)
-                found[name] = BlobFile(info.st_size, info.st_mtime)
+            with os.scandir(algorithm.path) as entries:
+                for entry in entries:
+                    name = f"{algorithm.name}:{entry.name}"
+                    if not layout.is_blob_name(algorithm.name, entry.name):  # a temp file, junk
+                        problems.append(Problem(entry.path, "not a blob name; ignored"))
+                        continue
+                    if not entry.is_file(follow_symlinks=False):
+                        problems.append(Problem(entry.path, "not a regular file; ignored"))
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    found[name] = BlobFile(info.st_size, info.st_mtime)
         return found, problems
 
     def list_trash(self) -> dict[str, BlobFile]:
@@ -562,6 +569,40 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def _real_directory(path: Path) -> bool:
+    """Whether `path` is a directory, by lstat: False when nothing is there;
+    InvalidStore, naming the path, when it is a symbolic link (never followed),
+    anything else that is not a directory, or cannot be looked at."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        # lstat needs to search the parent: a parent refcount may not enter is the culprit.
+        culprit = path.parent if exc.errno == errno.EACCES else path
+        raise InvalidStore(f"{culprit}: cannot read: {exc.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise InvalidStore(f"{path}: is a symbolic link; not followed")
+    if not stat.S_ISDIR(mode):
+        raise InvalidStore(f"{path}: exists and is not a directory")
+    return True
+
+
+def _make_directory(path: Path) -> None:
+    """Make the directory `path` unless it is there; InvalidStore unless it then is a
+    real directory. The caller has checked its parent: mkdir never follows a link
+    at the last component, so nothing is made anywhere but at `path` itself."""
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as exc:
+        # EEXIST, or an error some systems put first for a name that exists (EACCES, EROFS).
+        if _real_directory(path):
+            return
+        raise InvalidStore(f"{path}: cannot create: {exc.strerror}") from None
+    if not _real_directory(path):
+        raise InvalidStore(f"{path}: removed as soon as it was made")
 
 
 def _regular_file(path: Path) -> BlobFile | None:
