@@ -53,6 +53,96 @@ def default_database(store: Path) -> Path:
     return state_path(store, DATABASE)
 
 
+# --- the layout's own files -------------------------------------------------------
+def index_path(store: Path) -> Path:
+    return store / INDEX
+
+
+def oci_layout_path(store: Path) -> Path:
+    return store / OCI_LAYOUT
+
+
+def blobs_dir(store: Path) -> Path:
+    return store / BLOBS
+
+
+def algorithm_dirs(store: Path) -> tuple[Path, ...]:
+    """blobs/<alg>/ for every algorithm refcount builds paths for: where they exist,
+    they must be real directories, or every blob path built below them leads elsewhere."""
+    return tuple(blobs_dir(store) / algorithm for algorithm in HEX_LENGTH)
+
+
+def blob_path(store: Path, algorithm: str, encoded: str) -> Path:
+    """blobs/<algorithm>/<encoded>; ValueError for anything `is_blob_name` refuses,
+    so no path is ever built from an unchecked name."""
+    return blobs_dir(store) / _checked(algorithm, encoded)
+
+
+# --- refcount's state -------------------------------------------------------------
+def trash_dir(store: Path) -> Path:
+    return state_path(store, TRASH)
+
+
+def trashed_path(store: Path, algorithm: str, encoded: str) -> Path:
+    """Where the quarantine keeps a freed blob: trash/<algorithm>/<encoded>."""
+    return trash_dir(store) / _checked(algorithm, encoded)
+
+
+def temp_dir(store: Path) -> Path:
+    return state_path(store, TMP)
+
+
+def state_dirs(store: Path) -> tuple[Path, ...]:
+    """STATE_DIR and the directories in it, parents first (the order to make them in)."""
+    return state_path(store), trash_dir(store), temp_dir(store)
+
+
+def index_temp(store: Path, pid: int) -> Path:
+    """The temporary file a new index.json is written to before it is renamed over it."""
+    return temp_dir(store) / f"{INDEX}.{pid}"
+
+
+def identity_path(store: Path) -> Path:
+    return state_path(store, STORE_ID)
+
+
+def identity_temp(store: Path, pid: int) -> Path:
+    """Beside STORE_ID, so that it can be hard-linked into place."""
+    return state_path(store, f"{STORE_ID}.{pid}.tmp")
+
+
+def last_rewrite_path(store: Path) -> Path:
+    return state_path(store, LAST_REWRITE)
+
+
+def lock_path(store: Path) -> Path:
+    """The advisory lock refcount writers serialize on."""
+    return state_path(store, LOCK)
+
+
+def daemon_pid_path(store: Path) -> Path:
+    """The watch daemon's lock, which holds its pid."""
+    return state_path(store, DAEMON_PID)
+
+
+def socket_path(store: Path) -> Path:
+    return state_path(store, SOCKET)
+
+
+def directories_to(store: Path, path: Path) -> tuple[Path, ...]:
+    """The directories from just below `store` down to `path`'s parent, parents first:
+    what must each be a real directory (not a link) for `path` to lie inside the store,
+    and the order to make them in, one level at a time. `path` must lie below `store`."""
+    parts = path.relative_to(store).parts[:-1]
+    return tuple(store.joinpath(*parts[: i + 1]) for i in range(len(parts)))
+
+
+def _checked(algorithm: str, encoded: str) -> Path:
+    if not is_blob_name(algorithm, encoded):
+        raise ValueError(f"{algorithm}:{encoded}: not a digest refcount builds paths for")
+    return Path(algorithm, encoded)
+
+
 @dataclass(frozen=True)
 class IndexFile:
     """What `classify` says of index.json."""
@@ -69,9 +159,9 @@ def classify(store: Path, path: str | Path) -> IndexFile | BlobFile | None:
     """What `path` is to the store, by name only: index.json, a blob file, or
     nothing refcount counts (.umoci-*, oci-put-blob*, .refcount/, junk)."""
     where = Path(path)
-    if where == store / INDEX:
+    if where == index_path(store):
         return IndexFile()
-    if where.parent.parent != store / BLOBS:
+    if where.parent.parent != blobs_dir(store):
         return None
     algorithm, encoded = where.parent.name, where.name
     return BlobFile(f"{algorithm}:{encoded}") if is_blob_name(algorithm, encoded) else None
@@ -80,4 +170,4 @@ def classify(store: Path, path: str | Path) -> IndexFile | BlobFile | None:
 def is_blob_dir(store: Path, path: str | Path) -> bool:
     """blobs/ itself or blobs/<alg>/: when one moves or goes, every blob may have."""
     where = Path(path)
-    return where == store / BLOBS or where.parent == store / BLOBS
+    return where == blobs_dir(store) or where.parent == blobs_dir(store)

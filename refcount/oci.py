@@ -1,8 +1,9 @@
 """OCI parsing: bytes in, values out.
 
 This is the only module that reads the JSON of manifests and of `index.json`.
-It knows the media types of SPEC §1 and the digest grammar; it knows nothing of
-files, SQL or counts.
+It knows the media types of SPEC §1 and checks digests against the grammar
+that `refcount.layout` spells (the one place it is written down); it knows
+nothing of files, SQL or counts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
+from refcount.layout import DIGEST_PATTERN, HEX_LENGTH
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
 # Marks a recorded tag that index.json spells unusably (control characters, not a
@@ -36,8 +38,7 @@ _CHILD_FIELDS: dict[str, tuple[str, ...]] = {
 }
 MANIFEST_TYPES = frozenset(_CHILD_FIELDS)
 
-_HEX_LENGTH = {"sha256": 64, "sha512": 128}
-_ACCEPTED = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+_ACCEPTED = re.compile(DIGEST_PATTERN)
 # image-spec: algorithm-component (separator algorithm-component)* ":" encoded
 _GRAMMAR = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 
@@ -68,7 +69,7 @@ def _reject(text: object) -> NoReturn:
     if not isinstance(text, str) or not _GRAMMAR.fullmatch(text):
         raise InvalidDigest(f"{text!r}: invalid digest: not algorithm:hex")
     algorithm = text.split(":", 1)[0]
-    length = _HEX_LENGTH.get(algorithm)
+    length = HEX_LENGTH.get(algorithm)
     if length is None:
         raise InvalidDigest(f"{text}: invalid digest: unsupported algorithm {algorithm!r}")
     raise InvalidDigest(
@@ -423,7 +424,8 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
     return Parsed(media_type, tuple(children), subject, tuple(problems))
 
 
-_ANY_DIGEST = re.compile(rb"sha(?:256:[0-9a-f]{64}|512:[0-9a-f]{128})(?![0-9a-f])")
+# A digest anywhere in a manifest's bytes, not cut out of a longer run of hex.
+_ANY_DIGEST = re.compile(f"(?:{DIGEST_PATTERN})(?![0-9a-f])".encode())
 
 
 def salvage(chunks: Iterable[bytes]) -> tuple[Descriptor, ...]:
@@ -442,4 +444,4 @@ def salvage(chunks: Iterable[bytes]) -> tuple[Descriptor, ...]:
     return tuple(Descriptor(d, None, None, kind="unparsed") for d in seen)
 
 
-_LONGEST_DIGEST = len("sha512:") + 128
+_LONGEST_DIGEST = max(len(algorithm) + 1 + n for algorithm, n in HEX_LENGTH.items())

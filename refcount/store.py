@@ -2,11 +2,18 @@
 
 Paths are built only from a validated `Digest`. Files are opened with
 O_NOFOLLOW and checked to be regular files, so a symbolic link planted in the
-store is never followed out of it, never read and never deleted through.
+store is never followed out of it, never read and never deleted through. The
+directories blob paths are built below (blobs/, blobs/<alg>/, the trash) are
+checked with lstat on the way to every blob, and made one level at a time, so
+no path is ever built, read or created through a linked directory either; a
+store whose blobs/ or blobs/<alg>/ is one is refused when it is opened.
 Everything refcount creates, renames or deletes lies in `blobs/` or
 `.refcount/`; the one exception is replacing `index.json` itself, which is
 written as a temporary file inside `.refcount/` and renamed over it (same
 filesystem, so the replacement is atomic).
+
+Every name and path of the layout (blobs/, index.json, .refcount/ and what
+lives in it) comes from `refcount.layout`; this module adds the I/O.
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from refcount import layout
 from refcount.errors import (
     BlobTooLarge,
     ConcurrentChange,
     InvalidBlob,
-    InvalidDigest,
     InvalidStore,
     StoreBusy,
     StoreNotWritable,
@@ -37,9 +44,11 @@ from refcount.errors import (
 from refcount.oci import Digest, Problem
 
 DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
-STATE_DIR = ".refcount"
-IDENTITY_FILE = "store-id"
-LAST_REWRITE = "last-rewrite"
+# The names as this module spelled them before refcount.layout; kept for the
+# modules that still import them from here.
+STATE_DIR = layout.STATE_DIR
+IDENTITY_FILE = layout.STORE_ID
+LAST_REWRITE = layout.LAST_REWRITE
 _IDENTITY = re.compile(r"[0-9a-f]{32}")
 CRASH_ENV = "REFCOUNT_CRASH_AT"
 
@@ -76,13 +85,14 @@ class Store:
         if not self.path.is_dir():
             raise InvalidStore(f"{self.path}: not a directory")
         self._check_layout_file()
-        self._regular(self.index_path, "index.json")
-        self.state_dir = self.path / STATE_DIR
-        self.trash_dir = self.state_dir / "trash"
+        self._regular(self.index_path, layout.INDEX)
+        self.check_blob_dirs()
+        self.state_dir = layout.state_path(self.path)
+        self.trash_dir = layout.trash_dir(self.path)
 
     @property
     def index_path(self) -> Path:
-        return self.path / "index.json"
+        return layout.index_path(self.path)
 
     def _regular(self, path: Path, what: str) -> os.stat_result:
         try:
@@ -97,42 +107,40 @@ class Store:
         return info
 
     def _check_layout_file(self) -> None:
-        path = self.path / "oci-layout"
-        self._regular(path, "oci-layout")
+        path = layout.oci_layout_path(self.path)
+        self._regular(path, layout.OCI_LAYOUT)
         try:
             version = json.loads(_read_nofollow(path, 64 * 1024)).get("imageLayoutVersion")
         except (ValueError, AttributeError, OSError):
-            raise InvalidStore(f"{path}: oci-layout is not valid JSON") from None
+            raise InvalidStore(f"{path}: {layout.OCI_LAYOUT} is not valid JSON") from None
         if not isinstance(version, str) or not version.startswith("1."):
             raise InvalidStore(f"{path}: unsupported imageLayoutVersion {version!r}")
 
+    def check_blob_dirs(self) -> None:
+        """Refuse a blobs/, blobs/sha256/ or blobs/sha512/ that is a symbolic link or
+        not a directory (a missing one is fine: a hand-made empty layout has none).
+
+        Every blob path is built below them. Through a link, refcount would count
+        files outside the store, move them into its trash, and make directories
+        there to restore one; reading such a store as "no blobs" instead would
+        report every blob missing. So it is refused, naming the path, when the
+        store is opened, before any command reads or writes anything; `_in` and
+        `list_blobs` check again for a store changed since (a daemon runs long).
+        Other entries directly under blobs/ hold no path refcount builds: they
+        are reported and ignored by `list_blobs`.
+        """
+        if _real_directory(layout.blobs_dir(self.path)):
+            for directory in layout.algorithm_dirs(self.path):
+                _real_directory(directory)
+
     def check_state_dir(self) -> None:
         """Refuse a .refcount that is a link or not a directory (missing is fine)."""
-        try:
-            mode = self.state_dir.lstat().st_mode
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise InvalidStore(f"{self.state_dir}: cannot read: {exc.strerror}") from None
-        if stat.S_ISLNK(mode):
-            raise InvalidStore(f"{self.state_dir}: is a symbolic link; not followed")
-        if not stat.S_ISDIR(mode):
-            raise InvalidStore(f"{self.state_dir}: exists and is not a directory")
+        _real_directory(self.state_dir)
 
     def ensure_state_dir(self) -> None:
         """Create .refcount/ (and its trash and tmp) as real directories, or refuse."""
-        for directory in (self.state_dir, self.trash_dir, self.state_dir / "tmp"):
-            try:
-                directory.mkdir(mode=0o700, exist_ok=True)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise InvalidStore(f"{directory}: cannot create: {exc.strerror}") from None
-            mode = directory.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                raise InvalidStore(f"{directory}: is a symbolic link; not followed")
-            if not stat.S_ISDIR(mode):
-                raise InvalidStore(f"{directory}: exists and is not a directory")
+        for directory in layout.state_dirs(self.path):
+            _make_directory(directory)
 
     # --- who may change the store -------------------------------------------------
     def writable(self) -> bool:
@@ -158,7 +166,7 @@ class Store:
                 f"{state}: not readable by user {_user_name(os.geteuid())} (it belongs to "
                 f"{_user_name(state.stat().st_uid)}): run refcount as the store's owner"
             )
-        database = state / "refcount.db"
+        database = layout.default_database(self.path)
         if database.is_file() and not os.access(database, os.R_OK):
             raise InvalidStore(
                 f"{database}: not readable by user {_user_name(os.geteuid())} (it belongs to "
@@ -166,7 +174,7 @@ class Store:
             )
 
     def _unwritable(self) -> str | None:
-        for path in (self.path, self.state_dir, self.path / "blobs"):
+        for path in (self.path, self.state_dir, layout.blobs_dir(self.path)):
             if path.is_symlink() or not path.is_dir():
                 continue
             if not os.access(path, os.W_OK | os.X_OK):
@@ -186,7 +194,7 @@ class Store:
         when it has none yet. InvalidStore for a damaged file."""
         if not self._real_state_dir():
             return None
-        path = self.state_dir / IDENTITY_FILE
+        path = layout.identity_path(self.path)
         try:
             text = _read_nofollow(path, 256).decode("ascii", "replace").strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -210,7 +218,7 @@ class Store:
         if not self._real_state_dir():
             return None
         try:
-            return _read_nofollow(self.state_dir / LAST_REWRITE, 128).decode("ascii").strip()
+            return _read_nofollow(layout.last_rewrite_path(self.path), 128).decode("ascii").strip()
         except (OSError, _TooLarge, UnicodeDecodeError):
             return None
 
@@ -220,8 +228,8 @@ class Store:
         Created exclusively and whole (a temp file linked into place), so racing
         processes on one store all end up with the one that won.
         """
-        path = self.state_dir / IDENTITY_FILE
-        temp = self.state_dir / f"{IDENTITY_FILE}.{os.getpid()}.tmp"
+        path = layout.identity_path(self.path)
+        temp = layout.identity_temp(self.path, os.getpid())
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             with os.fdopen(fd, "w") as handle:
@@ -245,13 +253,13 @@ class Store:
         Called with the store's lock held, when no other refcount writer can be
         in the middle of writing one.
         """
-        for entry in os.scandir(self.state_dir / "tmp"):
+        for entry in os.scandir(layout.temp_dir(self.path)):
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
-        self._regular(self.index_path, "index.json")
+        self._regular(self.index_path, layout.INDEX)
         try:
             data = _read_nofollow(self.index_path, None)
         except OSError as exc:
@@ -269,7 +277,7 @@ class Store:
         write landed in between, and it is swapped back. Returns the new hash.
         """
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
-        temp = self.state_dir / "tmp" / f"index.json.{os.getpid()}"
+        temp = layout.index_temp(self.path, os.getpid())
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
             with os.fdopen(fd, "wb") as handle:
@@ -280,7 +288,7 @@ class Store:
             # Tells a later catch-up that this change of index.json was refcount's own
             # (a delete killed before its commit), not an outside mass deletion. Not
             # fsynced: losing it only makes the catch-up more careful.
-            _write_small(self.state_dir / LAST_REWRITE, hashlib.sha256(data).hexdigest())
+            _write_small(layout.last_rewrite_path(self.path), hashlib.sha256(data).hexdigest())
             if self.read_index().hash != expected_hash:
                 raise ConcurrentChange(
                     f"{self.index_path}: changed while refcount was rewriting it"
@@ -298,32 +306,33 @@ class Store:
         return hashlib.sha256(data).hexdigest()
 
     # --- blobs --------------------------------------------------------------
-    def _in(self, base: Path, digest: str, *, create: bool = False) -> Path | None:
-        """The path of `digest` under `base` (blobs/ or the trash), or None when a
-        directory on the way is missing or is not a real directory (a symbolic
-        link is never entered). With `create`, missing directories are made."""
-        parsed = Digest.parse(digest)
-        directory = base / parsed.algorithm
-        if create:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        current = self.path
-        for part in directory.relative_to(self.path).parts:
-            current = current / part
-            try:
-                mode = current.lstat().st_mode
-            except OSError:
+    def _in(self, path: Path, *, create: bool = False) -> Path | None:
+        """`path`, a blob's file in blobs/ or in the trash, when every directory on
+        the way is a real one; None when one is missing. A directory on the way
+        that is a symbolic link or not a directory is never entered, nor read as
+        "absent": InvalidStore names it.
+
+        With `create`, the missing directories are made one level at a time
+        (blobs/, then blobs/<alg>/), each checked to be a real directory before
+        the next is made in it: nothing is ever created through a link, inside
+        the store or out of it.
+        """
+        for directory in layout.directories_to(self.path, path):
+            if create:
+                _make_directory(directory)
+            elif not _real_directory(directory):
                 return None
-            if not stat.S_ISDIR(mode):
-                if create:
-                    raise InvalidStore(f"{current}: not a real directory; not entered")
-                return None
-        return directory / parsed.encoded
+        return path
 
     def _blob(self, digest: str, *, create: bool = False) -> Path | None:
-        return self._in(self.path / "blobs", digest, create=create)
+        parsed = Digest.parse(digest)
+        path = layout.blob_path(self.path, parsed.algorithm, parsed.encoded)
+        return self._in(path, create=create)
 
     def _trashed(self, digest: str, *, create: bool = False) -> Path | None:
-        return self._in(self.trash_dir, digest, create=create)
+        parsed = Digest.parse(digest)
+        path = layout.trashed_path(self.path, parsed.algorithm, parsed.encoded)
+        return self._in(path, create=create)
 
     def blob_file(self, digest: str) -> BlobFile | None:
         """The blob's file in blobs/ when it is a regular file; None otherwise."""
@@ -361,10 +370,8 @@ class Store:
         """Every regular blob file under blobs/, and the entries that are not blobs."""
         found: dict[str, BlobFile] = {}
         problems: list[Problem] = []
-        root = self.path / "blobs"
-        if root.is_symlink() or (root.exists() and not root.is_dir()):
-            problems.append(Problem(str(root), "not a real directory; ignored"))
-        if root.is_symlink() or not root.is_dir():
+        root = layout.blobs_dir(self.path)
+        if not _real_directory(root):  # InvalidStore for a link (see check_blob_dirs)
             return found, problems
         try:
             return self._scan_blobs(root, found, problems)
@@ -375,22 +382,25 @@ class Store:
     def _scan_blobs(
         root: Path, found: dict[str, BlobFile], problems: list[Problem]
     ) -> tuple[dict[str, BlobFile], list[Problem]]:
-        for algorithm in os.scandir(root):
-            if not algorithm.is_dir(follow_symlinks=False):
+        with os.scandir(root) as listed:
+            algorithms = list(listed)
+        for algorithm in algorithms:
+            if algorithm.name in layout.HEX_LENGTH:
+                _real_directory(Path(algorithm.path))  # InvalidStore for a link or a file
+            elif not algorithm.is_dir(follow_symlinks=False):
                 problems.append(Problem(algorithm.path, "not a directory; ignored"))
                 continue
-            for entry in os.scandir(algorithm.path):
-                name = f"{algorithm.name}:{entry.name}"
-                try:
-                    Digest.parse(name)
-                except InvalidDigest:  # a tool's temp file, or junk
-                    problems.append(Problem(entry.path, "not a blob name; ignored"))
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    problems.append(Problem(entry.path, "not a regular file; ignored"))
-                    continue
-                info = entry.stat(follow_symlinks=False)
-                found[name] = BlobFile(info.st_size, info.st_mtime)
+            with os.scandir(algorithm.path) as entries:
+                for entry in entries:
+                    name = f"{algorithm.name}:{entry.name}"
+                    if not layout.is_blob_name(algorithm.name, entry.name):  # a temp file, junk
+                        problems.append(Problem(entry.path, "not a blob name; ignored"))
+                        continue
+                    if not entry.is_file(follow_symlinks=False):
+                        problems.append(Problem(entry.path, "not a regular file; ignored"))
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    found[name] = BlobFile(info.st_size, info.st_mtime)
         return found, problems
 
     def list_trash(self) -> dict[str, BlobFile]:
@@ -468,7 +478,7 @@ class Store:
     def locked(self) -> Iterator[None]:
         """Serialize refcount writers on this store (index.json read-modify-write)."""
         self.ensure_state_dir()
-        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(layout.lock_path(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -520,7 +530,7 @@ class Store:
 
     @property
     def _daemon_lock_path(self) -> Path:
-        return self.state_dir / "watch.pid"
+        return layout.daemon_pid_path(self.path)
 
 
 def _names(path: Path, fd: int) -> bool:
@@ -559,6 +569,40 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def _real_directory(path: Path) -> bool:
+    """Whether `path` is a directory, by lstat: False when nothing is there;
+    InvalidStore, naming the path, when it is a symbolic link (never followed),
+    anything else that is not a directory, or cannot be looked at."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        # lstat needs to search the parent: a parent refcount may not enter is the culprit.
+        culprit = path.parent if exc.errno == errno.EACCES else path
+        raise InvalidStore(f"{culprit}: cannot read: {exc.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise InvalidStore(f"{path}: is a symbolic link; not followed")
+    if not stat.S_ISDIR(mode):
+        raise InvalidStore(f"{path}: exists and is not a directory")
+    return True
+
+
+def _make_directory(path: Path) -> None:
+    """Make the directory `path` unless it is there; InvalidStore unless it then is a
+    real directory. The caller has checked its parent: mkdir never follows a link
+    at the last component, so nothing is made anywhere but at `path` itself."""
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as exc:
+        # EEXIST, or an error some systems put first for a name that exists (EACCES, EROFS).
+        if _real_directory(path):
+            return
+        raise InvalidStore(f"{path}: cannot create: {exc.strerror}") from None
+    if not _real_directory(path):
+        raise InvalidStore(f"{path}: removed as soon as it was made")
 
 
 def _regular_file(path: Path) -> BlobFile | None:
