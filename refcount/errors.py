@@ -65,3 +65,11 @@ class StoreNotWritable(RefcountError):
 
 class ForeignDatabase(RefcountError):
     """The database already counts another store (SPEC §4: one database, one store)."""
+
+
+class InvalidOption(RefcountError):
+    """A daemon option out of range (exit 2)."""
+
+
+class CannotWatch(RefcountError):
+    """The store cannot be watched (inotify limits, permissions)."""

@@ -76,7 +76,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from refcount.core import Changes, Refcounter
-from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
+from refcount.errors import CannotWatch, InvalidOption, InvalidStore, UnparsableIndex
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import DeleteReport, GcReport, SyncReport, VerifyReport
 from refcount.serve import CannotServe, CommandServer, Handler
@@ -129,14 +129,6 @@ def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
 
 ReportSink = Callable[[object], None]
 """Takes each report a served command renders; called on the serving thread."""
-
-
-class InvalidOption(RefcountError):
-    """A daemon option out of range (exit 2)."""
-
-
-class CannotWatch(RefcountError):
-    """The store cannot be watched (inotify limits, permissions)."""
 
 
 @dataclass(frozen=True)
