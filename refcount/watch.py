@@ -2,9 +2,9 @@
 
 How the pieces work together:
 
-- `StoreEventHandler` runs on watchdog's dispatcher thread. It only turns each
-  event into "index.json changed" or "this blob's file changed" (a `PathSet`),
-  hands that to the daemon and returns. It never reads a file or the database.
+- `refcount.events.StoreWatch` is watchdog's observer on the store; its
+  handler turns each event into "index.json changed" or "this blob's file
+  changed" (a `PathSet`), hands that to the daemon and returns.
 - `Daemon` owns one worker thread, which is the only user of the `Refcounter`.
   It waits for a quiet period after the last event (`debounce`), takes the
   pending `PathSet` and applies it with `Refcounter.sync(Changes(...))`: the same
@@ -48,8 +48,6 @@ once. Either way the warning then repeats with growing gaps
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
 import threading
 import time
@@ -57,51 +55,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from types import FrameType
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-
 from refcount.core import Changes, Refcounter
-from refcount.errors import CannotWatch, InvalidOption, InvalidStore, UnparsableIndex
+from refcount.errors import InvalidOption, InvalidStore, UnparsableIndex
+from refcount.events import StoreWatch
 from refcount.metrics import Health, Metrics, MetricsServer
 from refcount.reports import DeleteReport, GcReport, SyncReport, VerifyReport
+from refcount.scheduler import PathSet
 from refcount.serve import CannotServe, CommandServer, Handler
 from refcount.wire import SOCKET_NAME
 
 log = logging.getLogger(__name__)
-
-# The blob names refcount accepts (SPEC §1 digest grammar). Anything else under
-# blobs/<alg>/ is a tool's temporary file or junk, and is ignored until it is
-# renamed to a real name. (refcount.oci owns the grammar; the watcher only needs
-# this cheap pre-filter, and core validates every digest again.)
-_BLOB_NAME = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
-
-# The events that can mean a file appeared, changed or went away. Opens and
-# closes without writing are left out, so inotify does not even report them.
-_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileDeletedEvent,
-    DirCreatedEvent,
-    DirMovedEvent,
-    DirDeletedEvent,
-]
 
 HEALTH_INTERVAL = 1.0
 """Seconds between checks that the observer's threads are alive."""
@@ -160,152 +125,6 @@ class WatchOptions:
 
 
 # ---------------------------------------------------------------------------
-# Events -> paths
-# ---------------------------------------------------------------------------
-@dataclass
-class PathSet:
-    """What changed since the last batch: index.json, and which blob files."""
-
-    index: bool = False
-    blobs: set[str] = field(default_factory=set)
-
-    def __bool__(self) -> bool:
-        return self.index or bool(self.blobs)
-
-    def merge(self, other: PathSet) -> None:
-        self.index |= other.index
-        self.blobs |= other.blobs
-
-    def take(self) -> PathSet:
-        """Return the contents and empty this set."""
-        taken = PathSet(self.index, self.blobs)
-        self.index, self.blobs = False, set()
-        return taken
-
-    def changes(self) -> Changes:
-        return Changes(index=self.index, blobs=frozenset(self.blobs))
-
-    def describe(self) -> str:
-        parts = ["index.json"] if self.index else []
-        if self.blobs:
-            parts.append(f"{len(self.blobs)} blob file{'s' if len(self.blobs) != 1 else ''}")
-        return " and ".join(parts) or "nothing"
-
-
-class Layout:
-    """Which paths of a store matter to the watcher, by name only (no I/O)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.index = root / "index.json"
-        self.blobs = root / "blobs"
-
-    def classify(self, path: str) -> str | None:
-        """What `path` is to the store: "index" for index.json, a digest for a blob
-        file, None for anything else (.umoci-*, oci-put-blob*, .refcount/, junk)."""
-        where = Path(path)
-        if where == self.index:
-            return "index"
-        if where.parent.parent != self.blobs:
-            return None
-        pattern = _BLOB_NAME.get(where.parent.name)
-        if pattern is None or not pattern.fullmatch(where.name):
-            return None
-        return f"{where.parent.name}:{where.name}"
-
-    def has_blobs(self) -> bool:
-        """blobs/ exists as a real directory (a symbolic link is never followed)."""
-        return self.blobs.is_dir() and not self.blobs.is_symlink()
-
-    def is_blob_dir(self, path: str) -> bool:
-        """blobs/ itself or blobs/<alg>/: when one moves or goes, every blob may have."""
-        where = Path(path)
-        return where == self.blobs or where.parent == self.blobs
-
-
-class StoreEventHandler(FileSystemEventHandler):
-    """Turns watchdog events into paths for the daemon; runs on watchdog's thread.
-
-    Moves count at both ends: the source (the file left that name) and
-    `dest_path` (a tool's temp file renamed into place). Directory changes under
-    blobs/ ask for a full reconcile: the events for their contents may be lost.
-    """
-
-    def __init__(
-        self,
-        layout: Layout,
-        on_paths: Callable[[PathSet], None],
-        on_lost: Callable[[str], None],
-    ) -> None:
-        super().__init__()
-        self.layout = layout
-        self.on_paths = on_paths
-        self.on_lost = on_lost
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        # An exception here would kill watchdog's dispatcher thread; the daemon
-        # would notice, but a full reconcile is the cheaper answer.
-        try:
-            self._record(event)
-        except Exception:
-            log.exception("watch: could not handle %r", event)
-            self.on_lost("an event could not be handled")
-
-    def _record(self, event: FileSystemEvent) -> None:
-        paths = [os.fsdecode(event.src_path)]
-        if isinstance(event, FileMovedEvent | DirMovedEvent) and event.dest_path:
-            paths.append(os.fsdecode(event.dest_path))
-        if event.is_directory:
-            if isinstance(event, DirMovedEvent | DirDeletedEvent) and any(
-                self.layout.is_blob_dir(p) for p in paths
-            ):
-                self.on_lost(f"{paths[0]}: directory moved or deleted")
-            return  # a new directory's contents arrive as their own events
-        changed = PathSet()
-        for path in paths:
-            kind = self.layout.classify(path)
-            if kind == "index":
-                changed.index = True
-            elif kind is not None:
-                changed.blobs.add(kind)
-        if changed:
-            self.on_paths(changed)
-
-
-class _WatchdogSpy(logging.Handler):
-    """Hears watchdog report lost events, which it does only in its log.
-
-    An inotify queue overflow is logged as a warning mentioning "overflow"; a
-    failure to rebuild watches is logged with a traceback. Other records (an
-    emitter complaining while it is being stopped) are not about lost events:
-    dead threads are found by the liveness check instead.
-    """
-
-    def __init__(self, on_lost: Callable[[str], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.on_lost = on_lost
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in str(record.msg).lower() or record.exc_info:
-            self.on_lost(f"watchdog: {record.getMessage()}")
-
-
-class _StopNoise(logging.Filter):
-    """Drops the error watchdog's inotify emitter logs when it is stopped mid-read
-    ("queue_events() called when the thread is inactive"): it happens on every
-    clean shutdown or observer rebuild and means nothing was lost."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "thread is inactive" in str(record.msg):
-            log.debug("watchdog: %s", record.getMessage())
-            return False
-        return True
-
-
-_STOP_NOISE = _StopNoise()
-
-
-# ---------------------------------------------------------------------------
 # The daemon
 # ---------------------------------------------------------------------------
 @dataclass
@@ -336,7 +155,7 @@ class Daemon:
         self.rc = refcounter
         self.options = options
         self.metrics = metrics or Metrics()
-        self.layout = Layout(refcounter.store.path)
+        self.store = refcounter.store.path
         self._cond = threading.Condition()
         # Guarded by _cond: what the handler and signals asked for.
         self._pending = PathSet()
@@ -362,9 +181,7 @@ class Daemon:
         # Only the worker touches these.
         self._resync_due = now + options.resync.total_seconds()
         self._gc_due = now + options.gc_interval.total_seconds()
-        self._observer: BaseObserver | None = None
-        self._watching_blobs = False
-        self._spy = _WatchdogSpy(self.report_lost)
+        self.events = StoreWatch(self.store, self.notice, self.report_lost)
         self._worker = threading.Thread(target=self._run, name="refcount-watch", daemon=True)
         self._last_success: float | None = None
         self.failed: BaseException | None = None
@@ -448,10 +265,10 @@ class Daemon:
                 None if self._invalid_since is None else time.monotonic() - self._invalid_since
             )
             pending = bool(self._pending) or bool(self._full_reasons)
-        observer_ok = self._observer is not None and self._observer.is_alive()
+        observer_ok = self.events.alive()
         worker_ok = self._worker.is_alive()
         detail = {
-            "store": str(self.layout.root),
+            "store": str(self.store),
             "worker": worker_ok,
             "observer": observer_ok,
             "pending": pending,
@@ -464,14 +281,7 @@ class Daemon:
     def start(self) -> None:
         """Start watching, then reconcile fully: events during that reconcile are
         kept and applied after it, so nothing slips between the two."""
-        try:
-            self._observer = self._build_observer()
-        except OSError as exc:  # e.g. the inotify watch or instance limit is reached
-            raise CannotWatch(f"{self.layout.root}: cannot watch: {exc.strerror or exc}") from None
-        logging.getLogger("watchdog").addHandler(self._spy)
-        # Never removed: an observer being closed may still log it afterwards.
-        # addFilter ignores a filter it already has.
-        logging.getLogger("watchdog.observers.inotify").addFilter(_STOP_NOISE)
+        self.events.start()
         self.request_full("start")
         self._worker.start()
 
@@ -479,8 +289,7 @@ class Daemon:
         self.request_stop()
         if self._worker.is_alive():
             self._worker.join(timeout)
-        self._close_observer()
-        logging.getLogger("watchdog").removeHandler(self._spy)
+        self.events.close()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to finish; True when it has."""
@@ -565,7 +374,8 @@ class Daemon:
         full = job.kind == "full"
         started = time.monotonic()
         try:
-            report = self.rc.sync() if full else self.rc.sync(job.paths.changes())
+            changes = Changes(index=job.paths.index, blobs=frozenset(job.paths.blobs))
+            report = self.rc.sync() if full else self.rc.sync(changes)
         except InvalidStore as exc:
             self._retry_later(job, exc)
             return
@@ -759,76 +569,19 @@ class Daemon:
         )
 
     # --- the observer -------------------------------------------------------------
-    def _build_observer(self) -> BaseObserver:
-        """Watch the store's directory (index.json is replaced by rename) and,
-        recursively, blobs/ (a new blobs/<alg>/ is picked up by watchdog)."""
-        handler = StoreEventHandler(self.layout, self.notice, self.report_lost)
-        observer = Observer(timeout=0.25)
-        observer.schedule(handler, str(self.layout.root), event_filter=_EVENTS)
-        self._watching_blobs = self.layout.has_blobs()
-        if self._watching_blobs:
-            observer.schedule(handler, str(self.layout.blobs), recursive=True, event_filter=_EVENTS)
-        observer.start()
-        return observer
-
-    def _observer_problem(self) -> str | None:
-        """Why the observer can no longer be trusted to report events, if it cannot."""
-        with self._cond:
-            reason, self._rebuild_reason = self._rebuild_reason, None
-        if reason is not None:
-            return reason
-        observer = self._observer
-        if observer is None or not observer.is_alive():
-            return "the observer thread stopped"
-        expected = 2 if self._watching_blobs else 1
-        emitters = list(observer.emitters)
-        if len(emitters) < expected or not all(e.is_alive() for e in emitters):
-            return "an emitter thread stopped"
-        # The inotify reader thread is watchdog-internal; check it when present.
-        reader = getattr(observer, "_inotify_fd", None)
-        if isinstance(reader, threading.Thread) and not reader.is_alive():
-            return "the inotify reader thread stopped"
-        if not self._watching_blobs and self.layout.has_blobs():
-            return "blobs/ appeared"
-        return None
-
     def _check_observer(self) -> None:
-        problem = self._observer_problem()
+        with self._cond:
+            lost, self._rebuild_reason = self._rebuild_reason, None
+        problem = lost or self.events.problem()
         if problem is None:
             return
         log.warning("watch: %s; rebuilding the observer and reconciling fully", problem)
-        self._close_observer()
         try:
-            self._observer = self._build_observer()
+            self.events.rebuild()
         except OSError as exc:
-            log.error("watch: cannot watch %s: %s; retrying", self.layout.root, exc)
+            log.error("watch: cannot watch %s: %s; retrying", self.store, exc)
             return
         self.request_full(f"observer rebuilt: {problem}")
-
-    def _close_observer(self, wait: float = 0.1) -> None:
-        """Stop the observer, waiting at most `wait` seconds for its threads.
-
-        watchdog's stop() joins its emitters, and an emitter holding an unpaired
-        move (every quarantine is a move out of blobs/) first sleeps out its 0.5 s
-        pairing delay. That must not hold up a SIGTERM or a rebuild: the threads
-        are daemon threads and finish on their own.
-        """
-        observer, self._observer = self._observer, None
-        if observer is None:
-            return
-        closer = threading.Thread(
-            target=_stop_observer, args=(observer,), name="refcount-watch-close", daemon=True
-        )
-        closer.start()
-        closer.join(wait)
-
-
-def _stop_observer(observer: BaseObserver) -> None:
-    try:
-        observer.stop()
-        observer.join(5.0)
-    except Exception:
-        log.debug("watch: error while stopping the observer", exc_info=True)
 
 
 # ---------------------------------------------------------------------------

@@ -49,12 +49,12 @@ from watchdog.events import (
 import refcount
 import refcount.store as refcount_store
 import refcount.watch as refcount_watch
+from refcount.events import StoreEventHandler
+from refcount.layout import BlobFile, classify
 from refcount.metrics import Health, InvalidAddress, Metrics, MetricsServer, parse_addr
 from refcount.watch import (
     Daemon,
-    Layout,
     PathSet,
-    StoreEventHandler,
     WatchOptions,
     warning_delay,
 )
@@ -910,14 +910,14 @@ def test_the_observer_is_rebuilt_when_its_threads_die(
     layer = sk.graph(store)[image["digest"]] - {image["digest"]}
     config_or_layer = sorted(layer)[0]
     write_db(store, "UPDATE blobs SET state = 'missing' WHERE digest = ?", config_or_layer)
-    observer = running._observer
+    observer = running.events.observer
     assert observer is not None
     with caplog.at_level(logging.WARNING, "refcount.watch"):
         for emitter in list(observer.emitters):
             emitter.stop()  # as if watchdog's thread had died
         wait_until(lambda: db_state(store, config_or_layer) == "live", "a full reconcile")
     assert "an emitter thread stopped; rebuilding the observer" in caplog.text
-    assert running._observer is not observer
+    assert running.events.observer is not observer
     # And the new observer reports events.
     seen = running.seen_epoch
     sk.add_image(store, [b"another layer"], tag="y")
@@ -1076,10 +1076,9 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
 
 def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    layout = Layout(root)
     seen: list[PathSet] = []
     lost: list[str] = []
-    handler = StoreEventHandler(layout, seen.append, lost.append)
+    handler = StoreEventHandler(root, seen.append, lost.append)
     blob = str(root / "blobs" / "sha256" / H)
     for event in (
         FileMovedEvent(str(root / ".umoci-1" / "index-2"), str(root / "index.json")),
@@ -1115,7 +1114,9 @@ def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: 
     assert len(seen) == 6 and not lost
     handler.dispatch(DirDeletedEvent(str(root / "blobs" / "sha256")))
     assert lost and len(seen) == 6
-    assert layout.classify(str(root / "blobs" / "sha512" / ("ab" * 64))) == "sha512:" + "ab" * 64
+    assert classify(root, str(root / "blobs" / "sha512" / ("ab" * 64))) == BlobFile(
+        "sha512:" + "ab" * 64
+    )
 
 
 def test_metrics_addresses_are_checked() -> None:
