@@ -167,6 +167,11 @@ class Job:
     """`seen_epoch` when the job was taken: what it applies, if it succeeds."""
     reports: tuple[object, ...] = ()
 
+    @property
+    def full(self) -> bool:
+        """A full reconcile: asked for (FULL), or the one gc starts with (GC)."""
+        return self.kind in (JobKind.FULL, JobKind.GC)
+
 
 @dataclass(frozen=True)
 class Invalid:
@@ -329,7 +334,7 @@ class Scheduler:
         """`job` (a batch, a full reconcile or a stop's last batch) succeeded:
         its epoch is applied, the backoff and the invalid spell are over, and
         after a full reconcile the next resync is `resync` from now."""
-        if job.kind in (JobKind.FULL, JobKind.GC):
+        if job.full:
             self._resync_due = now + self.timing.resync
         self._spell = None
         self._applied = max(self._applied, job.epoch)
@@ -345,7 +350,7 @@ class Scheduler:
         an invalid store, if one is.
         """
         self._pending.merge(job.paths)
-        if job.kind in (JobKind.FULL, JobKind.GC) or invalid is None:
+        if job.full or invalid is None:
             for reason in job.reasons or ("retry after an error",):
                 if reason not in self._full_reasons:
                     self._full_reasons.append(reason)

@@ -26,7 +26,6 @@ from refcount.scheduler import (
     Scheduler,
     Timing,
     Warn,
-    warning_delay,
 )
 
 A = "sha256:" + "a" * 64
@@ -349,13 +348,6 @@ def test_stop_takes_what_is_pending_once_before_anything_else() -> None:
 # --------------------------------------------------------------------------
 # Warnings about an invalid store
 # --------------------------------------------------------------------------
-def test_the_warning_gaps_double_up_to_a_cap() -> None:
-    assert warning_delay(0, first=10.0, gap=10.0, cap=600.0) == 10.0  # unparsable: wait
-    assert warning_delay(0, first=0.0, gap=10.0, cap=600.0) == 0.0  # not an index: at once
-    delays = [warning_delay(n, first=0.0, gap=10.0, cap=600.0) for n in range(1, 9)]
-    assert delays == [10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0, 600.0]
-
-
 def test_an_unparsable_index_is_warned_about_after_a_delay_then_less_and_less_often() -> None:
     scheduler = Scheduler(timing(debounce=0.0, warning_after=10.0, warning_max=160.0), 0.0)
     worker = Worker(scheduler, always=UNPARSABLE)

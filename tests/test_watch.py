@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -48,16 +49,12 @@ from watchdog.events import (
 
 import refcount
 import refcount.store as refcount_store
-import refcount.watch as refcount_watch
+from refcount.daemon import Daemon
 from refcount.events import StoreEventHandler
 from refcount.layout import BlobFile, classify
 from refcount.metrics import Health, InvalidAddress, Metrics, MetricsServer, parse_addr
-from refcount.watch import (
-    Daemon,
-    PathSet,
-    WatchOptions,
-    warning_delay,
-)
+from refcount.scheduler import PathSet, warning_delay
+from refcount.watch import WatchOptions
 
 DEADLINE = 10.0
 H = "0123456789abcdef" * 4  # a well-formed sha256 hex
@@ -876,9 +873,15 @@ def test_a_bad_metrics_address_is_refused_with_exit_2(store: Path) -> None:
 def daemon(store: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[tuple[Daemon, refcount.Refcounter]] = []
 
-    def start(options: WatchOptions | None = None, **policy: Any) -> Daemon:
+    def start(
+        options: WatchOptions | None = None,
+        *,
+        tuning: dict[str, float] | None = None,
+        **policy: Any,
+    ) -> Daemon:
         rc = refcount.open(store, **policy)
-        running = Daemon(rc, options or WatchOptions(debounce=0.02, resync=timedelta(hours=1)))
+        timing = (options or WatchOptions(debounce=0.02, resync=timedelta(hours=1))).timing()
+        running = Daemon(rc, store, replace(timing, **(tuning or {})))
         made.append((running, rc))
         running.start()
         assert running.wait_applied(timeout=DEADLINE), "start-up reconcile"
@@ -993,18 +996,12 @@ def test_the_warnings_about_an_invalid_store_come_with_doubling_gaps_up_to_a_cap
 
 
 def test_an_unparsable_index_is_warned_about_after_a_delay_then_less_and_less_often(
-    store: Path,
-    daemon: Callable[..., Daemon],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    store: Path, daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The schedule, scaled down: first warning after 0.4 s, then gaps of 0.4 s and
     # 0.8 s (the cap), with a re-read every 50 ms meanwhile.
-    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_AFTER", 0.4)
-    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_MAX", 0.8)
-    monkeypatch.setattr(refcount_watch, "RETRY_MAX", 0.05)
     small_images(store, 2)
-    running = daemon()
+    running = daemon(tuning={"warning_after": 0.4, "warning_max": 0.8, "retry_max": 0.05})
     files = sk.blob_files(store)
     good = (store / "index.json").read_bytes()
 
@@ -1059,7 +1056,7 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
 ) -> None:
     running = daemon()
     calls: list[refcount.Changes | None] = []
-    real_sync = running.rc.sync
+    real_sync = running.collector.sync
 
     def flaky_sync(changes: refcount.Changes | None = None) -> refcount.SyncReport:
         calls.append(changes)
@@ -1067,7 +1064,7 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
             raise refcount.InvalidStore(f"{store}/index.json: not valid JSON")
         return real_sync(changes)
 
-    monkeypatch.setattr(running.rc, "sync", flaky_sync)
+    monkeypatch.setattr(running.collector, "sync", flaky_sync)
     running.notice(PathSet(index=True, blobs={f"sha256:{H}"}))
     assert running.wait_applied()
     # The same batch, re-read after the backoff: never dropped, never applied half.
