@@ -319,6 +319,9 @@ class Daemon:
         # only blob files, and are not worth the queries.)
         if full or report.changed or job.paths.index:
             self._refresh_stats()
+        # Last: /healthz turns ok on the first success, and whoever sees it ok
+        # then finds that reconcile's figures in /metrics.
+        self._last_success = time.time()
 
     def _retry_later(self, job: Job, exc: InvalidStore | None) -> None:
         """Hand the job back to the scheduler, which retries it after a backoff.
@@ -362,7 +365,6 @@ class Daemon:
         with self._cond:
             self._scheduler.applied(job, now)
             self._cond.notify_all()
-        self._last_success = time.time()
 
     def _run_gc(self, job: Job) -> None:
         """A full reconcile (so its frees are counted), then sweep and purge."""

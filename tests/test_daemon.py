@@ -55,6 +55,7 @@ class Recorder:
     """What the next syncs return or raise, in order; then an empty report."""
     calls: list[tuple[float, str, Changes | None]] = field(default_factory=list)
     gc_report: GcReport = field(default_factory=lambda: GcReport(dry_run=False))
+    during_stats: Callable[[], None] | None = None
 
     def sync(self, changes: Changes | None = None) -> SyncReport:
         self.calls.append((self.clock(), "sync", changes))
@@ -69,6 +70,8 @@ class Recorder:
 
     def stats(self) -> Stats:
         self.calls.append((self.clock(), "stats", None))
+        if self.during_stats is not None:
+            self.during_stats()
         return STATS
 
     def kinds(self) -> list[str]:
@@ -148,6 +151,18 @@ def test_the_start_up_reconcile_is_a_full_sync_then_the_gauges() -> None:
     assert r.daemon.applied_epoch == r.daemon.seen_epoch == 1
     assert r.value("refcount_roots") == 2
     assert r.value("refcount_batches_applied_total", kind="full") == 1
+
+
+def test_health_counts_the_first_success_only_once_its_figures_are_in_the_metrics() -> None:
+    clock = Clock()
+    collector = Recorder(clock)
+    daemon = Daemon(collector, STORE, Timing(), clock=clock, watch=FakeWatch)
+    seen: list[object] = []
+    collector.during_stats = lambda: seen.append(daemon.health().detail["last_success_unix"])
+    daemon.request_full("start")
+    daemon.run_due()
+    assert seen == [None]  # /healthz still says "not yet" while the gauges are read
+    assert daemon.health().detail["last_success_unix"] is not None
 
 
 def test_events_become_one_sync_of_their_changes_after_the_quiet_period() -> None:
