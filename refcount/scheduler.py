@@ -63,6 +63,8 @@ INVALID_WARNING_MAX = 600.0
 """Longest gap, in seconds, between repeated warnings about an invalid store."""
 MIN_WAIT = 0.001
 """Shortest wait `deadline` asks for, so that a loop on it never spins."""
+_PAST = float("-inf")
+"""A time before any `now`: due at once, whatever clock the caller uses."""
 
 
 def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
@@ -234,7 +236,7 @@ class Scheduler:
         self._served: list[object] = []
         self._first_event = 0.0
         self._last_event = 0.0
-        self._retry_at = 0.0
+        self._retry_at = _PAST
         self._retry_delay = timing.retry_first
         self._rebuild: str | None = None  # why the observer must be rebuilt
         self._spell: _Spell | None = None  # the store is invalid
@@ -252,7 +254,7 @@ class Scheduler:
             self._first_event = now
         self._pending.merge(paths)
         self._last_event = now
-        self._retry_at = 0.0  # the file changed again: worth re-reading at once
+        self._retry_at = _PAST  # the file changed again: worth re-reading at once
         self._seen += 1
 
     def request_full(self, reason: str) -> None:
@@ -265,7 +267,7 @@ class Scheduler:
         """Events were lost: check (and rebuild) the observer at once, then
         reconcile fully."""
         self._rebuild = self._rebuild or reason
-        self._health_due = float("-inf")
+        self._health_due = _PAST
         self.request_full(reason)
 
     def report_served(self, report: object) -> None:
@@ -339,7 +341,7 @@ class Scheduler:
         self._spell = None
         self._applied = max(self._applied, job.epoch)
         self._retry_delay = self.timing.retry_first
-        self._retry_at = 0.0
+        self._retry_at = _PAST
 
     def failed(self, job: Job, now: float, invalid: Invalid | None = None) -> Warn | None:
         """`job` failed: on an invalid store (`invalid`), or on another error.
