@@ -324,15 +324,15 @@ class Daemon:
         drift = full and not job.paths and not {"start", "SIGHUP"} & set(job.reasons)
         self._applied_ok(job)
         self.metrics.record_sync(report, seconds, full=full, drift=drift)
-        self._log_batch(job, report, seconds)
         # A batch that names index.json but changes nothing follows another
         # refcount process's delete, which the database already holds: the
         # gauges must show it too. (The events of the daemon's own frees name
         # only blob files, and are not worth the queries.)
         if full or report.changed or job.paths.index:
             self._refresh_stats()
-        # Last: /healthz turns ok on the first success, and whoever sees it ok
-        # then finds that reconcile's figures in /metrics.
+        # After the figures: whoever reads the line, or sees /healthz turn ok on
+        # the first success, finds this reconcile in /metrics.
+        self._log_batch(job, report, seconds)
         self._last_success = time.time()
 
     def _retry_later(self, job: Job, exc: InvalidStore | None) -> None:

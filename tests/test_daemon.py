@@ -153,16 +153,25 @@ def test_the_start_up_reconcile_is_a_full_sync_then_the_gauges() -> None:
     assert r.value("refcount_batches_applied_total", kind="full") == 1
 
 
-def test_health_counts_the_first_success_only_once_its_figures_are_in_the_metrics() -> None:
+def test_a_reconcile_shows_in_health_and_the_log_only_once_its_figures_are_in_the_metrics(
+    logs: Callable[[], list[str]],
+) -> None:
     clock = Clock()
     collector = Recorder(clock)
     daemon = Daemon(collector, STORE, Timing(), clock=clock, watch=FakeWatch)
-    seen: list[object] = []
-    collector.during_stats = lambda: seen.append(daemon.health().detail["last_success_unix"])
+    seen: list[tuple[object, bool]] = []
+    collector.during_stats = lambda: seen.append(
+        (
+            daemon.health().detail["last_success_unix"],
+            any(m.startswith("full reconcile (start)") for m in logs()),
+        )
+    )
     daemon.request_full("start")
     daemon.run_due()
-    assert seen == [None]  # /healthz still says "not yet" while the gauges are read
+    # While the gauges are read, /healthz still says "not yet" and the line is not out.
+    assert seen == [(None, False)]
     assert daemon.health().detail["last_success_unix"] is not None
+    assert any(m.startswith("full reconcile (start)") for m in logs())
 
 
 def test_events_become_one_sync_of_their_changes_after_the_quiet_period() -> None:
