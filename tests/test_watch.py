@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -48,17 +49,13 @@ from watchdog.events import (
 
 import refcount
 import refcount.store as refcount_store
-import refcount.watch as refcount_watch
+from refcount.daemon import Daemon
 from refcount.errors import InvalidAddress
+from refcount.events import StoreEventHandler
+from refcount.layout import BlobFile, classify
 from refcount.metrics import Health, Metrics, MetricsServer, parse_addr
-from refcount.watch import (
-    Daemon,
-    Layout,
-    PathSet,
-    StoreEventHandler,
-    WatchOptions,
-    warning_delay,
-)
+from refcount.scheduler import PathSet, warning_delay
+from refcount.watch import WatchOptions
 
 DEADLINE = 10.0
 H = "0123456789abcdef" * 4  # a well-formed sha256 hex
@@ -877,9 +874,15 @@ def test_a_bad_metrics_address_is_refused_with_exit_2(store: Path) -> None:
 def daemon(store: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[tuple[Daemon, refcount.Refcounter]] = []
 
-    def start(options: WatchOptions | None = None, **policy: Any) -> Daemon:
+    def start(
+        options: WatchOptions | None = None,
+        *,
+        tuning: dict[str, float] | None = None,
+        **policy: Any,
+    ) -> Daemon:
         rc = refcount.open(store, **policy)
-        running = Daemon(rc, options or WatchOptions(debounce=0.02, resync=timedelta(hours=1)))
+        timing = (options or WatchOptions(debounce=0.02, resync=timedelta(hours=1))).timing()
+        running = Daemon(rc, store, replace(timing, **(tuning or {})))
         made.append((running, rc))
         running.start()
         assert running.wait_applied(timeout=DEADLINE), "start-up reconcile"
@@ -911,14 +914,14 @@ def test_the_observer_is_rebuilt_when_its_threads_die(
     layer = sk.graph(store)[image["digest"]] - {image["digest"]}
     config_or_layer = sorted(layer)[0]
     write_db(store, "UPDATE blobs SET state = 'missing' WHERE digest = ?", config_or_layer)
-    observer = running._observer
+    observer = running.events.observer
     assert observer is not None
     with caplog.at_level(logging.WARNING, "refcount.watch"):
         for emitter in list(observer.emitters):
             emitter.stop()  # as if watchdog's thread had died
         wait_until(lambda: db_state(store, config_or_layer) == "live", "a full reconcile")
     assert "an emitter thread stopped; rebuilding the observer" in caplog.text
-    assert running._observer is not observer
+    assert running.events.observer is not observer
     # And the new observer reports events.
     seen = running.seen_epoch
     sk.add_image(store, [b"another layer"], tag="y")
@@ -994,18 +997,12 @@ def test_the_warnings_about_an_invalid_store_come_with_doubling_gaps_up_to_a_cap
 
 
 def test_an_unparsable_index_is_warned_about_after_a_delay_then_less_and_less_often(
-    store: Path,
-    daemon: Callable[..., Daemon],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    store: Path, daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The schedule, scaled down: first warning after 0.4 s, then gaps of 0.4 s and
     # 0.8 s (the cap), with a re-read every 50 ms meanwhile.
-    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_AFTER", 0.4)
-    monkeypatch.setattr(refcount_watch, "INVALID_WARNING_MAX", 0.8)
-    monkeypatch.setattr(refcount_watch, "RETRY_MAX", 0.05)
     small_images(store, 2)
-    running = daemon()
+    running = daemon(tuning={"warning_after": 0.4, "warning_max": 0.8, "retry_max": 0.05})
     files = sk.blob_files(store)
     good = (store / "index.json").read_bytes()
 
@@ -1060,7 +1057,7 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
 ) -> None:
     running = daemon()
     calls: list[refcount.Changes | None] = []
-    real_sync = running.rc.sync
+    real_sync = running.collector.sync
 
     def flaky_sync(changes: refcount.Changes | None = None) -> refcount.SyncReport:
         calls.append(changes)
@@ -1068,7 +1065,7 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
             raise refcount.InvalidStore(f"{store}/index.json: not valid JSON")
         return real_sync(changes)
 
-    monkeypatch.setattr(running.rc, "sync", flaky_sync)
+    monkeypatch.setattr(running.collector, "sync", flaky_sync)
     running.notice(PathSet(index=True, blobs={f"sha256:{H}"}))
     assert running.wait_applied()
     # The same batch, re-read after the backoff: never dropped, never applied half.
@@ -1077,10 +1074,9 @@ def test_a_batch_that_hits_a_half_written_index_is_retried_without_a_new_event(
 
 def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    layout = Layout(root)
     seen: list[PathSet] = []
     lost: list[str] = []
-    handler = StoreEventHandler(layout, seen.append, lost.append)
+    handler = StoreEventHandler(root, seen.append, lost.append)
     blob = str(root / "blobs" / "sha256" / H)
     for event in (
         FileMovedEvent(str(root / ".umoci-1" / "index-2"), str(root / "index.json")),
@@ -1116,7 +1112,9 @@ def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: 
     assert len(seen) == 6 and not lost
     handler.dispatch(DirDeletedEvent(str(root / "blobs" / "sha256")))
     assert lost and len(seen) == 6
-    assert layout.classify(str(root / "blobs" / "sha512" / ("ab" * 64))) == "sha512:" + "ab" * 64
+    assert classify(root, str(root / "blobs" / "sha512" / ("ab" * 64))) == BlobFile(
+        "sha512:" + "ab" * 64
+    )
 
 
 def test_metrics_addresses_are_checked() -> None:

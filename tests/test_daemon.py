@@ -1,0 +1,315 @@
+"""The daemon's worker on a test collector and a fake clock, without its thread.
+
+containerd tests its GC scheduler against a test collector; here `Recorder`
+is the Collector (sync, gc, stats) and `FakeWatch` the event source, and the
+test moves a clock of plain floats and calls `Daemon.run_due()`, which does
+what the worker thread does between its waits. So these tests show what the
+daemon asks of the library, when, and what it makes of the answers, with no
+store, database, observer or sleep. tests/test_watch.py runs the real thing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from refcount.core import Changes
+from refcount.daemon import Daemon
+from refcount.errors import InvalidStore, UnparsableIndex
+from refcount.events import OnLost, OnPaths
+from refcount.reports import Aged, BlobRef, DeleteReport, GcReport, Stats, SyncReport
+from refcount.scheduler import PathSet, Timing
+
+STORE = Path("/srv/store")
+A = "sha256:" + "a" * 64
+FREED = SyncReport(roots_removed=1, freed=(BlobRef(A, 10, None),))
+STATS = Stats(
+    roots=2,
+    live_blobs=5,
+    live_bytes=500,
+    missing_blobs=0,
+    orphan_blobs=0,
+    quarantined_blobs=1,
+    quarantined_bytes=10,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Recorder:
+    """A test collector: records each call with the time, answers from a script."""
+
+    clock: Clock
+    syncs: list[SyncReport | Exception] = field(default_factory=list)
+    """What the next syncs return or raise, in order; then an empty report."""
+    calls: list[tuple[float, str, Changes | None]] = field(default_factory=list)
+    gc_report: GcReport = field(default_factory=lambda: GcReport(dry_run=False))
+    during_stats: Callable[[], None] | None = None
+
+    def sync(self, changes: Changes | None = None) -> SyncReport:
+        self.calls.append((self.clock(), "sync", changes))
+        outcome = self.syncs.pop(0) if self.syncs else SyncReport()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def gc(self) -> GcReport:
+        self.calls.append((self.clock(), "gc", None))
+        return self.gc_report
+
+    def stats(self) -> Stats:
+        self.calls.append((self.clock(), "stats", None))
+        if self.during_stats is not None:
+            self.during_stats()
+        return STATS
+
+    def kinds(self) -> list[str]:
+        return [kind for _, kind, _ in self.calls]
+
+
+class FakeWatch:
+    """An event source the test controls: it hands paths over and reports problems."""
+
+    def __init__(self, store: Path, on_paths: OnPaths, on_lost: OnLost) -> None:
+        self.store, self.on_paths, self.on_lost = store, on_paths, on_lost
+        self.trouble: str | None = None
+        self.rebuilds = 0
+        self.broken = False  # rebuild() fails as if the inotify limit were reached
+
+    def start(self) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return self.trouble is None
+
+    def problem(self) -> str | None:
+        return self.trouble
+
+    def rebuild(self) -> None:
+        if self.broken:
+            raise OSError(24, "Too many open files")
+        self.rebuilds += 1
+        self.trouble = None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    daemon: Daemon
+    collector: Recorder
+    clock: Clock
+    watch: FakeWatch
+
+    def at(self, seconds: float) -> int:
+        """Move the clock `seconds` on and do what is due then."""
+        self.clock.now += seconds
+        return self.daemon.run_due()
+
+    def value(self, name: str, **labels: str) -> float:
+        found = self.daemon.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+
+def rig(**timing: float) -> Rig:
+    clock = Clock()
+    collector = Recorder(clock)
+    made: list[FakeWatch] = []
+
+    def watch(store: Path, on_paths: OnPaths, on_lost: OnLost) -> FakeWatch:
+        made.append(FakeWatch(store, on_paths, on_lost))
+        return made[0]
+
+    quiet = {"debounce": 0.125, "resync": 3600.0, "gc_interval": 3600.0, "health_interval": 1.0}
+    daemon = Daemon(collector, STORE, Timing(**{**quiet, **timing}), clock=clock, watch=watch)
+    daemon.request_full("start")
+    daemon.run_due()
+    return Rig(daemon, collector, clock, made[0])
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    caplog.set_level(logging.DEBUG, "refcount.watch")
+    return lambda: [r.getMessage() for r in caplog.records]
+
+
+def test_the_start_up_reconcile_is_a_full_sync_then_the_gauges() -> None:
+    r = rig()
+    assert r.collector.calls == [(100.0, "sync", None), (100.0, "stats", None)]
+    assert r.daemon.applied_epoch == r.daemon.seen_epoch == 1
+    assert r.value("refcount_roots") == 2
+    assert r.value("refcount_batches_applied_total", kind="full") == 1
+
+
+def test_a_reconcile_shows_in_health_and_the_log_only_once_its_figures_are_in_the_metrics(
+    logs: Callable[[], list[str]],
+) -> None:
+    clock = Clock()
+    collector = Recorder(clock)
+    daemon = Daemon(collector, STORE, Timing(), clock=clock, watch=FakeWatch)
+    seen: list[tuple[object, bool]] = []
+    collector.during_stats = lambda: seen.append(
+        (
+            daemon.health().detail["last_success_unix"],
+            any(m.startswith("full reconcile (start)") for m in logs()),
+        )
+    )
+    daemon.request_full("start")
+    daemon.run_due()
+    # While the gauges are read, /healthz still says "not yet" and the line is not out.
+    assert seen == [(None, False)]
+    assert daemon.health().detail["last_success_unix"] is not None
+    assert any(m.startswith("full reconcile (start)") for m in logs())
+
+
+def test_events_become_one_sync_of_their_changes_after_the_quiet_period() -> None:
+    r = rig()
+    r.collector.calls.clear()
+    r.collector.syncs = [FREED]
+    r.watch.on_paths(PathSet(index=True))
+    assert r.at(0.0625) == 0  # not quiet yet
+    r.watch.on_paths(PathSet(blobs={A}))
+    assert r.at(0.0625) == 0  # the quiet period starts again
+    assert r.at(0.0625) == 1
+    assert r.collector.calls == [
+        (100.1875, "sync", Changes(index=True, blobs=frozenset({A}))),
+        (100.1875, "stats", None),  # the batch changed something
+    ]
+    assert r.daemon.applied_epoch == r.daemon.seen_epoch
+    assert r.value("refcount_freed_blobs_total", reason="released") == 1
+
+
+def test_a_batch_of_the_daemons_own_frees_that_changes_nothing_reads_no_figures() -> None:
+    r = rig()
+    r.collector.calls.clear()
+    r.watch.on_paths(PathSet(blobs={A}))
+    r.at(0.125)
+    assert r.collector.kinds() == ["sync"]
+
+
+def test_an_unparsable_index_is_re_read_with_backoff_warned_about_late_and_its_end_logged(
+    logs: Callable[[], list[str]],
+) -> None:
+    r = rig(warning_after=1.0, retry_first=0.25, retry_max=0.5)
+    r.collector.calls.clear()
+    r.collector.syncs = [UnparsableIndex("index.json: invalid JSON")] * 4
+    r.watch.on_paths(PathSet(index=True))
+    for _ in range(16):
+        r.at(0.125)
+    syncs = [(t, c) for t, kind, c in r.collector.calls if kind == "sync"]
+    # Quiet after 0.125 s, then backoffs of 0.25, 0.5 and 0.5 s (the cap).
+    assert [t - 100.0 for t, _ in syncs] == [0.125, 0.375, 0.875, 1.375, 1.875]
+    assert {c for _, c in syncs} == {Changes(index=True)}  # the same batch each time
+    warnings = [m for m in logs() if "nothing is applied" in m]
+    assert warnings == [  # only once it lasted warning_after
+        "index.json: invalid JSON; nothing is applied until the store is valid "
+        "(invalid for 1 s; warning again in 1 s if it stays so)"
+    ]
+    assert sum("re-reading shortly" in m for m in logs()) == 3
+    assert logs().count("the store is valid again after 2 s (was: index.json: invalid JSON)") == 1
+    assert r.value("refcount_reconcile_failures_total", reason="invalid_index") == 4
+    assert r.daemon.applied_epoch == r.daemon.seen_epoch
+    assert r.daemon.health().detail["index_invalid_seconds"] is None
+
+
+def test_an_unexpected_error_is_followed_by_a_full_reconcile() -> None:
+    r = rig(retry_first=0.5)
+    r.collector.calls.clear()
+    r.collector.syncs = [RuntimeError("database is locked")]
+    r.watch.on_paths(PathSet(blobs={A}))
+    r.at(0.125)
+    assert r.value("refcount_reconcile_failures_total", reason="error") == 1
+    assert r.at(0.375) == 0  # the backoff
+    assert r.at(0.125) == 1
+    assert r.collector.calls[1:] == [(100.625, "sync", None), (100.625, "stats", None)]
+
+
+def test_an_invalid_store_during_a_full_reconcile_is_retried_and_shows_in_health() -> None:
+    r = rig(retry_first=0.5)
+    r.collector.syncs = [InvalidStore("index.json: not an image index: schemaVersion is missing")]
+    r.daemon.request_full("SIGHUP")
+    r.at(0.0)
+    assert r.daemon.health().detail["index_invalid_seconds"] == 0.0
+    r.clock.now += 0.3
+    assert r.daemon.health().detail["index_invalid_seconds"] == pytest.approx(0.3)
+    assert r.daemon.health().detail["pending"] is True
+    r.at(0.2)
+    assert r.collector.kinds()[-2:] == ["sync", "stats"]
+    assert r.daemon.health().detail["pending"] is False
+
+
+def test_lost_events_rebuild_the_observer_then_reconcile_fully(
+    logs: Callable[[], list[str]],
+) -> None:
+    r = rig()
+    r.collector.calls.clear()
+    r.watch.on_lost("watchdog: Inotify queue overflowed")
+    assert r.at(0.0) == 2  # the rebuild, then the full reconcile; no waiting
+    assert r.watch.rebuilds == 1
+    assert r.collector.kinds() == ["sync", "stats"]
+    assert r.collector.calls[0][2] is None
+    assert any(
+        m.startswith(
+            "full reconcile (watchdog: Inotify queue overflowed, "
+            "observer rebuilt: watchdog: Inotify queue overflowed); roots +0 -0"
+        )
+        for m in logs()
+    )
+
+
+def test_a_dead_emitter_is_found_at_the_next_health_check_and_a_failed_rebuild_retried() -> None:
+    r = rig()
+    r.collector.calls.clear()
+    r.watch.trouble = "an emitter thread stopped"
+    r.watch.broken = True
+    assert not r.daemon.health().detail["observer"]
+    assert r.at(1.0) == 1  # the health check: the rebuild fails, no reconcile yet
+    assert r.collector.calls == []
+    r.watch.broken = False
+    assert r.at(1.0) == 2  # the next check rebuilds, then the full reconcile
+    assert r.watch.rebuilds == 1 and r.collector.kinds() == ["sync", "stats"]
+
+
+def test_the_gc_timer_reconciles_fully_then_collects_then_reads_the_figures() -> None:
+    r = rig(gc_interval=60.0)
+    r.collector.calls.clear()
+    r.collector.gc_report = GcReport(dry_run=False, swept=(Aged(A, 7, 4000.0),))
+    r.at(59.0)
+    assert "gc" not in r.collector.kinds()
+    r.at(1.0)
+    assert r.collector.kinds() == ["sync", "stats", "gc", "stats"]
+    assert r.value("refcount_freed_blobs_total", reason="orphan") == 1
+
+
+def test_served_reports_are_counted_at_once_and_dry_runs_are_not() -> None:
+    r = rig()
+    r.collector.calls.clear()
+    freed = (BlobRef(A, 10, None),)
+    r.daemon.report_served(DeleteReport("img0", dry_run=True, removed=(), freed=freed))
+    r.daemon.report_served(DeleteReport("img1", dry_run=False, removed=(), freed=freed))
+    assert r.at(0.0) == 1
+    assert r.collector.kinds() == ["stats"]  # no reconcile: the database is in step
+    assert r.value("refcount_freed_blobs_total", reason="deleted") == 1
+
+
+def test_a_stop_applies_what_was_noticed_once_without_waiting_for_quiet() -> None:
+    r = rig(debounce=10.0)
+    r.collector.calls.clear()
+    r.watch.on_paths(PathSet(blobs={A}))
+    r.daemon.request_stop("SIGTERM")
+    assert r.at(0.0) == 1
+    assert r.collector.calls == [(100.0, "sync", Changes(blobs=frozenset({A})))]
+    assert r.daemon.applied_epoch == r.daemon.seen_epoch
+    assert r.at(0.0) == 1 and len(r.collector.calls) == 1  # nothing left to apply
