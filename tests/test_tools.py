@@ -144,6 +144,14 @@ def assert_counts_match_oracle(store: Path, digests: Iterable[str] = ()) -> None
     assert got == {d: expected.get(d, 0) for d in got}
 
 
+def index_shared(store: Path, refcount_cli: Refcount) -> tuple[str, str, set[str]]:
+    """`refcount init` the shared store; the digests of a and b, and the blobs only a
+    holds (what deleting it frees)."""
+    a, b = digest_of(store, "a"), digest_of(store, "b")
+    succeed(refcount_cli, store, "init")
+    return a, b, closure(store, a) - closure(store, b)
+
+
 def freed_digests(report: dict[str, Any]) -> set[str]:
     return {b["digest"] for b in report["freed"]}
 
@@ -221,9 +229,7 @@ def test_deleting_the_last_tag_frees_every_blob(shared: Path, refcount_cli: Refc
 def test_gc_purges_the_quarantine_after_the_trash_ttl_and_ttl_zero_unlinks_at_once(
     shared: Path, refcount_cli: Refcount
 ) -> None:
-    a, b = digest_of(shared, "a"), digest_of(shared, "b")
-    only_a = closure(shared, a) - closure(shared, b)
-    succeed(refcount_cli, shared, "init")
+    _a, _b, only_a = index_shared(shared, refcount_cli)
     succeed(refcount_cli, shared, "delete", "tag", "a")
     assert trash_files(shared) == only_a
 
@@ -472,9 +478,7 @@ def test_an_image_pushed_again_with_skopeo_after_its_delete_is_counted_and_kept(
 ) -> None:
     backup = tmp_path / "backup"
     sk.skopeo_copy(shared, "a", backup, "a")
-    a, b = digest_of(shared, "a"), digest_of(shared, "b")
-    only_a = closure(shared, a) - closure(shared, b)
-    succeed(refcount_cli, shared, "init")
+    a, b, only_a = index_shared(shared, refcount_cli)
     succeed(refcount_cli, shared, "delete", "tag", "a")
     assert trash_files(shared) == only_a
 
@@ -493,9 +497,7 @@ def test_an_image_pushed_again_with_skopeo_after_its_delete_is_counted_and_kept(
 def test_restoring_index_json_from_a_backup_brings_the_quarantined_image_back(
     shared: Path, tmp_path: Path, refcount_cli: Refcount
 ) -> None:
-    a, b = digest_of(shared, "a"), digest_of(shared, "b")
-    only_a = closure(shared, a) - closure(shared, b)
-    succeed(refcount_cli, shared, "init")
+    a, b, only_a = index_shared(shared, refcount_cli)
     saved = (shared / "index.json").read_bytes()
     succeed(refcount_cli, shared, "delete", "tag", "a")
     assert not only_a & sk.blob_files(shared)
@@ -516,9 +518,7 @@ def test_restoring_index_json_from_a_backup_brings_the_quarantined_image_back(
 def test_a_tag_removed_with_umoci_rm_is_freed_by_the_next_sync(
     shared: Path, refcount_cli: Refcount
 ) -> None:
-    a, b = digest_of(shared, "a"), digest_of(shared, "b")
-    only_a = closure(shared, a) - closure(shared, b)
-    succeed(refcount_cli, shared, "init")
+    _a, b, only_a = index_shared(shared, refcount_cli)
 
     sk.run(["umoci", "rm", "--image", f"{shared}:a"])
     report = succeed(refcount_cli, shared, "--json", "sync").json()
@@ -553,9 +553,7 @@ def test_orphans_that_umoci_gc_removes_are_forgotten_by_the_next_sync(
 def test_verify_right_after_umoci_rm_catches_up_and_finds_nothing_wrong(
     shared: Path, refcount_cli: Refcount
 ) -> None:
-    a, b = digest_of(shared, "a"), digest_of(shared, "b")
-    only_a = closure(shared, a) - closure(shared, b)
-    succeed(refcount_cli, shared, "init")
+    _a, _b, only_a = index_shared(shared, refcount_cli)
 
     sk.run(["umoci", "rm", "--image", f"{shared}:a"])
     verify = refcount_cli(shared, "verify")
