@@ -49,7 +49,6 @@ from watchdog.events import (
 import refcount
 import refcount.store as refcount_store
 import refcount.watch as refcount_watch
-from refcount.metrics import Health, InvalidAddress, Metrics, MetricsServer, parse_addr
 from refcount.watch import (
     Daemon,
     Layout,
@@ -1116,23 +1115,6 @@ def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: 
     handler.dispatch(DirDeletedEvent(str(root / "blobs" / "sha256")))
     assert lost and len(seen) == 6
     assert layout.classify(str(root / "blobs" / "sha512" / ("ab" * 64))) == "sha512:" + "ab" * 64
-
-
-def test_metrics_addresses_are_checked() -> None:
-    assert parse_addr("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert parse_addr("[::1]:0") == ("::1", 0)
-    for bad in ("9464", "host:", ":9464", "host:port", "host:70000"):
-        with pytest.raises(InvalidAddress):
-            parse_addr(bad)
-    unhealthy = Health(False, {"why": "a test"})
-    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: unhealthy)
-    try:
-        with pytest.raises(InvalidAddress, match="cannot listen"):
-            MetricsServer(server.address, Metrics(), lambda: unhealthy)
-        status, body = scrape(server.address, "/healthz")
-        assert status == 503 and json.loads(body) == {"ok": False, "why": "a test"}
-    finally:
-        server.close()
 
 
 def test_what_each_sync_did_reaches_the_daemons_log_only_with_v(
