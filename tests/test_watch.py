@@ -47,7 +47,6 @@ from watchdog.events import (
 )
 
 import refcount
-import refcount.store as refcount_store
 import refcount.watch as refcount_watch
 from refcount.watch import (
     Daemon,
@@ -697,43 +696,6 @@ def test_a_clean_stop_removes_watch_pid_and_a_kill_leaves_a_free_lock(
     assert pid_file.exists()  # nobody could remove it, and nobody holds its lock
     again = watch(store)
     assert pid_file.read_text() == f"{again.proc.pid}\n"
-
-
-def test_a_daemon_that_locks_a_removed_watch_pid_retries_on_the_file_now_there(
-    store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """First stops (unlink, then close) between the second opening the old file and
-    locking it: the second must end up holding the file at the path, so that a
-    third daemon is refused instead of running beside it."""
-    first = refcount.open(store)
-    second = refcount.open(store)
-    third = refcount.open(store)
-    pid_file = store / ".refcount" / "watch.pid"
-    try:
-        held = first.store.hold_daemon_lock()
-        real_flock = refcount_store.fcntl.flock
-        calls: list[int] = []
-
-        def flock_after_the_first_stopped(fd: int, operation: int) -> None:
-            calls.append(fd)
-            if len(calls) == 1:  # the second has the old file open: now the first stops
-                first.store.release_daemon_lock(held)
-                assert not pid_file.exists()
-            real_flock(fd, operation)
-
-        monkeypatch.setattr(refcount_store.fcntl, "flock", flock_after_the_first_stopped)
-        lock = second.store.hold_daemon_lock()
-        monkeypatch.setattr(refcount_store.fcntl, "flock", real_flock)
-        assert len(calls) == 2  # locked the removed file, saw it, and tried again
-        assert os.fstat(lock).st_ino == pid_file.stat().st_ino
-        assert pid_file.read_text() == f"{os.getpid()}\n"
-        with pytest.raises(refcount.StoreBusy):
-            third.store.hold_daemon_lock()
-        second.store.release_daemon_lock(lock)
-        assert not pid_file.exists()
-    finally:
-        for rc in (first, second, third):
-            rc.close()
 
 
 @pytest.mark.tools
