@@ -735,7 +735,8 @@ def test_a_descriptor_size_that_lies_is_reported_by_deep_verify_and_nothing_is_d
 
 
 # =============================================================================================
-# 5. Symbolic links: never followed, never deleted through
+# 5. Symbolic links and directories where blob files should be: never followed, never read,
+#    never deleted through (one table of plants for layers and manifests alike)
 # =============================================================================================
 
 
@@ -766,10 +767,50 @@ def link_blob_inside(site: Site, digest: str) -> tuple[Path, str]:
     return path, hex_of(b_layer(site))
 
 
-def a_layer_that_is_not_a_file_is_skipped_and_kept(cli: Cli, images: Site, layer: str) -> None:
+@dataclass(frozen=True)
+class NotAFile:
+    """A blob's path replaced by something that is not a regular file."""
+
+    path: Path
+    intact: Callable[[], bool]  # it is still there exactly as planted
+
+
+def plant_link_outside(site: Site, digest: str) -> NotAFile:
+    path, target = link_blob_outside(site, digest)
+    return NotAFile(path, lambda: path.is_symlink() and os.readlink(path) == target)
+
+
+def plant_link_inside(site: Site, digest: str) -> NotAFile:
+    path, target = link_blob_inside(site, digest)
+    return NotAFile(path, lambda: path.is_symlink() and os.readlink(path) == target)
+
+
+def plant_directory(site: Site, digest: str) -> NotAFile:
+    """Replace a blob by a directory holding a user's file."""
+    path = blob_path(site.store, digest)
+    path.unlink()
+    path.mkdir()
+    (path / "keep").write_text("a user's file")
+    return NotAFile(path, lambda: (path / "keep").read_text() == "a user's file")
+
+
+Plant = Callable[[Site, str], NotAFile]
+NOT_A_FILE = [
+    pytest.param(plant_link_outside, id="link out of the store"),
+    pytest.param(plant_link_inside, id="link to another blob"),
+    pytest.param(plant_directory, id="directory"),
+]
+
+
+@pytest.mark.parametrize("plant", NOT_A_FILE)
+def test_a_layer_that_is_not_a_regular_file_is_skipped_and_survives_the_delete_of_its_image(
+    cli: Cli, images: Site, plant: Plant
+) -> None:
     """init/verify skip and report a's layer; deleting a frees the rest of a's own blobs and
     leaves the layer's path alone, and gc afterwards touches nothing."""
+    layer = a_layer(images)
     exclusive = a_exclusive(images)
+    planted = plant(images, layer)
     with nothing_changes(images):
         init = cli(*images.args("init"))
         verify = cli(*images.args("verify"))
@@ -784,16 +825,7 @@ def a_layer_that_is_not_a_file_is_skipped_and_kept(cli: Cli, images: Site, layer
     with nothing_changes(images):
         gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
     assert gc.code == 0, gc.err
-
-
-@pytest.mark.parametrize("link", [link_blob_outside, link_blob_inside], ids=["out", "in"])
-def test_a_layer_that_is_a_link_is_skipped_and_survives_the_delete_of_its_image(
-    cli: Cli, images: Site, link: Callable[[Site, str], tuple[Path, str]]
-) -> None:
-    layer = a_layer(images)
-    path, target = link(images, layer)
-    a_layer_that_is_not_a_file_is_skipped_and_kept(cli, images, layer)
-    assert path.is_symlink() and os.readlink(path) == target
+    assert planted.intact()
     assert b_layer(images) in blob_files(images.store)
 
 
@@ -806,10 +838,11 @@ def refused_or_done_leaving(result: Result, path: Path) -> None:
     assert os.path.lexists(path)
 
 
-def test_a_manifest_that_is_a_link_out_of_the_store_is_never_read_nor_deleted_through(
-    cli: Cli, images: Site
+@pytest.mark.parametrize("plant", NOT_A_FILE)
+def test_a_manifest_that_is_not_a_regular_file_is_never_read_nor_deleted_through(
+    cli: Cli, images: Site, plant: Plant
 ) -> None:
-    path, target = link_blob_outside(images, images.a["digest"])
+    planted = plant(images, images.a["digest"])
     with nothing_changes(images):
         init = cli(*images.args("init"))
         verify = cli(*images.args("verify"))
@@ -817,16 +850,20 @@ def test_a_manifest_that_is_a_link_out_of_the_store_is_never_read_nor_deleted_th
     reported(verify, hex_of(images.a["digest"]))
     outside = listing(images.outside)
     delete = cli(*images.args("--trash-ttl", "0", "delete", "tag", "a"))
-    refused_or_done_leaving(delete, path)
-    assert os.readlink(path) == target and listing(images.outside) == outside
+    refused_or_done_leaving(delete, planted.path)
+    assert planted.intact() and listing(images.outside) == outside
 
 
-def test_gc_sweeps_nothing_a_manifest_that_is_a_link_holds(cli: Cli, images: Site) -> None:
-    link_blob_outside(images, images.a["digest"])
-    assert cli(*images.args("init")).code == 1  # a's manifest is missing: a link is no file
+@pytest.mark.parametrize("plant", NOT_A_FILE)
+def test_gc_sweeps_nothing_a_manifest_that_is_not_a_regular_file_holds(
+    cli: Cli, images: Site, plant: Plant
+) -> None:
+    planted = plant(images, images.a["digest"])
+    assert cli(*images.args("init")).code == 1  # a's manifest is missing: it is no file
     with nothing_changes(images):
         gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
     assert gc.code == 0, gc.err
+    assert planted.intact()
 
 
 def algorithm_dir_links_outside(site: Site) -> Path:
@@ -862,56 +899,9 @@ def test_a_blob_directory_that_links_out_of_the_store_is_never_entered(
         cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
 
 
-def test_a_state_directory_that_links_out_of_the_store_is_refused(cli: Cli, images: Site) -> None:
-    (images.store / ".refcount").symlink_to(images.outside)
-    for command in COMMANDS:
-        with nothing_changes(images):
-            result = cli(*images.args(*command))
-        one_error_line(result, 2, ".refcount", "symbolic link")
-
-
 # =============================================================================================
-# 6. Directories where files should be, files where directories should be
+# 6. Files where directories should be
 # =============================================================================================
-
-
-def test_a_layer_that_is_a_directory_is_skipped_and_kept_with_its_content(
-    cli: Cli, images: Site
-) -> None:
-    layer = a_layer(images)
-    path = blob_path(images.store, layer)
-    path.unlink()
-    path.mkdir()
-    (path / "keep").write_text("a user's file")
-    a_layer_that_is_not_a_file_is_skipped_and_kept(cli, images, layer)
-    assert (path / "keep").read_text() == "a user's file"
-
-
-def test_a_manifest_that_is_a_directory_is_skipped_and_kept_with_its_content(
-    cli: Cli, images: Site
-) -> None:
-    path = blob_path(images.store, images.a["digest"])
-    path.unlink()
-    path.mkdir()
-    (path / "keep").write_text("a user's file")
-    with nothing_changes(images):
-        init = cli(*images.args("init"))
-        verify = cli(*images.args("verify"))
-    skipped(init, hex_of(images.a["digest"]))
-    reported(verify, hex_of(images.a["digest"]))
-    delete = cli(*images.args("--trash-ttl", "0", "delete", "tag", "a"))
-    refused_or_done_leaving(delete, path)
-    assert (path / "keep").read_text() == "a user's file"
-
-
-def test_gc_sweeps_nothing_a_manifest_that_is_a_directory_holds(cli: Cli, images: Site) -> None:
-    path = blob_path(images.store, images.a["digest"])
-    path.unlink()
-    path.mkdir()
-    assert cli(*images.args("init")).code == 1  # a's manifest is missing: a directory is no file
-    with nothing_changes(images):
-        gc = cli(*images.args("--trash-ttl", "0", "gc", "--grace", "0"))
-    assert gc.code == 0, gc.err
 
 
 def algorithm_dir_is_a_file(site: Site) -> Path:
@@ -951,12 +941,31 @@ def test_a_blob_directory_that_is_a_file_is_reported_and_kept(
     assert path.read_text() == "not a directory"
 
 
-def test_a_state_path_that_is_a_file_is_refused(cli: Cli, images: Site) -> None:
-    (images.store / ".refcount").write_text("not a directory")
-    for command in COMMANDS:
-        with nothing_changes(images):
-            result = cli(*images.args(*command))
-        one_error_line(result, 2, ".refcount")
+def state_dir_links_outside(site: Site) -> tuple[str, ...]:
+    (site.store / ".refcount").symlink_to(site.outside)
+    return (".refcount", "symbolic link")
+
+
+def state_dir_is_a_file(site: Site) -> tuple[str, ...]:
+    (site.store / ".refcount").write_text("not a directory")
+    return (".refcount",)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(state_dir_links_outside, id="a link out of the store"),
+        pytest.param(state_dir_is_a_file, id="a file"),
+    ],
+)
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_state_path_that_is_not_a_real_directory_is_refused_by_every_command(
+    cli: Cli, images: Site, damage: Callable[[Site], tuple[str, ...]], command: list[str]
+) -> None:
+    needles = damage(images)
+    with nothing_changes(images):
+        result = cli(*images.args(*command))
+    one_error_line(result, 2, *needles)
 
 
 # =============================================================================================
@@ -1272,31 +1281,29 @@ def test_gc_sweeps_nothing_an_unreadable_manifest_holds(unreadable: tuple[Site, 
     assert gc.code == 0, gc.err
 
 
+@pytest.mark.parametrize(
+    ("name", "state", "flags"),
+    [
+        # refused before anything is read, so .refcount/ stays byte-identical too
+        pytest.param("index.json", True, [], id="index.json"),
+        pytest.param("blobs/sha256", False, ["--trash-ttl", "0"], id="blobs/sha256"),
+    ],
+)
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_an_unreadable_index_json_is_refused_by_every_command(
-    unreadable: tuple[Site, Run], command: list[str]
+def test_an_unreadable_part_of_the_layout_is_refused_by_every_command(
+    unreadable: tuple[Site, Run], name: str, state: bool, flags: list[str], command: list[str]
 ) -> None:
     site, run = unreadable
     assert run(*site.args("init")).code == 0
-    (site.store / "index.json").chmod(0)
-    with nothing_changes(site, state=True):
-        result = run(*site.args(*command))
-    one_error_line(result, 2, str(site.store / "index.json"), "Permission denied")
-
-
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_an_unreadable_blob_directory_is_refused_by_every_command(
-    unreadable: tuple[Site, Run], command: list[str]
-) -> None:
-    site, run = unreadable
-    assert run(*site.args("init")).code == 0
-    (site.store / "blobs" / "sha256").chmod(0)
+    path = site.store / name
+    mode = path.stat().st_mode
+    path.chmod(0)
     try:
-        with nothing_changes(site):
-            result = run(*site.args("--trash-ttl", "0", *command))
+        with nothing_changes(site, state=state):
+            result = run(*site.args(*flags, *command))
     finally:
-        (site.store / "blobs" / "sha256").chmod(0o755)
-    one_error_line(result, 2, str(site.store / "blobs" / "sha256"), "Permission denied")
+        path.chmod(mode)
+    one_error_line(result, 2, str(path), "Permission denied")
 
 
 def test_an_unreadable_layer_is_named_by_deep_verify_and_nothing_is_deleted(
