@@ -469,8 +469,13 @@ class Store:
         except OSError:
             return None
         with os.fdopen(fd, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                hasher.update(chunk)
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None  # a directory (or worse) put in the blob's place meanwhile
+            try:
+                while chunk := handle.read(1 << 20):
+                    hasher.update(chunk)
+            except OSError:
+                return None
         return hasher.hexdigest()
 
     # --- the advisory lock --------------------------------------------------

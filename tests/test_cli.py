@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from storekit import (
     listing,
     reachable,
     read_index,
+    remove_entries,
     tag_of,
 )
 
@@ -180,13 +183,32 @@ def test_a_directory_that_is_not_a_layout_is_refused(cli: Cli, tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sync_after_an_outside_edit_then_delete_last_frees_everything(
+def test_sync_after_an_outside_edit_counts_it_then_deleting_the_last_tag_frees_everything(
     cli: Cli, images: Path
 ) -> None:
-    cli("--store", images, "init")
-    cli("--store", images, "delete", "tag", "a")
-    cli("--store", images, "delete", "tag", "b")
+    assert cli("--store", images, "init").code == 0
+    before = reachable(images)
+    # An outside tool untags a and pushes c, which shares the base layer, behind refcount's back.
+    remove_entries(images, lambda e: tag_of(e) == "a")
+    add_image(images, [b"base", b"c"], tag="c", config=b'{"c":1}')
+    sync = cli("--store", images, "--json", "sync")
+    assert sync.code == 0, sync.err
+    report = sync.json()
+    assert (report["roots_added"], report["roots_removed"]) == (1, 1)
+    assert {b["digest"] for b in report["freed"]} == before - reachable(images)
+    assert len(report["freed"]) == 3  # a's manifest, config and own layer
+    assert blob_files(images) == reachable(images)
+    assert [t["tag"] for t in cli("--store", images, "--json", "tags").json()] == ["b", "c"]
+    base = "sha256:" + hashlib.sha256(b"base").hexdigest()
+    assert cli("--store", images, "--json", "show", base).json()["count"] == 2  # b and c
+    assert cli("--store", images, "sync").out.startswith(
+        "roots +0 -0; 0 blobs became live; 0 freed"
+    )
+    assert cli("--store", images, "delete", "tag", "b").code == 0
+    last = cli("--store", images, "delete", "tag", "c")
+    assert last.code == 0 and "freed 4 blobs" in last.out, last.out
     assert blob_files(images) == set() == reachable(images)
+    assert read_index(images)["manifests"] == []
     assert cli("--store", images, "verify").code == 0
 
 
@@ -197,20 +219,50 @@ def test_gc_reports_what_it_swept(cli: Cli, images: Path) -> None:
     assert result.code == 0 and "purged 3 trashed blobs" in result.out
 
 
-def test_python_dash_m_and_the_console_script_run_the_same_cli(images: Path) -> None:
-    env = {**os.environ, "REFCOUNT_STORE": str(images)}
-    done = subprocess.run(
-        [sys.executable, "-m", "refcount", "init"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "refcount", "delete", "tag", "nope"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 1 and bad.stderr.startswith("refcount: error: nope")
-    assert "Traceback" not in bad.stderr
+@pytest.fixture
+def console_script() -> Path:
+    """The `refcount` script that installing the package put beside this interpreter."""
+    script = Path(sys.executable).with_name("refcount")
+    found = str(script) if script.is_file() else shutil.which("refcount")
+    if found is None:
+        pytest.fail("no `refcount` console script: install the package (pip install -e .)")
+    return Path(found)
+
+
+def test_python_dash_m_and_the_console_script_run_the_same_cli(
+    images: Path, console_script: Path
+) -> None:
+    env = {**os.environ, "REFCOUNT_STORE": str(images), "REFCOUNT_NO_DAEMON": "1"}
+    entry_points = {
+        "python -m": [sys.executable, "-m", "refcount"],
+        "script": [str(console_script)],
+    }
+
+    def run(name: str, *args: str) -> tuple[int, str, str]:
+        command = [*entry_points[name], *args]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        return done.returncode, done.stdout, done.stderr
+
+    def both(*args: str) -> tuple[int, str, str]:
+        """Run by each entry point on the same store: one answer, returned."""
+        found = {name: run(name, *args) for name in entry_points}
+        assert found["script"] == found["python -m"], found
+        return found["script"]
+
+    assert run("script", "init")[0] == 0
+    code, out, err = both("--json", "tags")
+    assert code == 0 and [t["tag"] for t in json.loads(out)] == ["a", "b"], err
+    code, out, err = both("delete", "tag", "nope")
+    assert (code, out) == (1, "") and err.startswith("refcount: error: nope")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    code, out, err = both("delete", "manifest", "sha256:nothex")
+    assert code == 2 and "invalid digest" in err and "Traceback" not in err
+    code, out, err = both("delete", "tag", "a", "--dry-run")
+    assert code == 0 and out.startswith("would remove 1 index.json entry:\n  a  sha256:")
+    code, out, err = run("script", "delete", "tag", "a")
+    assert code == 0 and "freed 3 blobs" in out, err
+    assert [tag_of(e) for e in read_index(images)["manifests"]] == ["b"]
+    assert both("verify")[0] == 0
 
 
 def test_the_direct_delete_path_imports_sqlalchemy_core_only(images: Path) -> None:
@@ -255,20 +307,18 @@ def test_version_prints_the_package_version_without_a_store(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_version_through_the_console_entry_point(tmp_path: Path) -> None:
+def test_version_through_the_console_script(tmp_path: Path, console_script: Path) -> None:
     from importlib.metadata import version
 
     done = subprocess.run(
-        [sys.executable, "-m", "refcount", "--version"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+        [str(console_script), "--version"], cwd=tmp_path, capture_output=True, text=True
     )
     assert (done.returncode, done.stdout, done.stderr) == (
         0,
         f"refcount {version('refcount')}\n",
         "",
     )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_names_each_option_with_its_value_and_fits_80_columns(cli: Cli) -> None:

@@ -290,13 +290,33 @@ def test_gc_purges_trash_after_its_ttl_and_sweeps_old_orphans_only(store: Path) 
         assert rc.verify().ok
 
 
-def test_gc_dry_run_changes_nothing(store: Path) -> None:
-    write_blob(store, b"orphan", "application/octet-stream")
-    with refcount.open(store, grace=timedelta(0)) as rc:
+def test_gc_dry_run_changes_nothing_on_disk_nor_in_the_database(store: Path) -> None:
+    """What a dry run decided must not reach the database either: recorded there, the next
+    start would complete the frees from the journal and do what was only shown."""
+    two_images(store)
+    orphan = write_blob(store, b"orphan", "application/octet-stream")["digest"]
+    with refcount.open(store, grace=timedelta(0), trash_ttl=timedelta(hours=1)) as rc:
         rc.init()
-        before = listing(store)
-        report = rc.gc(dry_run=True)
-        assert len(report.swept) == 1 and listing(store) == before
+        rc.delete_tag("a")
+    trashed = trash_files(store)
+    assert len(trashed) == 3
+    with refcount.open(store, grace=timedelta(0), trash_ttl=timedelta(0)) as rc:
+        before = listing(store), trash_files(store)
+        dry = rc.gc(dry_run=True)
+        assert dry.dry_run and [a.digest for a in dry.swept] == [orphan]
+        assert {a.digest for a in dry.purged} == trashed
+        assert (listing(store), trash_files(store)) == before
+    with refcount.open(store, grace=timedelta(0), trash_ttl=timedelta(0)) as rc:
+        rc.sync()  # a later start: it would settle a journal the dry run had left behind
+        assert (listing(store), trash_files(store)) == before
+        assert [a.digest for a in rc.verify().orphans] == [orphan]
+        assert {a.digest for a in rc.verify().quarantined} == trashed
+        real = rc.gc()
+        assert [(a.digest, a.size) for a in (*real.swept, *real.purged)] == [
+            (a.digest, a.size) for a in (*dry.swept, *dry.purged)
+        ]
+        assert orphan not in blob_files(store) and trash_files(store) == set()
+        consistent(rc, store)
 
 
 def test_verify_names_a_referenced_blob_deleted_behind_its_back(store: Path) -> None:

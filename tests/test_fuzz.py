@@ -1,7 +1,12 @@
 """Hypothesis fuzz of the parser and of `sync` over random, partly hostile stores (issue 4).
 
-- The parser (`parse_index`, `parse_children`) fed random JSON and random bytes lets only
-  the library's typed errors (`RefcountError`) escape, and what it returns is safe to use.
+- The parser (`parse_index`, `parse_children`) fed well-formed image indexes and manifests
+  returns exactly the sound entries and descriptors the generated plan holds, in order, with
+  one problem per unsound one.
+- Fed random JSON, random bytes and those well-formed documents mixed, it lets only the
+  library's typed errors (`RefcountError`) escape, and what it returns is safe to use; each
+  of these tests counts how many examples parsed into roots or children and fails when too
+  few did (a strategy of documents that are all refused would test nothing).
 - `sync` and `verify`, run through the CLI's error boundary over random store trees (mostly
   valid images mixed with broken entries, misnamed, crafted and non-regular files, links out
   of the store), exit 0, 1 or 2, never 3 and never with a traceback; they change no file
@@ -30,6 +35,7 @@ from hypothesis import strategies as st
 from storekit import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    EDGE_FIELDS,
     OCI_ARTIFACT,
     OCI_CONFIG,
     OCI_INDEX,
@@ -37,6 +43,7 @@ from storekit import (
     OCI_MANIFEST,
     REF_NAME,
     blob_files,
+    is_valid_digest,
     listing,
     make_layout,
     reachable,
@@ -44,7 +51,7 @@ from storekit import (
 
 from refcount.cli import main
 from refcount.errors import RefcountError
-from refcount.oci import Digest, parse_children, parse_index
+from refcount.oci import UNUSABLE_TAG, Digest, parse_children, parse_index
 
 # On a failure hypothesis suggests a patch through libcst, whose import warns (mypy_extensions'
 # TypedDict); with filterwarnings=error that would turn the report into an INTERNALERROR.
@@ -93,6 +100,12 @@ FUZZ = settings(
 # The parser
 # =============================================================================================
 
+
+def mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], one_in: int) -> Any:
+    """`rare` about once in `one_in` draws, `common` otherwise."""
+    return st.integers(1, one_in).flatmap(lambda n: rare if n == one_in else common)
+
+
 scalars = (
     st.none()
     | st.booleans()
@@ -109,40 +122,245 @@ json_values = st.recursive(
     ),
     max_leaves=40,
 )
+
+# Well-formed image indexes and manifests, built from a plan whose expected parse is known by
+# construction: without them random JSON almost never holds a sound descriptor (the parser's
+# own checks would then never run), and the tests below assert that they do.
+
+valid_digests = st.text("0123456789abcdef", min_size=64, max_size=64).map(
+    "sha256:".__add__
+) | st.text("0123456789abcdef", min_size=128, max_size=128).map("sha512:".__add__)
+GOOD_TAGS = ["latest", "v1.2", "docker.io/library/app:1.2", "caf\u00e9", "a b"]
+UNUSABLE_TAGS: list[Any] = ["", "bad\nname", "nul\x00", "del\x7f", "\udcff", 42, ["x"], {}]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One descriptor of a generated document, and whether refcount must accept it."""
+
+    digest: Any  # a valid digest, or one of BAD_DIGESTS
+    media_type: Any  # a string, absent (None), or not a string
+    size: Any
+    tag: Any = "absent"  # "absent": no annotations; "no-dict": annotations not an object
+    raw: Any = None  # not None: the entry is this non-object value instead
+
+    @property
+    def sound(self) -> bool:
+        return self.raw is None and isinstance(self.digest, str) and is_valid_digest(self.digest)
+
+    @property
+    def tag_usable(self) -> bool:
+        return self.tag in ("absent", "no-dict", None, *GOOD_TAGS)
+
+    def json(self) -> Any:
+        if self.raw is not None:
+            return self.raw
+        value: dict[str, Any] = {"digest": self.digest, "x-unknown": [1, {"k": "v"}]}
+        if self.media_type is not None:
+            value["mediaType"] = self.media_type
+        if self.size != "absent":
+            value["size"] = self.size
+        if self.tag == "no-dict":
+            value["annotations"] = ["not", "an", "object"]
+        elif self.tag != "absent":
+            value["annotations"] = {"org.example": "x", REF_NAME: self.tag}
+        return value
+
+
+def entries_of(*, tags: bool) -> st.SearchStrategy[list[Entry]]:
+    entry = st.builds(
+        Entry,
+        digest=valid_digests | valid_digests | valid_digests | st.sampled_from(BAD_DIGESTS),
+        media_type=st.sampled_from([*MANIFEST_TYPES, OCI_LAYER, None, 7]),
+        size=st.sampled_from([0, 1, 512, 2**40, -1, None, True, "12", 1.5, "absent"]),
+        tag=(
+            st.sampled_from(["absent", "absent", "no-dict", None, *GOOD_TAGS, *UNUSABLE_TAGS])
+            if tags
+            else st.just("absent")
+        ),
+        raw=st.sampled_from([None] * 8 + [7, "sha256:" + "0" * 64, [], True]),
+    )
+    return st.lists(entry, min_size=1, max_size=8)
+
+
+def expected_size(size: Any) -> int | None:
+    return size if type(size) is int and size >= 0 else None
+
+
+def encode(doc: Any, indent: Any) -> bytes:
+    """UTF-8 JSON, non-ASCII kept as is (byte offsets differ from character offsets); a lone
+    surrogate cannot be UTF-8, so a document holding one is written with JSON escapes."""
+    try:
+        return json.dumps(doc, indent=indent, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(doc, indent=indent).encode()
+
+
+indents = st.sampled_from([None, 0, 2, "\t"])
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    entries: list[Entry] | None  # None: "manifests": null (umoci's empty layout)
+    indent: Any
+    manifests_first: bool
+
+    def data(self) -> bytes:
+        manifests = None if self.entries is None else [e.json() for e in self.entries]
+        doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX}
+        if self.manifests_first:
+            doc = {"manifests": manifests, **doc, "annotations": {"a": "b"}}
+        else:
+            doc = {**doc, "manifests": manifests}
+        return encode(doc, self.indent)
+
+
+index_plans = st.builds(
+    IndexPlan,
+    entries=mostly(entries_of(tags=True), st.none(), 10),
+    indent=indents,
+    manifests_first=st.booleans(),
+)
+
+
+@dataclass(frozen=True)
+class ManifestPlan:
+    media_type: str
+    own_type: bool  # the blob carries its mediaType; otherwise only the descriptor does
+    fields: dict[str, list[Entry]]  # every child field, of its own type and of others
+    subject: Entry | None
+    indent: Any
+
+    @property
+    def declared(self) -> str | None:
+        return None if self.own_type else self.media_type
+
+    def data(self) -> bytes:
+        doc: dict[str, Any] = {"schemaVersion": 2}
+        if self.own_type:
+            doc["mediaType"] = self.media_type
+        for name, entries in self.fields.items():
+            listed = [e.json() for e in entries]
+            doc[name] = listed[0] if name == "config" else listed
+        if self.subject is not None:
+            doc["subject"] = self.subject.json()
+        return encode(doc, self.indent)
+
+    def children(self) -> list[Entry]:
+        """The sound descriptors of the fields SPEC section 1 gives this type, in order."""
+        return [e for name in EDGE_FIELDS[self.media_type] for e in self.fields[name] if e.sound]
+
+
+manifest_plans = st.builds(
+    ManifestPlan,
+    media_type=st.sampled_from(MANIFEST_TYPES),
+    own_type=st.booleans(),
+    fields=st.fixed_dictionaries(
+        {
+            "config": entries_of(tags=False).map(lambda e: e[:1]),
+            "layers": entries_of(tags=False),
+            "manifests": entries_of(tags=False),
+            "blobs": entries_of(tags=False),
+        }
+    ),
+    subject=st.none() | entries_of(tags=False).map(lambda e: e[0]),
+    indent=indents,
+)
+
 documents = (
     json_values.map(lambda v: json.dumps(v).encode())
     | st.binary(max_size=200)
-    | st.integers(1, 100_000).map(lambda n: b'{"manifests":' + b"[" * n + b"]" * n + b"}")
+    | st.integers(1, 100_000).map(
+        lambda n: b'{"schemaVersion":2,"manifests":' + b"[" * n + b"]" * n + b"}"
+    )
+    | index_plans.map(IndexPlan.data)
+    | manifest_plans.map(ManifestPlan.data)
 )
 
 
 @FUZZ
-@given(documents)
-def test_parse_index_lets_only_typed_errors_escape_and_returns_safe_roots(data: bytes) -> None:
-    try:
-        index = parse_index(data, "index.json")
-    except RefcountError:
-        return
-    for root in index.roots:
-        assert str(Digest.parse(root.digest)) == root.digest
-        assert root.tag is None or (isinstance(root.tag, str) and root.tag.isprintable())
-    for problem in index.problems:
-        assert "\n" not in str(problem)
+@given(index_plans)
+def test_a_well_formed_index_yields_exactly_its_sound_entries_as_roots(plan: IndexPlan) -> None:
+    index = parse_index(plan.data(), "index.json")
+    entries = plan.entries or []
+    sound = [(i, e) for i, e in enumerate(entries) if e.sound]
+    assert [r.position for r in index.roots] == [i for i, _ in sound]
+    assert [r.digest for r in index.roots] == [e.digest for _, e in sound]
+    for root, (_, entry) in zip(index.roots, sound, strict=True):
+        assert root.media_type == (entry.media_type if isinstance(entry.media_type, str) else None)
+        assert root.size == expected_size(entry.size)
+        if entry.tag_usable:
+            assert root.tag == (entry.tag if entry.tag in GOOD_TAGS else None)
+        else:  # still a root that holds its image, under a tag no user can type
+            assert root.tag is not None and not root.tag.isprintable()
+    unsound = sum(not e.sound or not e.tag_usable for e in entries)
+    assert len(index.problems) == unsound, index.problems
+    assert all(str(p).startswith("index.json: manifests[") for p in index.problems)
 
 
 @FUZZ
-@given(st.sampled_from([*MEDIA_TYPES[:-1]]), documents)
-def test_parse_children_lets_only_typed_errors_escape_and_returns_valid_digests(
-    declared: str | None, data: bytes
+@given(manifest_plans)
+def test_a_well_formed_manifest_yields_exactly_the_sound_descriptors_of_its_type(
+    plan: ManifestPlan,
 ) -> None:
-    try:
-        parsed = parse_children(declared, data, "sha256:" + "f" * 64)
-    except RefcountError:
-        return
-    for child in parsed.children:
-        assert str(Digest.parse(child.digest)) == child.digest
-    if parsed.subject is not None:
-        Digest.parse(parsed.subject)
+    parsed = parse_children(plan.declared, plan.data(), "sha256:" + "f" * 64)
+    assert parsed.media_type == plan.media_type
+    assert [c.digest for c in parsed.children] == [e.digest for e in plan.children()]
+    assert [c.size for c in parsed.children] == [expected_size(e.size) for e in plan.children()]
+    subject = plan.subject
+    assert parsed.subject == (subject.digest if subject is not None and subject.sound else None)
+
+
+# Hostile input: only typed errors escape, and what comes back is safe. Each test counts the
+# examples that got past the parse with something to check and fails when too few did: a
+# strategy that drifts into yielding only refused documents would make it pass on nothing.
+REACHED = 0.2  # share of examples that must parse into at least one root (or child)
+
+
+def test_parse_index_lets_only_typed_errors_escape_and_returns_safe_roots() -> None:
+    tally = {"examples": 0, "with roots": 0}
+
+    @FUZZ
+    @given(documents)
+    def parse(data: bytes) -> None:
+        tally["examples"] += 1
+        try:
+            index = parse_index(data, "index.json")
+        except RefcountError:
+            return
+        for root in index.roots:
+            assert str(Digest.parse(root.digest)) == root.digest
+            assert root.tag is None or isinstance(root.tag, str)
+            assert root.tag is None or root.tag.isprintable() or root.tag.startswith(UNUSABLE_TAG)
+        for problem in index.problems:
+            assert "\n" not in str(problem)
+        tally["with roots"] += bool(index.roots)
+
+    parse()
+    assert tally["with roots"] >= REACHED * tally["examples"], tally
+
+
+def test_parse_children_lets_only_typed_errors_escape_and_returns_valid_digests() -> None:
+    tally = {"examples": 0, "with children": 0}
+
+    @FUZZ
+    @given(st.sampled_from([*MEDIA_TYPES[:-1]]), documents)
+    def parse(declared: str | None, data: bytes) -> None:
+        tally["examples"] += 1
+        try:
+            parsed = parse_children(declared, data, "sha256:" + "f" * 64)
+        except RefcountError:
+            return
+        for child in parsed.children:
+            assert str(Digest.parse(child.digest)) == child.digest
+        if parsed.subject is not None:
+            Digest.parse(parsed.subject)
+        for problem in parsed.problems:
+            assert "\n" not in str(problem)
+        tally["with children"] += bool(parsed.children)
+
+    parse()
+    assert tally["with children"] >= REACHED * tally["examples"], tally
 
 
 # =============================================================================================
@@ -217,11 +435,6 @@ entry_lists = st.lists(entries, min_size=1, max_size=6).map(lambda e: ("entries"
 garbage = st.binary(max_size=40).map(lambda b: ("bytes", b)) | json_values.map(
     lambda v: ("json", v)
 )
-
-
-def mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any], one_in: int) -> Any:
-    """`rare` about once in `one_in` draws, `common` otherwise."""
-    return st.integers(1, one_in).flatmap(lambda n: rare if n == one_in else common)
 
 
 index_docs = mostly(entry_lists, garbage, 8)

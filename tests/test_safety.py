@@ -22,7 +22,6 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ import storekit as sk
 from conftest import Cli, Result
 
 import refcount
-from refcount.metrics import Metrics
 
 
 def one_error_line(result: Result, code: int, *needles: str) -> None:
@@ -152,20 +150,6 @@ def test_refcounts_own_delete_of_every_tag_is_not_a_mass_free(cli: Cli, store: P
     assert sk.blob_files(store) == set()
     assert trash_files(store) == set()  # unlinked at once, as asked
     assert "MASS FREE" not in deleted.err
-
-
-def test_a_mass_free_is_counted_by_the_daemons_metrics(store: Path) -> None:
-    three_images(store)
-    with refcount.open(store, trash_ttl=timedelta(0)) as rc:
-        rc.init()
-        sk.write_index(store, {"schemaVersion": 2, "manifests": []})
-        report = rc.sync()
-        metrics = Metrics()
-        metrics.record_sync(report, 0.01, full=False, drift=False)
-        metrics.record_stats(rc.stats())
-    text = metrics.exposition().decode()
-    assert "refcount_mass_frees_total 1.0" in text
-    assert f"refcount_mass_free_held_blobs {float(len(trash_files(store)))}" in text
 
 
 # --- one database, one store ----------------------------------------------------------------

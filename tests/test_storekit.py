@@ -359,9 +359,21 @@ def test_oci_validate_catches_damage(store: Path) -> None:
         sk.oci_validate(store)
 
 
-def test_oci_validate_empty_view_is_a_no_op(store: Path) -> None:
-    sk.add_image(store, [b"L1"], tag="d", config=cfg("d"), docker=True)
+def test_oci_validate_runs_no_tool_when_no_root_is_an_oci_image_manifest(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sk.add_image(store, [b"L1"], tag="d", config=cfg("d"), docker=True)  # the tool rejects Docker
+    m = sk.add_image(store, [b"L0"], tag=None, config=cfg("m"), index_entry=False)
+    sk.add_referrer(store, m, tag="sbom")  # and referrers
+    ran: list[list[str]] = []
+    monkeypatch.setattr(sk, "need_tool", lambda name: name)
+    monkeypatch.setattr(sk, "run", ran.append)
+    before = sk.listing(store)
+    assert sk.oci_validate(store) is None
+    assert ran == [] and sk.listing(store) == before
+    sk.add_entry(store, m, "m")  # one OCI image manifest root: now the tool has work
     sk.oci_validate(store)
+    assert [cmd[:4] for cmd in ran] == [["oci-image-tool", "validate", "--type", "image"]]
 
 
 @pytest.mark.tools

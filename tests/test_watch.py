@@ -48,12 +48,9 @@ from watchdog.events import (
 )
 
 import refcount
-import refcount.store as refcount_store
 from refcount.daemon import Daemon
-from refcount.errors import InvalidAddress
 from refcount.events import StoreEventHandler
 from refcount.layout import BlobFile, classify
-from refcount.metrics import Health, Metrics, MetricsServer, parse_addr
 from refcount.scheduler import PathSet, warning_delay
 from refcount.watch import WatchOptions
 
@@ -698,43 +695,6 @@ def test_a_clean_stop_removes_watch_pid_and_a_kill_leaves_a_free_lock(
     assert pid_file.read_text() == f"{again.proc.pid}\n"
 
 
-def test_a_daemon_that_locks_a_removed_watch_pid_retries_on_the_file_now_there(
-    store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """First stops (unlink, then close) between the second opening the old file and
-    locking it: the second must end up holding the file at the path, so that a
-    third daemon is refused instead of running beside it."""
-    first = refcount.open(store)
-    second = refcount.open(store)
-    third = refcount.open(store)
-    pid_file = store / ".refcount" / "watch.pid"
-    try:
-        held = first.store.hold_daemon_lock()
-        real_flock = refcount_store.fcntl.flock
-        calls: list[int] = []
-
-        def flock_after_the_first_stopped(fd: int, operation: int) -> None:
-            calls.append(fd)
-            if len(calls) == 1:  # the second has the old file open: now the first stops
-                first.store.release_daemon_lock(held)
-                assert not pid_file.exists()
-            real_flock(fd, operation)
-
-        monkeypatch.setattr(refcount_store.fcntl, "flock", flock_after_the_first_stopped)
-        lock = second.store.hold_daemon_lock()
-        monkeypatch.setattr(refcount_store.fcntl, "flock", real_flock)
-        assert len(calls) == 2  # locked the removed file, saw it, and tried again
-        assert os.fstat(lock).st_ino == pid_file.stat().st_ino
-        assert pid_file.read_text() == f"{os.getpid()}\n"
-        with pytest.raises(refcount.StoreBusy):
-            third.store.hold_daemon_lock()
-        second.store.release_daemon_lock(lock)
-        assert not pid_file.exists()
-    finally:
-        for rc in (first, second, third):
-            rc.close()
-
-
 @pytest.mark.tools
 def test_sighup_runs_a_full_reconcile(shared: Path, watch: Callable[..., Watcher]) -> None:
     watcher = watch(shared, "--resync", "1h")
@@ -1115,23 +1075,6 @@ def test_events_become_index_or_blob_paths_and_temp_names_are_ignored(tmp_path: 
     assert classify(root, str(root / "blobs" / "sha512" / ("ab" * 64))) == BlobFile(
         "sha512:" + "ab" * 64
     )
-
-
-def test_metrics_addresses_are_checked() -> None:
-    assert parse_addr("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert parse_addr("[::1]:0") == ("::1", 0)
-    for bad in ("9464", "host:", ":9464", "host:port", "host:70000"):
-        with pytest.raises(InvalidAddress):
-            parse_addr(bad)
-    unhealthy = Health(False, {"why": "a test"})
-    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: unhealthy)
-    try:
-        with pytest.raises(InvalidAddress, match="cannot listen"):
-            MetricsServer(server.address, Metrics(), lambda: unhealthy)
-        status, body = scrape(server.address, "/healthz")
-        assert status == 503 and json.loads(body) == {"ok": False, "why": "a test"}
-    finally:
-        server.close()
 
 
 def test_what_each_sync_did_reaches_the_daemons_log_only_with_v(
