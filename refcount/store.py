@@ -468,9 +468,10 @@ class Store:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None  # a directory (or worse) put in the blob's place meanwhile
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return None  # a directory (or worse) put in the blob's place meanwhile
             try:
                 while chunk := handle.read(1 << 20):
                     hasher.update(chunk)
