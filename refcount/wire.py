@@ -16,10 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from refcount.layout import SOCKET
-
-SOCKET_NAME = SOCKET  # refcount.layout owns the name
-"""The socket's name inside the store's `.refcount/` directory."""
 ACCEPTED = b"\x01"
 HEADER = struct.Struct("!I")
 

@@ -32,7 +32,7 @@ import pytest
 import storekit as sk
 import typer.main
 
-from refcount import cli, client, store, wire
+from refcount import cli, client, layout, store, wire
 
 DEADLINE = 10.0
 HEAVY = ("sqlalchemy", "alembic", "watchdog", "rich", "prometheus_client", "typer", "refcount.core")
@@ -408,7 +408,7 @@ def test_a_peer_of_another_uid_is_refused_even_when_the_file_mode_lets_it_in(
             os.setuid(65534)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(DEADLINE)
-                sock.connect(wire.SOCKET_NAME)
+                sock.connect(layout.SOCKET)
                 try:
                     sock.sendall(len(request).to_bytes(4, "big") + request)
                     outcome = "refused" if sock.recv(1) == b"" else "accepted"
