@@ -269,20 +269,24 @@ def sync(ctx: typer.Context) -> None:
         render(ctx, rc.sync())
 
 
-@delete_app.command("tag", short_help="Remove the entries tagged REF; free what reaches zero.")
+@delete_app.command("tag", short_help="Remove the entries tagged REF...; free what reaches zero.")
 def delete_tag(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="REF", help="The tag.")],
+    refs: Annotated[list[str], typer.Argument(metavar="REF...", help="One or more tags.")],
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry tagged REF; free what reaches zero.
 
+    Several tags are deleted together: one transaction and one rewrite of
+    index.json, and nothing is deleted unless every tag exists.
+
     \b
     Example:
         refcount delete tag app:1.0 --dry-run
+        refcount delete tag app:1.0 app:1.1 app:1.2
     """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.delete_tag(ref, dry_run=dry_run))
+        render(ctx, rc.delete_tags(refs, dry_run=dry_run))
 
 
 @delete_app.command(

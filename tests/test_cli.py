@@ -633,7 +633,7 @@ def test_tags_all_lists_untagged_entries_with_what_relates_them_to_tags(
         (["--json", "--no-such-flag", "init"], 2, "No such option: --no-such-flag"),
         (["tags", "--json", "--bogus"], 2, "No such option: --bogus"),
         (["--json", "delete", "manifest", "sha256:x"], 2, "sha256:x: invalid digest"),
-        (["--json", "delete", "tag"], 2, "Missing argument 'REF'."),
+        (["--json", "delete", "tag"], 2, "Missing argument 'REF...'."),
         (["delete", "--json"], 2, "Missing command."),
     ],
 )

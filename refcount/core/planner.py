@@ -34,24 +34,29 @@ class Select:
         return "tag" if self.tag is not None else "manifest"
 
 
-def plan(ledger: Ledger, select: Select, snapshot: IndexSnapshot) -> list[RootRow]:
-    """Release the entries `select` names, the untagged children only they reach
+def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list[RootRow]:
+    """Release the entries the `selects` name, the untagged children only they reach
     and (cascading) the untagged referrers of what is freed; journal the frees.
-    Returns the entries to cut out of index.json, in file order.
+    Returns the entries to cut out of index.json, in file order: several deletes
+    are one plan, so they cost one transaction and one rewrite.
 
-    Refuses (DeleteRefused) an image holding a damaged blob, and any free while a
-    live manifest could not be read at all (what it needs is unknown).
+    Every select must name an entry (NotFound for the first that does not: nothing
+    is deleted). Refuses (DeleteRefused) an image holding a damaged blob, and any
+    free while a live manifest could not be read at all (what it needs is unknown).
     """
     repo, policy = ledger.repo, ledger.policy
-    named = (
-        repo.roots_where(tag=select.tag, digest=select.digest)
-        if select.tag is None or usable_tag(select.tag)
-        else []
-    )
-    removed = {r.position: r for r in named}
-    if not removed:
-        explain_not_found(ledger.store, snapshot, select)
-    refuse_damaged(repo, {r.digest for r in removed.values()}, select.what)
+    removed: dict[int, RootRow] = {}
+    for select in selects:
+        named = (
+            repo.roots_where(tag=select.tag, digest=select.digest)
+            if select.tag is None or usable_tag(select.tag)
+            else []
+        )
+        if not named:
+            explain_not_found(ledger.store, snapshot, select)
+        refuse_damaged(repo, {r.digest for r in named}, select.what)
+        removed.update((r.position, r) for r in named)
+    what = ", ".join(s.what for s in selects)
     if not policy.keep_untagged:
         removed.update((r.position, r) for r in untagged_children(repo, removed))
     freed = ledger.release(r.digest for r in removed.values())
@@ -67,7 +72,7 @@ def plan(ledger: Ledger, select: Select, snapshot: IndexSnapshot) -> list[RootRo
     blind = repo.blind_manifests() if ledger.freed else []
     if blind:
         raise DeleteRefused(
-            f"{select.what}: not deleted: live manifests {', '.join(blind)} could not be read, "
+            f"{what}: not deleted: live manifests {', '.join(blind)} could not be read, "
             "so the blobs they need are unknown; fix or delete them first"
         )
     return sorted(removed.values(), key=lambda r: r.position)

@@ -180,38 +180,44 @@ class Refcounter:
     # --- delete -------------------------------------------------------------------------
     def delete_tag(self, tag: str, *, dry_run: bool = False) -> DeleteReport:
         """Remove every index.json entry tagged `tag` and free what nothing else needs."""
-        return self._delete(planner.Select(f"tag {tag!r}", tag=tag), dry_run)
+        return self.delete_tags([tag], dry_run=dry_run)
+
+    def delete_tags(self, tags: list[str], *, dry_run: bool = False) -> DeleteReport:
+        """Remove the entries of every tag in `tags`, in one transaction and one
+        rewrite of index.json; nothing is deleted unless every tag exists."""
+        return self._delete([planner.Select(f"tag {t!r}", tag=t) for t in tags], dry_run)
 
     def delete_manifest(self, digest: str, *, dry_run: bool = False) -> DeleteReport:
         """Remove every index.json entry pointing at `digest` (tagged or not)."""
         wanted = str(Digest.parse(digest))
-        return self._delete(planner.Select(f"manifest {wanted}", digest=wanted), dry_run)
+        return self._delete([planner.Select(f"manifest {wanted}", digest=wanted)], dry_run)
 
-    def _delete(self, select: planner.Select, dry_run: bool) -> DeleteReport:
+    def _delete(self, selects: list[planner.Select], dry_run: bool) -> DeleteReport:
+        what = ", ".join(s.what for s in selects)
         with self._writing():
             for _attempt in range(REWRITE_ATTEMPTS):
                 # index.json rewritten, committed and the journal carried out, or
                 # none of it: an interruption waits for the end of the attempt.
                 try:
-                    with interrupts.deferred(None if dry_run else f"delete {select.what}"):
-                        report = self._delete_once(select, dry_run)
+                    with interrupts.deferred(None if dry_run else f"delete {what}"):
+                        report = self._delete_once(selects, dry_run)
                         if not dry_run:
                             crash_point("delete-after-commit")
                             self._settle()
                 except ConcurrentChange:
                     continue
                 return report
-        raise ConcurrentChange(f"{self.store.index_path}: kept changing; {select.what} not deleted")
+        raise ConcurrentChange(f"{self.store.index_path}: kept changing; {what} not deleted")
 
-    def _delete_once(self, select: planner.Select, dry_run: bool) -> DeleteReport:
+    def _delete_once(self, selects: list[planner.Select], dry_run: bool) -> DeleteReport:
         """One attempt: catch up, plan, and (unless a dry run) rewrite and commit."""
         snapshot = self.store.read_index()
         with transaction(self.engine) as repo:
             reconcile.catch_up(self._ledger(repo), snapshot)
             ledger = self._ledger(repo)
-            removed = planner.plan(ledger, select, snapshot)
+            removed = planner.plan(ledger, selects, snapshot)
             report = DeleteReport(
-                target=select.tag if select.tag is not None else select.digest or "",
+                target=", ".join(s.tag if s.tag is not None else s.digest or "" for s in selects),
                 dry_run=dry_run,
                 removed=tuple(Entry(repo.index_of(r.start or 0), r.digest, r.tag) for r in removed),
                 freed=tuple(ledger.freed),
@@ -223,7 +229,7 @@ class Refcounter:
             crash_point("delete-before-commit")
         log.info(
             "deleted %s: %d entries, %d blobs freed (%d bytes)",
-            select.what,
+            ", ".join(s.what for s in selects),
             len(report.removed),
             len(report.freed),
             report.freed_bytes,
