@@ -106,3 +106,19 @@ def test_a_batch_naming_a_tag_that_does_not_exist_deletes_nothing(cli: Cli, stor
         f"refcount: error: nope: no such tag in {store / 'index.json'}"
     ]
     assert sk.listing(store, include_refcount=True) == before
+
+
+def test_every_unknown_tag_of_a_batch_is_named_and_nothing_is_deleted(
+    cli: Cli, store: Path
+) -> None:
+    images(store)
+    assert cli("--store", store, "init").code == 0
+    before = sk.listing(store, include_refcount=True)
+
+    ran = cli("--store", store, "delete", "tag", "a", "nope", "b", "gone")
+
+    assert ran.code == 1, ran
+    lines = ran.err.strip().splitlines()
+    assert len(lines) == 1 and "'nope', 'gone': no such tags" in lines[0], ran.err
+    assert "nothing deleted" in lines[0]
+    assert sk.listing(store, include_refcount=True) == before

@@ -40,12 +40,13 @@ def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list
     Returns the entries to cut out of index.json, in file order: several deletes
     are one plan, so they cost one transaction and one rewrite.
 
-    Every select must name an entry (NotFound for the first that does not: nothing
+    Every select must name an entry (NotFound naming each that does not: nothing
     is deleted). Refuses (DeleteRefused) an image holding a damaged blob, and any
     free while a live manifest could not be read at all (what it needs is unknown).
     """
     repo, policy = ledger.repo, ledger.policy
     removed: dict[int, RootRow] = {}
+    unknown = []
     for select in selects:
         named = (
             repo.roots_where(tag=select.tag, digest=select.digest)
@@ -53,9 +54,14 @@ def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list
             else []
         )
         if not named:
-            explain_not_found(ledger.store, snapshot, select)
+            unknown.append(select)
         refuse_damaged(repo, {r.digest for r in named}, select.what)
         removed.update((r.position, r) for r in named)
+    if len(unknown) == 1:
+        explain_not_found(ledger.store, snapshot, unknown[0])
+    if unknown:
+        names = ", ".join(ascii(s.tag) if s.tag is not None else s.what for s in unknown)
+        raise NotFound(f"{names}: no such tags in {ledger.store.index_path}; nothing deleted")
     what = ", ".join(s.what for s in selects)
     if not policy.keep_untagged:
         removed.update((r.position, r) for r in untagged_children(repo, removed))
