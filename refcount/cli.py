@@ -44,6 +44,7 @@ from refcount.errors import ExitCode, NotServed, RefcountError
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
+    DuReport,
     GcReport,
     MassFree,
     SyncReport,
@@ -57,7 +58,7 @@ log = logging.getLogger("refcount")
 
 INTERNAL_ERROR = ExitCode.INTERNAL
 
-SERVED_COMMANDS = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "show"})
+SERVED_COMMANDS = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "du", "show"})
 """The commands a daemon runs for a client: not `watch` (a daemon in a daemon)
 nor `db` (migrations are run by hand, next to the process that owns the schema)."""
 
@@ -357,6 +358,28 @@ def tags(
 
 
 @app.command()
+def du(
+    ctx: typer.Context,
+    refs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[REF]...", help="Tags to list (default: every tag)."),
+    ] = None,
+) -> None:
+    """Each tag's total, exclusive and shared bytes; the store's totals.
+
+    Exclusive bytes are what `delete tag` would free (what its --dry-run prints).
+    Computed from the database: no blob is read.
+
+    \b
+    Example:
+        refcount du
+        refcount --json du latest
+    """
+    with _settings(ctx).counter() as rc:
+        render(ctx, rc.du(refs or None))
+
+
+@app.command()
 def show(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(metavar="DIGEST|REF", help="A digest or a tag.")],
@@ -603,6 +626,32 @@ def _tags_text(tags: list[TagInfo]) -> list[str]:
     )
 
 
+def _du_text(report: DuReport) -> list[str]:
+    lines = _columns(
+        [["TAG", "DIGEST", "TOTAL", "EXCLUSIVE", "SHARED", "SHARES WITH"]]
+        + [
+            [
+                u.tag,
+                u.digest,
+                _size(u.total),
+                _size(u.exclusive),
+                _size(u.shared),
+                plural(u.shares_with, "tag"),
+            ]
+            for u in report.tags
+        ]
+    )
+    totals = [
+        ("live", report.live),
+        ("shared by 2+ tags", report.shared),
+        ("held by untagged entries only", report.untagged),
+        ("quarantined (trash)", report.quarantined),
+        ("orphaned", report.orphaned),
+        ("reclaimable now (gc)", report.reclaimable),
+    ]
+    return [*lines, "", *_columns([[f"{name}:", _size(n)] for name, n in totals])]
+
+
 def _roots_text(roots: list[TagInfo]) -> list[str]:
     """`tags --all`: every entry, and what relates it to the tagged images."""
     return _columns(
@@ -628,6 +677,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     VerifyReport: _verify_text,
     GcReport: _gc_text,
     BlobInfo: _show_text,
+    DuReport: _du_text,
     list: _tags_text,
 }
 """The text of each report type (`tags` answers a list of TagInfo)."""

@@ -171,6 +171,31 @@ class TagInfo:
 
 
 @dataclass(frozen=True)
+class TagUsage:
+    """One tag's bytes as `du` counts them (see `refcount.core.reading.du`)."""
+
+    tag: str
+    digest: str  # of its first index.json entry
+    total: int  # bytes of the whole image (of all its entries): the roots and all below
+    exclusive: int  # bytes `delete tag` would free: the same set its --dry-run prints
+    shared: int  # bytes of the image that deleting the tag would not free
+    shares_with: int  # how many other tags' images hold a blob of this one
+
+
+@dataclass(frozen=True)
+class DuReport:
+    """`du`: each tag's bytes, largest exclusive first, and the store's totals."""
+
+    tags: tuple[TagUsage, ...]
+    live: int  # bytes of the live blobs
+    shared: int  # bytes of the referenced blobs that two or more tags' images hold
+    untagged: int  # referenced bytes neither exclusive to a tag nor shared by two
+    quarantined: int  # bytes in .refcount/trash/
+    orphaned: int  # bytes of blobs nothing has referenced
+    reclaimable: int  # what gc would free now: orphans past the grace, trash past its TTL
+
+
+@dataclass(frozen=True)
 class Link:
     digest: str
     kind: str

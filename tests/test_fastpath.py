@@ -194,6 +194,15 @@ def both(pair: tuple[Path, Path], *args: str) -> tuple[int, str, str]:
     return served.answer(a)
 
 
+def test_du_answers_identically_through_the_daemon(pair: tuple[Path, Path]) -> None:
+    code, out, _ = both(pair, "du")
+    assert code == 0 and out.startswith("TAG ") and "EXCLUSIVE" in out.splitlines()[0]
+    code, out, _ = both(pair, "--json", "du", "a:1")
+    assert code == 0 and [t["tag"] for t in json.loads(out)["tags"]] == ["a:1"]
+    code, out, err = both(pair, "du", "nope")
+    assert (code, out) == (1, "") and "nope: no such tag" in err
+
+
 def tamper_count(store: Path, digest: str) -> None:
     """Make the database disagree with the disk (no file event: the daemon does not see it)."""
     connection = sqlite3.connect(store / ".refcount" / "refcount.db", timeout=10)

@@ -1,16 +1,19 @@
-"""The reading use cases: tags, show, stats. Each reads in one transaction the
+"""The reading use cases: tags, du, show, stats. Each reads in one transaction the
 caller opened; none writes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
 from refcount import graph
 from refcount.core.planner import tag_hint
-from refcount.core.policy import now
-from refcount.db.repo import Repo
+from refcount.core.policy import Policy, now
+from refcount.db.repo import Repo, RootRow
 from refcount.domain import BlobState
 from refcount.errors import InvalidDigest, NotFound
 from refcount.oci import Digest, usable_tag
-from refcount.reports import BlobInfo, Link, Stats, TagInfo
+from refcount.reports import BlobInfo, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
 
 
@@ -67,6 +70,150 @@ def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
     return result
 
 
+def du(
+    repo: Repo, store: Store, refs: Sequence[str] | None, at: datetime, policy: Policy
+) -> DuReport:
+    """Each tag's bytes (all tags, or those in `refs`), largest exclusive first, and
+    the store's totals. Reads the edges, counts and sizes once and works in memory;
+    no blob is read.
+
+    A tag's exclusive bytes are exactly what `delete tag` frees (what its --dry-run
+    prints), found by replaying the delete's plan (`planner.plan`) on the counts in
+    memory: release the tag's entries; with them the untagged entries below its
+    image that no other tagged entry reaches (unless `policy.keep_untagged`); then,
+    as long as something is freed, the untagged referrers of what was freed
+    (unless `policy.keep_referrers`). A blob another entry still holds, tagged or
+    not, is not exclusive. A tag's shared bytes are the rest of its image; it
+    shares with every other tag whose image holds one of its blobs.
+
+    The totals add up: the exclusive bytes of all tags, plus the bytes that two or
+    more tags' images hold (`shared`), plus what only untagged entries keep alive
+    (`untagged`: 0 when every entry is tagged) are the referenced bytes, which are
+    the live bytes when no referenced blob is missing or foreign. `reclaimable` is
+    what gc would free now (see `sweep.collect`): orphans whose first sighting is
+    older than the grace period (none while a live manifest is damaged) and
+    quarantined blobs freed longer ago than the trash TTL and held by no mass free.
+    A named ref that is not a tag is NotFound; nothing is reported then.
+    """
+    children: dict[str, list[str]] = {}
+    parents: dict[str, list[str]] = {}
+    for parent, child in repo.all_edges():
+        children.setdefault(parent, []).append(child)
+        parents.setdefault(child, []).append(parent)
+    sizes = repo.sizes()
+    counts = repo.counts()
+    referrers: dict[str, list[str]] = {}
+    for referrer, subject in repo.subjects().items():
+        referrers.setdefault(subject, []).append(referrer)
+    roots = repo.roots()
+    by_tag: dict[str, list[RootRow]] = {}
+    tags_of: dict[str, set[str]] = {}  # digest -> the tags of the entries pointing at it
+    untagged: dict[str, list[RootRow]] = {}
+    for root in roots:
+        if root.tag is None:
+            untagged.setdefault(root.digest, []).append(root)
+        else:
+            by_tag.setdefault(root.tag, []).append(root)
+            tags_of.setdefault(root.digest, set()).add(root.tag)
+    for ref in refs or ():
+        if ref not in by_tag:
+            raise no_such_tag(store, ref, set(by_tag), "du")
+
+    def size(digests: set[str]) -> int:
+        return sum(sizes.get(d) or 0 for d in digests)
+
+    images: dict[str, set[str]] = {}
+    holders: dict[str, set[str]] = {}  # digest -> the tags whose image holds it
+    for tag, entries in by_tag.items():
+        own = {r.digest for r in entries}
+        images[tag] = own | graph.descendants(own, lambda d: children.get(d, ()))
+        for digest in images[tag]:
+            holders.setdefault(digest, set()).add(tag)
+
+    def freed_by(tag: str) -> set[str]:
+        """What `delete tag` frees, replayed in memory on a copy of the counts."""
+        delta: dict[str, int] = {}
+
+        def bump(digest: str, by: int) -> int:
+            if digest not in counts:
+                return 1  # never recorded: releasing it frees nothing (Ledger._bump)
+            delta[digest] = delta.get(digest, 0) + by
+            return counts[digest] + delta[digest]
+
+        def release(entries: list[RootRow]) -> list[str]:
+            return graph.release([r.digest for r in entries], bump, lambda d: children.get(d, ()))
+
+        def tagged_elsewhere(digest: str) -> bool:
+            return bool(tags_of.get(digest, set()) - {tag})
+
+        def up(digest: str) -> list[str]:
+            return parents.get(digest, [])
+
+        removed = {r.position: r for r in by_tag[tag]}
+        if not policy.keep_untagged:
+            below = graph.descendants(
+                {r.digest for r in by_tag[tag]}, lambda d: children.get(d, ())
+            )
+            for digest in sorted(below & untagged.keys()):
+                if not graph.reachable_from_any(digest, tagged_elsewhere, up):
+                    removed.update((r.position, r) for r in untagged[digest])
+        freed = release(list(removed.values()))
+        found = set(freed)
+        while freed and not policy.keep_referrers:
+            more = [
+                r
+                for d in {x for s in freed for x in referrers.get(s, ())}
+                for r in untagged.get(d, ())
+                if r.position not in removed
+            ]
+            removed.update((r.position, r) for r in more)
+            freed = release(more)
+            found.update(freed)
+        return found
+
+    exclusive = {tag: freed_by(tag) for tag in by_tag}
+    usage = [
+        TagUsage(
+            tag,
+            entries[0].digest,
+            size(images[tag]),
+            size(exclusive[tag]),
+            size(images[tag] - exclusive[tag]),
+            len(set().union(*(holders[d] for d in images[tag])) - {tag}),
+        )
+        for tag, entries in by_tag.items()
+        if refs is None or tag in refs
+    ]
+    everywhere: set[str] = set().union(*exclusive.values())
+    shared = {d for d, held in holders.items() if len(held) > 1}
+    rest = set(sizes) - everywhere - shared
+    return DuReport(
+        tags=tuple(sorted(usage, key=lambda u: -u.exclusive)),
+        live=repo.sum_sizes(BlobState.LIVE)[1],
+        shared=size(shared),
+        untagged=size(rest),
+        quarantined=repo.sum_sizes(BlobState.TRASH)[1],
+        orphaned=repo.sum_sizes(BlobState.ORPHAN)[1],
+        reclaimable=reclaimable(repo, at, policy),
+    )
+
+
+def reclaimable(repo: Repo, at: datetime, policy: Policy) -> int:
+    """The bytes gc would free at `at` by the rules of `sweep.collect`, from the rows."""
+    orphans = [] if repo.count_problems() else repo.blobs_with_state(BlobState.ORPHAN)
+    swept = {r.digest: r.size or 0 for r in orphans if at - r.first_seen >= policy.grace}
+    held = {m.at for m in repo.held_mass_frees(at)}
+    purged = {
+        r.digest: r.size or 0
+        for r in repo.blobs_with_state(BlobState.TRASH)
+        if r.freed_at is not None
+        and at - r.freed_at >= policy.trash_ttl
+        and r.freed_at not in held
+        and r.digest not in swept
+    }
+    return sum(swept.values()) + sum(purged.values())
+
+
 def show(repo: Repo, store: Store, ref: str) -> BlobInfo:
     """Why a blob (a digest, or the manifest a tag points at) is alive."""
     digest = resolve(repo, store, ref)
@@ -101,10 +248,17 @@ def resolve(repo: Repo, store: Store, ref: str) -> str:
     try:
         return str(Digest.parse(ref))
     except InvalidDigest:
-        hint = tag_hint(store, ref, {r.tag for r in repo.roots()}, "show")
-        raise NotFound(
-            f"{ref}: no such tag in {store.index_path}" + (f"; {hint}" if hint else "")
-        ) from None
+        raise no_such_tag(store, ref, {r.tag for r in repo.roots()}, "show") from None
+
+
+def no_such_tag(store: Store, ref: str, tags: set[str | None], command: str) -> NotFound:
+    """The error for a tag that is not in index.json, with what was meant if it can say."""
+    if not ref:
+        return NotFound("empty tag: name a tag or a digest (see refcount tags)")
+    if not usable_tag(ref):
+        return NotFound(f"{ref!a}: no such tag in {store.index_path}")
+    hint = tag_hint(store, ref, tags, command)
+    return NotFound(f"{ref}: no such tag in {store.index_path}" + (f"; {hint}" if hint else ""))
 
 
 def stats(repo: Repo) -> Stats:

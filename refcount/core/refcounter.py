@@ -46,6 +46,7 @@ from refcount.oci import Digest
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
+    DuReport,
     Entry,
     GcReport,
     Stats,
@@ -316,6 +317,12 @@ class Refcounter:
         `reading.tags`)."""
         with transaction(self._current(), write=False) as repo:
             return reading.tags(repo, include_untagged=include_untagged)
+
+    def du(self, refs: list[str] | None = None) -> DuReport:
+        """Each tag's total, exclusive and shared bytes, and the store's totals (see
+        `reading.du`); `refs` names the tags to list (all when None or empty)."""
+        with transaction(self._current(), write=False) as repo:
+            return reading.du(repo, self.store, refs or None, now(), self.policy)
 
     def show(self, ref: str) -> BlobInfo:
         """Why a blob (a digest, or the manifest a tag points at) is alive."""
