@@ -17,6 +17,16 @@ from refcount.reports import BlobInfo, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
 
 
+def _edges_both_ways(repo: Repo) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Every recorded edge, read once: parent -> children and child -> parents."""
+    children: dict[str, list[str]] = {}
+    parents: dict[str, list[str]] = {}
+    for parent, child in repo.all_edges():
+        children.setdefault(parent, []).append(child)
+        parents.setdefault(child, []).append(parent)
+    return children, parents
+
+
 def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
     """Every tag in index.json order, with the bytes of its whole image.
 
@@ -29,11 +39,7 @@ def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
     Reads the edges and sizes once and walks each image in memory: one pass over
     the database, however many tags there are.
     """
-    children: dict[str, list[str]] = {}
-    parents: dict[str, list[str]] = {}
-    for parent, child in repo.all_edges():
-        children.setdefault(parent, []).append(child)
-        parents.setdefault(child, []).append(parent)
+    children, parents = _edges_both_ways(repo)
     sizes = repo.sizes()
     subjects = repo.subjects()
     roots = repo.roots()
@@ -95,11 +101,7 @@ def du(
     quarantined blobs freed longer ago than the trash TTL and held by no mass free.
     A named ref that is not a tag is NotFound; nothing is reported then.
     """
-    children: dict[str, list[str]] = {}
-    parents: dict[str, list[str]] = {}
-    for parent, child in repo.all_edges():
-        children.setdefault(parent, []).append(child)
-        parents.setdefault(child, []).append(parent)
+    children, parents = _edges_both_ways(repo)
     sizes = repo.sizes()
     counts = repo.counts()
     referrers: dict[str, list[str]] = {}
