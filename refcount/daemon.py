@@ -62,6 +62,7 @@ from refcount.events import OnLost, OnPaths, StoreWatch
 from refcount.metrics import Health, Metrics
 from refcount.reports import DeleteReport, GcReport, Stats, SyncReport, VerifyReport
 from refcount.scheduler import Invalid, Job, JobKind, PathSet, Scheduler, Timing
+from refcount.units import human_size
 
 # The daemon's lines are one log, whichever module writes them (`--log-format
 # json` names the logger of each line).
@@ -456,14 +457,14 @@ class Daemon:
         level = logging.INFO if report.changed or full else logging.DEBUG
         log.log(
             level,
-            "%s; roots +%d -%d, %d became live, %d freed (%d bytes), %d restored, "
+            "%s; roots +%d -%d, %d became live, %d freed (%s), %d restored, "
             "%d missing, %d new orphans; %.1f ms",
             what,
             report.roots_added,
             report.roots_removed,
             report.became_live,
             len(report.freed),
-            report.freed_bytes,
+            human_size(report.freed_bytes),
             len(report.restored),
             len(report.missing),
             len(report.orphans),
@@ -485,9 +486,9 @@ class Daemon:
         level = logging.INFO if report.swept or report.purged else logging.DEBUG
         log.log(
             level,
-            "gc: %d orphans swept, %d trashed blobs purged, %d bytes; %.1f ms",
+            "gc: %d orphans swept, %d trashed blobs purged, %s; %.1f ms",
             len(report.swept),
             len(report.purged),
-            report.freed_bytes,
+            human_size(report.freed_bytes),
             seconds * 1000,
         )

@@ -658,7 +658,7 @@ def test_sigint_also_stops_cleanly_and_json_logs_are_one_object_a_line(
     )
     assert messages[1].startswith("full reconcile (start)")
     assert re.fullmatch(
-        r"batch: index.json changed; roots \+0 -1, 0 became live, 3 freed \(\d+ bytes\), "
+        r"batch: index.json changed; roots \+0 -1, 0 became live, 3 freed \([\d.]+ (?:B|KiB)\), "
         r"0 restored, 0 missing, 0 new orphans; [\d.]+ ms",
         messages[2],
     )
