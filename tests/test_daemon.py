@@ -88,7 +88,7 @@ class FakeWatch:
         self.broken = False  # rebuild() fails as if the inotify limit were reached
 
     def start(self) -> None:
-        pass
+        """Nothing to start: a test delivers paths and losses through the callbacks."""
 
     def alive(self) -> bool:
         return self.trouble is None
@@ -103,7 +103,7 @@ class FakeWatch:
         self.trouble = None
 
     def close(self) -> None:
-        pass
+        """Nothing to close (see `start`)."""
 
 
 @dataclass

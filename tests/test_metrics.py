@@ -355,8 +355,8 @@ def test_a_closed_server_stops_listening() -> None:
     assert get(address, "/healthz")[0] == 200
     server.close()
     host, port = address.rsplit(":", 1)
-    with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 2):
-        pass
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), 2).close()
 
 
 def test_an_ipv6_address_is_served_and_named_in_brackets() -> None:
