@@ -228,6 +228,23 @@ class Stats:
     mass_free_held_blobs: int = 0
 
 
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """One entry point of the `refcount.extractors` group, as `plugins` lists it."""
+
+    name: str  # the entry point's name
+    distribution: str | None  # the package that registered it
+    version: str | None
+    media_types: tuple[str, ...] = ()  # the types it reads
+    refused: tuple[str, ...] = ()  # types it asked for and was not given, and why
+    error: str | None = None  # why it is not used at all
+
+
+@dataclass(frozen=True)
+class PluginsReport:
+    extractors: tuple[ExtractorInfo, ...]
+
+
 def to_json(value: Any) -> Any:
     """A report as plain JSON data, including its derived properties."""
     if isinstance(value, list | tuple):
