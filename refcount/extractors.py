@@ -168,9 +168,14 @@ class Registry:
 @functools.cache
 def installed() -> Registry:
     """The extractors of every installed distribution, loaded once per process."""
+    return load(metadata.entry_points(group=GROUP))
+
+
+def load(points: Iterable[metadata.EntryPoint]) -> Registry:
+    """A registry of these entry points; one that does not load is listed with why."""
     named: list[tuple[str, object, metadata.Distribution | None]] = []
     broken: list[tuple[str, metadata.Distribution | None, str]] = []
-    for point in metadata.entry_points(group=GROUP):
+    for point in points:
         try:
             named.append((point.name, point.load(), point.dist))
         except Exception as exc:  # an import error in someone else's package
@@ -189,7 +194,7 @@ def _source(dist: metadata.Distribution | None) -> tuple[str | None, str | None]
 
 def _instantiate(value: object) -> Extractor:
     """The entry point's object, or what calling it returns when it is a class or factory."""
-    if not isinstance(value, Extractor) and callable(value):
+    if isinstance(value, type) or (not isinstance(value, Extractor) and callable(value)):
         value = value()
     if not isinstance(value, Extractor):
         raise TypeError("has no media_types and extract()")

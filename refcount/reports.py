@@ -244,6 +244,11 @@ class ExtractorInfo:
 class PluginsReport:
     extractors: tuple[ExtractorInfo, ...]
 
+    @property
+    def exit_code(self) -> ExitCode:
+        """1 when an installed extractor is not used at all (it did not load)."""
+        return ExitCode.PROBLEM if any(e.error for e in self.extractors) else ExitCode.OK
+
 
 def to_json(value: Any) -> Any:
     """A report as plain JSON data, including its derived properties."""
