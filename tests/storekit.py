@@ -186,23 +186,25 @@ def add_rootfs_image(
     return add_image(store, [rootfs], tag=tag)
 
 
-def _rootfs_chunks(data: bytes) -> list[str]:
-    """The chunk digests of a chunked rootfs; none when its header is not sound."""
+def _rootfs_chunks(data: bytes) -> list[Descriptor]:
+    """The chunks of a chunked rootfs; none when its header is not sound."""
     count = int.from_bytes(data[12:16], "big")
     if data[:10] != b"RCROOTFS\x00\x01" or 16 + 40 * count > len(data):
         return []
-    return ["sha256:" + data[16 + 40 * i : 48 + 40 * i].hex() for i in range(count)]
+    return [{"digest": "sha256:" + data[16 + 40 * i : 48 + 40 * i].hex()} for i in range(count)]
 
 
-def _chunklist_chunks(data: bytes) -> list[str]:
+def _chunklist_chunks(data: bytes) -> list[Descriptor]:
+    """The chunks of a chunklist artifact, each with its mediaType when it says one."""
     try:
-        return [c["digest"] for c in json.loads(data)["chunks"]]
+        chunks = json.loads(data)["chunks"]
+        return [{k: c[k] for k in ("digest", "mediaType") if k in c} for c in chunks]
     except (ValueError, KeyError, TypeError):
         return []
 
 
 # Media types whose children a plug-in names (refcount.extractors), and how to read them.
-EXTRACTED: dict[str, Callable[[bytes], list[str]]] = {
+EXTRACTED: dict[str, Callable[[bytes], list[Descriptor]]] = {
     ROOTFS_CHUNKED: _rootfs_chunks,
     CHUNKLIST: _chunklist_chunks,
 }
@@ -432,9 +434,9 @@ def graph(store: Path | str) -> dict[str, set[str]]:
         declared = desc.get("mediaType")
         if declared in EXTRACTED:
             data = _load_bytes(store, digest)
-            found = [d for d in EXTRACTED[declared](data or b"") if is_valid_digest(d)]
-            kids.update(found)
-            todo += [{"digest": d} for d in found if d not in edges]
+            found = [d for d in EXTRACTED[declared](data or b"") if is_valid_digest(d["digest"])]
+            kids.update(d["digest"] for d in found)
+            todo += [d for d in found if d["digest"] not in edges]
             continue
         if isinstance(declared, str) and declared not in EDGE_FIELDS:
             continue  # a leaf by its descriptor: its bytes need not be read

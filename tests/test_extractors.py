@@ -36,7 +36,9 @@ from test_core import consistent, trash_files
 
 import refcount
 from refcount import extractors, oci, rootfs
+from refcount.core import expansion
 from refcount.extractors import Child, Registry
+from refcount.store import Store
 
 CRASHING = "application/vnd.example.crashing.v1"
 HANGING = "application/vnd.example.hanging.v1"
@@ -179,6 +181,20 @@ def test_show_lists_the_chunks_of_an_extracted_blob_as_its_children(store: Path)
     assert [p.digest for p in chunk.parents] == [layer["layers"][0]["digest"]]
 
 
+def test_a_child_an_extractor_gives_a_type_is_read_in_turn(store: Path) -> None:
+    """chunklist -> (a rootfs, a chunk) and rootfs -> chunks: the formats nest."""
+    write_chunks(store, CHUNKS[:3])
+    nested = write_blob(store, chunked_rootfs(CHUNKS[:2]), ROOTFS_CHUNKED)
+    body = {"chunks": [{"digest": nested["digest"], "mediaType": ROOTFS_CHUNKED}, {"digest": C[2]}]}
+    add_image(store, [write_blob(store, json.dumps(body).encode(), CHUNKLIST)], tag="a")
+    with refcount.open(store) as rc:
+        rc.init()
+        consistent(rc, store)
+        assert [rc.count(c) for c in C[:3]] == [1, 1, 1]
+        rc.delete_tag("a")
+        assert not {nested["digest"], *C[:3]} & blob_files(store)
+
+
 def test_a_json_blob_naming_its_own_custom_type_is_read_by_that_types_extractor(
     store: Path,
 ) -> None:
@@ -233,6 +249,14 @@ def test_a_failing_extractor_frees_nothing_its_blob_mentions_and_verify_reports_
     assert f"extractor {media_type.split('.')[-2]}" in verify.out + verify.err
     assert why in verify.out + verify.err
     assert set(listing(store)) <= set(before)  # only b's own blobs left
+    # Its image cannot be deleted while the blob is damaged, as for a damaged manifest.
+    kept = listing(store, include_refcount=True)
+    refused = cli("--store", store, "delete", "tag", "a")
+    assert refused.code == 2
+    assert "its image holds a damaged blob" in refused.err
+    assert f"extractor {media_type.split('.')[-2]}" in refused.err
+    assert refused.err.count("\n") == 1
+    assert listing(store, include_refcount=True) == kept
 
 
 def test_a_hanging_extractor_times_out_and_its_blob_holds_what_it_mentions(
@@ -370,3 +394,44 @@ def test_salvage_finds_raw_digests_of_known_blobs_wherever_the_chunks_split_them
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
         found = {d.digest for d in oci.salvage(chunks, {C[1], C[2]})}
         assert found == {C[0], C[1]}, size
+
+
+# --- the README's worked plug-in ------------------------------------------------------------
+
+
+def readme_blocks(heading: str) -> dict[str, str]:
+    """The fenced code blocks of one README section, by language."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")[1::2]
+    return {block.split("\n", 1)[0]: block.split("\n", 1)[1] for block in blocks}
+
+
+def test_the_readme_plugin_counts_the_parts_of_a_bundle_and_fails_safe_on_damage(
+    store: Path,
+) -> None:
+    blocks = readme_blocks("Teaching refcount a new format")
+    assert 'bundle = "mytool_refcount:Bundle"' in blocks["toml"]
+    assert len(blocks["python"].splitlines()) <= 20
+    namespace: dict[str, object] = {}
+    exec(compile(blocks["python"], "README.md", "exec"), namespace)
+    registry = Registry.of([("bundle", namespace["Bundle"], None)])
+    (media_type,) = registry.report().extractors[0].media_types
+    write_chunks(store, CHUNKS[:2])
+    sound = json.dumps({"parts": [{"digest": C[0], "size": len(CHUNKS[0])}]}).encode()
+    assert registry.extract(media_type, sound, C[4], timeout=5).children[0].digest == C[0]
+    damaged = json.dumps({"parts": "sha256:" + "0" * 64, "other": C[1]}).encode()
+    found = expansion.expand(ReaderOf(store, damaged), C[4], media_type, extractors=registry)
+    assert found is not None and found.problem is not None and "TypeError" in found.problem
+    assert {c.digest for c in found.children} == {"sha256:" + "0" * 64, C[1]}
+
+
+class ReaderOf(Store):
+    """The store, with one more blob whose bytes are given (for expand)."""
+
+    def __init__(self, store: Path, data: bytes) -> None:
+        super().__init__(store)
+        self.data = data
+
+    def read_blob(self, digest: str) -> bytes | None:
+        return self.data if digest == C[4] else super().read_blob(digest)

@@ -1,6 +1,7 @@
 """Extractors for refcount's tests, registered through real entry points.
 
-`ChunkList` reads a JSON artifact of its own shape, {"chunks": [{"digest", "size"}]}.
+`ChunkList` reads a JSON artifact of its own shape,
+{"chunks": [{"digest", "size", "mediaType"}]} (size and mediaType optional).
 The others fail as a plug-in may: `crashing` raises, `hanging` never returns,
 `nonsense` names a path where a digest belongs.
 """
@@ -25,7 +26,7 @@ class ChunkList:
 
     def extract(self, data: bytes, media_type: str) -> Iterator[Child]:
         for chunk in json.loads(data)["chunks"]:
-            yield Child(chunk["digest"], chunk.get("size"))
+            yield Child(chunk["digest"], chunk.get("size"), chunk.get("mediaType"))
 
 
 @dataclass(frozen=True)
