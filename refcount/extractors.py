@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Collection, Iterable
@@ -252,19 +253,21 @@ class _Runner:
     """Calls on one daemon worker thread, each waited for at most its time limit.
 
     A call that outlives its limit is abandoned with its thread (a daemon thread,
-    so it never holds up the process's exit); the next call starts a new one.
+    so it never holds up the process's exit); the next call starts a new one, as
+    does the first call in a forked child (which has no threads but its own).
     Calls are serialised: the daemon's threads share one runner.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
+        self._pid = 0  # the process whose thread reads self._jobs
 
     def call(self, fn: Callable[[], Any], timeout: float) -> Any:
         """`fn()`, the exception it raised, or _TIMED_OUT."""
         with self._lock:
-            if self._jobs is None:
-                self._jobs = queue.SimpleQueue()
+            if self._jobs is None or self._pid != os.getpid():
+                self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
                 threading.Thread(
                     target=_work, args=(self._jobs,), name="refcount-extractor", daemon=True
                 ).start()

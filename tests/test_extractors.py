@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -302,6 +303,18 @@ def test_a_timed_out_extractor_is_not_called_again_in_the_process() -> None:
     assert first.problem is not None and "timed out after 0.2s" in first.problem
     assert second.problem is not None and "not called again" in second.problem
     assert calls == [b"x"]
+
+
+def test_a_forked_child_calls_extractors_on_a_thread_of_its_own() -> None:
+    registry = Registry.of([("rootfs", rootfs.ChunkedRootfs, None)])
+    data = chunked_rootfs(CHUNKS[:1])
+    assert registry.extract(ROOTFS_CHUNKED, data, C[4], timeout=5).problem is None
+    pid = os.fork()
+    if pid == 0:  # the parent's worker thread does not exist here
+        found = registry.extract(ROOTFS_CHUNKED, data, C[4], timeout=5)
+        os._exit(0 if found.problem is None and found.children[0].digest == C[0] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.parametrize("value", ["0", "-1s", "soon"])
