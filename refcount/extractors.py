@@ -50,6 +50,12 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds one extractor call may take before its blob is treated as damaged."""
 EDGE_KIND = "extracted"
 """The kind of the edges an extractor names (`show` prints it)."""
+OPAQUE = "application/octet-stream"
+"""The type of a child an extractor gives none: opaque bytes, a leaf never read.
+
+Not "unknown, look inside" as for an OCI descriptor without mediaType: a chunk
+is data, and reading every chunk to see whether it is a manifest would cost a
+read per chunk, and flag each chunk above --max-manifest as damaged."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class Child:
     digest: str
     size: int | None = None
     media_type: str | None = None
-    """Its own type, when the format says; a type an extractor claims is read in turn."""
+    """Its type, when the format says; a manifest type or a type an extractor claims
+    is read in turn. None: opaque bytes, never read (OPAQUE)."""
 
 
 @runtime_checkable
@@ -238,7 +245,7 @@ def _validated(items: list[object], where: str) -> tuple[tuple[Descriptor, ...],
         if digest == where:
             problems.append(f"item {i}: {digest} is the blob itself")
             continue
-        children.append(Descriptor(digest, child.media_type, size, kind=EDGE_KIND))
+        children.append(Descriptor(digest, child.media_type or OPAQUE, size, kind=EDGE_KIND))
     return tuple(children), problems
 
 

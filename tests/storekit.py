@@ -44,6 +44,7 @@ SPDX = "application/spdx+json"
 ROOTFS_CHUNKED = "application/vnd.refcount.rootfs.chunked.v1"
 # The JSON artifact of the test plug-in package (tests/plugins/refcount_testext).
 CHUNKLIST = "application/vnd.example.chunklist.v1+json"
+OCTET_STREAM = "application/octet-stream"
 SBOM_ARTIFACT_TYPE = "application/vnd.example.sbom.v1"
 
 # SPEC section 1: the fields of each manifest-like type that hold child descriptors.
@@ -436,7 +437,8 @@ def graph(store: Path | str) -> dict[str, set[str]]:
             data = _load_bytes(store, digest)
             found = [d for d in EXTRACTED[declared](data or b"") if is_valid_digest(d["digest"])]
             kids.update(d["digest"] for d in found)
-            todo += [d for d in found if d["digest"] not in edges]
+            # a child without a type is opaque bytes (refcount.extractors.OPAQUE): a leaf
+            todo += [{"mediaType": OCTET_STREAM, **d} for d in found if d["digest"] not in edges]
             continue
         if isinstance(declared, str) and declared not in EDGE_FIELDS:
             continue  # a leaf by its descriptor: its bytes need not be read

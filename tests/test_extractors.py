@@ -360,6 +360,22 @@ def test_chunked_rootfs_images_pushed_one_by_one_count_as_init_does(store: Path)
         consistent(rc, store)
 
 
+def test_chunks_are_opaque_bytes_never_read_however_large_or_manifest_like(
+    store: Path,
+) -> None:
+    big = b"x" * 1000  # over the --max-manifest below: read, it would be a damaged manifest
+    write_blob(store, b"a layer only a chunk mentions", "application/octet-stream")
+    inner = add_image(store, [b"a layer only a chunk mentions"], tag=None, index_entry=False)
+    manifest_like = (store / "blobs/sha256" / str(inner["digest"])[7:]).read_bytes()
+    add_rootfs_image(store, [big, manifest_like], tag="a")
+    with refcount.open(store, max_manifest=800) as rc:
+        rc.init()
+        report = rc.verify()
+        assert report.ok and report.problems == ()
+        assert rc.count(sha256_digest(big)) == 1
+        assert rc.count(sha256_digest(b"a layer only a chunk mentions")) == 0  # never read
+
+
 @pytest.mark.parametrize(
     ("damage", "why", "named"),
     [
