@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refcount.core import Changes, Policy, Refcounter, open
+    from refcount.core import Changes, Policy, Refcounter, open, plugins
     from refcount.errors import (
         ConcurrentChange,
         DatabaseError,
@@ -43,8 +43,10 @@ if TYPE_CHECKING:
         DeleteReport,
         DuReport,
         Entry,
+        ExtractorInfo,
         GcReport,
         MassFree,
+        PluginsReport,
         Stats,
         SyncReport,
         TagInfo,
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    **dict.fromkeys(["Changes", "Policy", "Refcounter", "open"], "refcount.core"),
+    **dict.fromkeys(["Changes", "Policy", "Refcounter", "open", "plugins"], "refcount.core"),
     **dict.fromkeys(
         [
             "ConcurrentChange",
@@ -81,8 +83,10 @@ _HOME = {
             "DeleteReport",
             "DuReport",
             "Entry",
+            "ExtractorInfo",
             "GcReport",
             "MassFree",
+            "PluginsReport",
             "Stats",
             "SyncReport",
             "TagInfo",
@@ -104,6 +108,7 @@ __all__ = [
     "Digest",
     "DuReport",
     "Entry",
+    "ExtractorInfo",
     "ForeignDatabase",
     "GcReport",
     "InvalidBlob",
@@ -112,6 +117,7 @@ __all__ = [
     "MassFree",
     "NotFound",
     "NotIndexed",
+    "PluginsReport",
     "Policy",
     "RefcountError",
     "Refcounter",
@@ -125,6 +131,7 @@ __all__ = [
     "UnusableTag",
     "VerifyReport",
     "open",
+    "plugins",
 ]
 
 

@@ -21,7 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 GLOBAL_VALUE_OPTIONS = frozenset(
-    {"--store", "--db", "--trash-ttl", "--grace", "--max-manifest", "--mass-free-threshold"}
+    {
+        "--store",
+        "--db",
+        "--trash-ttl",
+        "--grace",
+        "--max-manifest",
+        "--mass-free-threshold",
+        "--extractor-timeout",
+    }
 )
 """The global options that take a value."""
 GLOBAL_FLAGS = frozenset({"--json", "--verbose", "--keep-referrers", "--keep-untagged"})

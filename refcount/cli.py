@@ -39,14 +39,16 @@ from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
 from refcount.core import Progress, Refcounter, sync_log
 from refcount.core import open as open_store
+from refcount.core import plugins as installed_plugins
 from refcount.durations import parse_duration
-from refcount.errors import ExitCode, NotServed, RefcountError
+from refcount.errors import ExitCode, InvalidDuration, NotServed, RefcountError
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
     DuReport,
     GcReport,
     MassFree,
+    PluginsReport,
     SyncReport,
     TagInfo,
     VerifyReport,
@@ -98,6 +100,7 @@ class Settings:
     keep_untagged: bool
     max_manifest: int
     mass_free_threshold: float
+    extractor_timeout: timedelta
 
     def open(self, progress: Progress | None = None) -> Refcounter:
         return open_store(
@@ -109,6 +112,7 @@ class Settings:
             keep_untagged=self.keep_untagged,
             max_manifest=self.max_manifest,
             mass_free_threshold=self.mass_free_threshold,
+            extractor_timeout=self.extractor_timeout,
             progress=progress,
         )
 
@@ -221,6 +225,14 @@ def configure(
             "is a mass free, held in the quarantine whatever --trash-ttl says.",
         ),
     ] = 0.5,
+    extractor_timeout: Annotated[
+        str,
+        typer.Option(
+            metavar="DURATION",
+            help="How long an extractor plug-in may read one blob before the blob is "
+            "treated as damaged.",
+        ),
+    ] = "10s",
 ) -> None:
     """Reference counts for an OCI image layout."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -241,7 +253,15 @@ def configure(
         keep_untagged,
         max_manifest,
         mass_free_threshold,
+        _positive(extractor_timeout, "--extractor-timeout"),
     )
+
+
+def _positive(text: str, option: str) -> timedelta:
+    duration = parse_duration(text)
+    if duration <= timedelta(0):
+        raise InvalidDuration(f"{option} {text!r}: must be more than 0")
+    return duration
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -387,6 +407,15 @@ def show(
     """Count, state, parents (why it is alive) and children of a blob."""
     with _settings(ctx).counter() as rc:
         render(ctx, rc.show(ref))
+
+
+@app.command()
+def plugins(ctx: typer.Context) -> None:
+    """The installed extractor plug-ins: their packages and the media types they read.
+
+    Exit 1 when one is installed but could not be loaded.
+    """
+    render(ctx, installed_plugins())
 
 
 LOG_FORMATS = ("text", "json")
@@ -652,6 +681,19 @@ def _du_text(report: DuReport) -> list[str]:
     return [*lines, "", *_columns([[f"{name}:", _size(n)] for name, n in totals])]
 
 
+def _plugins_text(report: PluginsReport) -> list[str]:
+    """One row per media type an extractor reads; a refused or failed one says why."""
+    rows = [["EXTRACTOR", "PACKAGE", "MEDIA TYPES"]]
+    for e in report.extractors:
+        package = " ".join(p for p in (e.distribution, e.version) if p) or "-"
+        notes = [*e.media_types, *(f"refused: {r}" for r in e.refused)]
+        if e.error:
+            notes.append(f"not used: {e.error}")
+        for i, note in enumerate(notes or ["-"]):
+            rows.append([e.name, package, note] if i == 0 else ["", "", note])
+    return _columns(rows)
+
+
 def _roots_text(roots: list[TagInfo]) -> list[str]:
     """`tags --all`: every entry, and what relates it to the tagged images."""
     return _columns(
@@ -678,6 +720,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     GcReport: _gc_text,
     BlobInfo: _show_text,
     DuReport: _du_text,
+    PluginsReport: _plugins_text,
     list: _tags_text,
 }
 """The text of each report type (`tags` answers a list of TagInfo)."""

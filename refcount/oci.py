@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -428,20 +428,49 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
 _ANY_DIGEST = re.compile(f"(?:{DIGEST_PATTERN})(?![0-9a-f])".encode())
 
 
-def salvage(chunks: Iterable[bytes]) -> tuple[Descriptor, ...]:
-    """Every digest a manifest's bytes mention, for a manifest that could not be parsed.
+def salvage(chunks: Iterable[bytes], raw: Collection[str] = ()) -> tuple[Descriptor, ...]:
+    """Every digest a blob's bytes mention, for a blob that could not be parsed.
 
-    Such a manifest may still be needed by the tools that wrote it; holding what it
-    mentions means a damaged manifest never lets a blob it names be freed. Takes
-    the bytes in chunks (overlapping by a digest's length) so size is no limit.
+    Such a blob may still be needed by the tools that wrote it; holding what it
+    mentions means a damaged blob never lets a blob it names be freed. A digest
+    is mentioned when its text appears (`sha256:` and the hex, as JSON spells
+    it) or, for each digest in `raw`, when its bytes appear undecoded (32 bytes
+    for sha256, 64 for sha512: how binary formats name blobs). Raw bytes can
+    only be recognised for digests one names, so `raw` is the blobs the store
+    holds. Takes the bytes in chunks (overlapping by a digest's length) so size
+    is no limit.
     """
+    wanted = {bytes.fromhex(d.split(":", 1)[1]): d for d in raw}
     seen: dict[str, None] = {}
     tail = b""
     for chunk in chunks:
         window = tail + chunk
         seen.update(dict.fromkeys(m.decode() for m in _ANY_DIGEST.findall(window)))
+        seen.update(dict.fromkeys(_raw_mentions(window, wanted)))
         tail = window[-_LONGEST_DIGEST:]
     return tuple(Descriptor(d, None, None, kind="unparsed") for d in seen)
+
+
+_FIND_BUDGET = 1 << 26
+"""Bytes searched at C speed, one search per wanted digest, before sliding a window instead."""
+
+
+def _raw_mentions(window: bytes, wanted: dict[bytes, str]) -> Iterable[str]:
+    """The wanted digests whose raw bytes occur in `window`.
+
+    A search per digest costs len(wanted) x len(window) at C speed; a window
+    slid over the bytes costs len(window) set lookups at Python speed. The
+    cheaper of the two is taken.
+    """
+    if len(wanted) * len(window) <= _FIND_BUDGET:
+        return [digest for raw, digest in wanted.items() if raw in window]
+    lengths = {len(raw) for raw in wanted}
+    return [
+        wanted[window[i : i + n]]
+        for n in lengths
+        for i in range(len(window) - n + 1)
+        if window[i : i + n] in wanted
+    ]
 
 
 _LONGEST_DIGEST = max(len(algorithm) + 1 + n for algorithm, n in HEX_LENGTH.items())

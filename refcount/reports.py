@@ -228,6 +228,28 @@ class Stats:
     mass_free_held_blobs: int = 0
 
 
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """One entry point of the `refcount.extractors` group, as `plugins` lists it."""
+
+    name: str  # the entry point's name
+    distribution: str | None  # the package that registered it
+    version: str | None
+    media_types: tuple[str, ...] = ()  # the types it reads
+    refused: tuple[str, ...] = ()  # types it asked for and was not given, and why
+    error: str | None = None  # why it is not used at all
+
+
+@dataclass(frozen=True)
+class PluginsReport:
+    extractors: tuple[ExtractorInfo, ...]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """1 when an installed extractor is not used at all (it did not load)."""
+        return ExitCode.PROBLEM if any(e.error for e in self.extractors) else ExitCode.OK
+
+
 def to_json(value: Any) -> Any:
     """A report as plain JSON data, including its derived properties."""
     if isinstance(value, list | tuple):

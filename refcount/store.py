@@ -417,6 +417,25 @@ class Store:
                         )
         return found
 
+    def blob_digests(self) -> frozenset[str]:
+        """The digest of every blob name in blobs/ and in the quarantine (no stat:
+        one directory read per algorithm), for salvaging a damaged binary blob."""
+        found: set[str] = set()
+        for algorithm in layout.HEX_LENGTH:
+            for directory in (
+                layout.blobs_dir(self.path) / algorithm,
+                self.trash_dir / algorithm,
+            ):
+                if self._in(directory / "entry") is None:  # a missing directory on the way
+                    continue
+                with contextlib.suppress(OSError):
+                    found.update(
+                        f"{algorithm}:{name}"
+                        for name in os.listdir(directory)
+                        if layout.is_blob_name(algorithm, name)
+                    )
+        return frozenset(found)
+
     def quarantine(self, digest: str) -> bool:
         """Move a blob out of blobs/ into the trash; False when it was not there."""
         source = self._blob(digest)

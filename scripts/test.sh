@@ -17,6 +17,8 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
+# The extractor plug-ins tests/test_extractors.py finds through real entry points.
+.venv/bin/pip install -q -e tests/plugins/refcount_testext
 export PATH="$PWD/.venv/bin:$PATH"
 
 ruff check refcount tests scripts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,14 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 
     def run(*args: str | Path) -> Result:
         capsys.readouterr()
-        code = main([str(a) for a in args])
+        root = logging.getLogger()
+        handlers = root.handlers[:]
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            # main() logs to this test's captured stderr: a later test must not
+            # log into it once it is closed.
+            root.handlers[:] = handlers
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 

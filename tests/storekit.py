@@ -40,6 +40,11 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 SPDX = "application/spdx+json"
+# docs/chunked-rootfs.md: a binary root filesystem naming its chunks by raw sha256 digests.
+ROOTFS_CHUNKED = "application/vnd.refcount.rootfs.chunked.v1"
+# The JSON artifact of the test plug-in package (tests/plugins/refcount_testext).
+CHUNKLIST = "application/vnd.example.chunklist.v1+json"
+OCTET_STREAM = "application/octet-stream"
 SBOM_ARTIFACT_TYPE = "application/vnd.example.sbom.v1"
 
 # SPEC section 1: the fields of each manifest-like type that hold child descriptors.
@@ -109,13 +114,10 @@ def _diff_id(layer: bytes) -> str:
     return sha256_digest(raw)
 
 
-def _default_config(layers: list[bytes]) -> bytes:
+def _default_config(layers: list[bytes | Descriptor]) -> bytes:
+    diff_ids = [x["digest"] if isinstance(x, dict) else _diff_id(x) for x in layers]
     return _dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [_diff_id(x) for x in layers]},
-        }
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     )
 
 
@@ -127,7 +129,7 @@ def _layer_type(layer: bytes, docker: bool) -> str:
 
 def add_image(
     store: Path | str,
-    layers: list[bytes],
+    layers: list[bytes | Descriptor],
     *,
     tag: str | None,
     config: bytes | None = None,
@@ -142,7 +144,8 @@ def add_image(
 
     ``config`` defaults to a minimal config derived from the layers only, so two
     images with the same layers and no explicit config are the same manifest.
-    Layers starting with the gzip magic get the ``+gzip`` media type.
+    Layers starting with the gzip magic get the ``+gzip`` media type; a layer
+    given as a descriptor (of a blob already written) is listed as it is.
     """
     config_type = DOCKER_CONFIG if docker else OCI_CONFIG
     manifest_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
@@ -153,7 +156,9 @@ def add_image(
         body["artifactType"] = artifact_type
     cfg = config if config is not None else _default_config(layers)
     body["config"] = write_blob(store, cfg, config_type)
-    body["layers"] = [write_blob(store, x, _layer_type(x, docker)) for x in layers]
+    body["layers"] = [
+        x if isinstance(x, dict) else write_blob(store, x, _layer_type(x, docker)) for x in layers
+    ]
     if subject is not None:
         body["subject"] = _plain(subject)
     if annotations:
@@ -162,6 +167,48 @@ def add_image(
     if index_entry:
         add_entry(store, desc, tag)
     return desc
+
+
+def chunked_rootfs(chunks: list[bytes], tree: bytes = b"") -> bytes:
+    """A chunked-rootfs blob (docs/chunked-rootfs.md) naming ``chunks``, then ``tree``."""
+    table = b"".join(hashlib.sha256(c).digest() + len(c).to_bytes(8, "big") for c in chunks)
+    header = b"RCROOTFS" + (1).to_bytes(2, "big") + bytes(2) + len(chunks).to_bytes(4, "big")
+    return header + table + tree
+
+
+def add_rootfs_image(
+    store: Path | str, chunks: list[bytes], *, tag: str | None, tree: bytes = b""
+) -> Descriptor:
+    """Write ``chunks`` as blobs, a chunked rootfs naming them, and an image whose one
+    layer is that rootfs; return the manifest descriptor."""
+    for chunk in chunks:
+        write_blob(store, chunk, "application/octet-stream")
+    rootfs = write_blob(store, chunked_rootfs(chunks, tree), ROOTFS_CHUNKED)
+    return add_image(store, [rootfs], tag=tag)
+
+
+def _rootfs_chunks(data: bytes) -> list[Descriptor]:
+    """The chunks of a chunked rootfs; none when its header is not sound."""
+    count = int.from_bytes(data[12:16], "big")
+    if data[:10] != b"RCROOTFS\x00\x01" or 16 + 40 * count > len(data):
+        return []
+    return [{"digest": "sha256:" + data[16 + 40 * i : 48 + 40 * i].hex()} for i in range(count)]
+
+
+def _chunklist_chunks(data: bytes) -> list[Descriptor]:
+    """The chunks of a chunklist artifact, each with its mediaType when it says one."""
+    try:
+        chunks = json.loads(data)["chunks"]
+        return [{k: c[k] for k in ("digest", "mediaType") if k in c} for c in chunks]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+# Media types whose children a plug-in names (refcount.extractors), and how to read them.
+EXTRACTED: dict[str, Callable[[bytes], list[Descriptor]]] = {
+    ROOTFS_CHUNKED: _rootfs_chunks,
+    CHUNKLIST: _chunklist_chunks,
+}
 
 
 def _plain(desc: Descriptor) -> Descriptor:
@@ -325,14 +372,21 @@ def blob_files(store: Path | str) -> set[str]:
 # --------------------------------------------------------------------------
 
 
-def _load_manifest(store: Path, digest: str) -> dict[str, Any] | None:
-    """Parse a blob as a JSON object; None when absent, not a regular file or not JSON."""
+def _load_bytes(store: Path, digest: str) -> bytes | None:
+    """A blob's bytes; None when absent or not a regular file."""
     path = blob_path(store, digest)
     try:
-        if not stat.S_ISREG(path.lstat().st_mode):
-            return None
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        return path.read_bytes() if stat.S_ISREG(path.lstat().st_mode) else None
+    except OSError:
+        return None
+
+
+def _load_manifest(store: Path, digest: str) -> dict[str, Any] | None:
+    """Parse a blob as a JSON object; None when absent, not a regular file or not JSON."""
+    data = _load_bytes(store, digest)
+    try:
+        obj = json.loads(data) if data is not None else None
+    except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -379,6 +433,13 @@ def graph(store: Path | str) -> dict[str, set[str]]:
         digest = desc["digest"]
         kids = edges.setdefault(digest, set())
         declared = desc.get("mediaType")
+        if declared in EXTRACTED:
+            data = _load_bytes(store, digest)
+            found = [d for d in EXTRACTED[declared](data or b"") if is_valid_digest(d["digest"])]
+            kids.update(d["digest"] for d in found)
+            # a child without a type is opaque bytes (refcount.extractors.OPAQUE): a leaf
+            todo += [{"mediaType": OCTET_STREAM, **d} for d in found if d["digest"] not in edges]
+            continue
         if isinstance(declared, str) and declared not in EDGE_FIELDS:
             continue  # a leaf by its descriptor: its bytes need not be read
         key = (digest, declared if isinstance(declared, str) else None)

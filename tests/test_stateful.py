@@ -1,5 +1,6 @@
-"""Random histories of pushes, tags and deletes; after every step the incremental counts
-equal a from-scratch recount, and blobs/ holds exactly what index.json reaches."""
+"""Random histories of pushes (images, indexes, referrers, chunked-rootfs images), tags
+and deletes; after every step the incremental counts equal a from-scratch recount, and
+blobs/ holds exactly what index.json reaches."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from storekit import (
     add_image,
     add_index,
     add_referrer,
+    add_rootfs_image,
     blob_files,
     expected_counts,
     make_layout,
@@ -31,6 +33,7 @@ import refcount
 
 LAYERS = [f"layer {i}".encode() for i in range(8)]
 TAGS = ["a", "b", "c", "d", "e"]
+CHUNKS = [f"chunk {i}".encode() for i in range(4)]
 
 
 class History(RuleBasedStateMachine):
@@ -69,6 +72,19 @@ class History(RuleBasedStateMachine):
         self._retag(tag)
         config = b'{"shared":1}' if same_config else f'{{"n":{self.serial}}}'.encode()
         manifest = add_image(self.store, layers, tag=tag, config=config)
+        self.rc.sync()
+        return manifest
+
+    @rule(
+        target=manifests,
+        # chunks shared with plain images' layers too: one blob held by both kinds of edge
+        chunks=st.lists(st.sampled_from(LAYERS[:3] + CHUNKS), min_size=1, max_size=4, unique=True),
+        tag=st.none() | st.sampled_from(TAGS),
+    )
+    def push_rootfs_image(self, chunks: list[bytes], tag: str | None) -> dict[str, Any]:
+        """An image whose layer is a chunked rootfs (refcount's own extractor plug-in)."""
+        self._retag(tag)
+        manifest = add_rootfs_image(self.store, chunks, tag=tag)
         self.rc.sync()
         return manifest
 

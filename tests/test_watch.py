@@ -437,6 +437,25 @@ def test_a_burst_of_200_tag_changes_ends_equal_to_the_oracle(
     assert "freed" in watcher.log()
 
 
+def test_the_daemon_counts_and_frees_the_chunks_of_chunked_rootfs_images(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    """Extractor plug-ins in the daemon's batches: the outside writer pushes two images
+    sharing a chunk, then removes one; exactly its own chunks leave blobs/."""
+    chunks = [f"chunk {i}".encode() for i in range(3)]
+    watch(store)
+    sk.add_rootfs_image(store, chunks[:2], tag="a")
+    sk.add_rootfs_image(store, chunks[1:], tag="b")
+    wait_until(lambda: caught_up(store), "the database to hold both images")
+    assert_equals_the_oracle(store)
+    sk.remove_entries(store, lambda e: sk.tag_of(e) == "a")
+    wait_until(lambda: caught_up(store), "the database to hold the removal")
+    assert_equals_the_oracle(store)
+    held = {sk.sha256_digest(c) for c in chunks} & sk.blob_files(store)
+    assert held == {sk.sha256_digest(c) for c in chunks[1:]}
+    assert sk.sha256_digest(chunks[0]) in trash(store)
+
+
 @pytest.mark.tools
 def test_a_burst_of_200_umoci_tag_and_rm_commands_ends_equal_to_the_oracle(
     shared: Path, tmp_path: Path, watch: Callable[..., Watcher]

@@ -17,6 +17,6 @@ How the pieces fit (each imports only those below it):
 
 from refcount.core.policy import Changes, Policy, Progress
 from refcount.core.reconcile import sync_log
-from refcount.core.refcounter import Refcounter, open
+from refcount.core.refcounter import Refcounter, open, plugins
 
-__all__ = ["Changes", "Policy", "Progress", "Refcounter", "open", "sync_log"]
+__all__ = ["Changes", "Policy", "Progress", "Refcounter", "open", "plugins", "sync_log"]

@@ -119,7 +119,7 @@ class Ledger:
         """Parse a manifest-like blob that just became live and record its edges."""
         row = self.repo.blob(digest)
         assert row is not None
-        found = expand(self.store, digest, row.media_type)
+        found = expand(self.store, digest, row.media_type, timeout=self.policy.timeout_seconds)
         if found is None or found is LEAF:
             return []
         self.repo.add_edges(digest, [(c.digest, c.kind) for c in found.children])

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.store import DEFAULT_MAX_MANIFEST
 
 REWRITE_ATTEMPTS = 5
@@ -28,9 +29,15 @@ class Policy:
     """Keep untagged entries that only the deleted tag's image reached."""
     max_manifest: int = DEFAULT_MAX_MANIFEST
     """Manifest-like blobs larger than this many bytes are not parsed (reported)."""
+    extractor_timeout: timedelta = timedelta(seconds=DEFAULT_TIMEOUT)
+    """How long one call of an extractor plug-in may take; its blob is damaged after."""
     mass_free_threshold: float = 0.5
     """An outside change of index.json that frees more than this fraction of the live
     bytes (or removes every root) is a mass free: held in the quarantine (SPEC §7)."""
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.extractor_timeout.total_seconds()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from refcount.db.engine import Engine, current_revision, default_url, transactio
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
 from refcount.errors import ConcurrentChange
+from refcount.extractors import installed
 from refcount.oci import Digest
 from refcount.reports import (
     BlobInfo,
@@ -49,6 +50,7 @@ from refcount.reports import (
     DuReport,
     Entry,
     GcReport,
+    PluginsReport,
     Stats,
     SyncReport,
     TagInfo,
@@ -127,7 +129,7 @@ class Refcounter:
                 with interrupts.deferred("init"):
                     return self._sync_locked(None)
             snapshot = self.store.read_index()
-            found = scanning.scan(self.store, snapshot, self.progress)
+            found = scanning.scan(self.store, snapshot, self.progress, self.policy.timeout_seconds)
             with interrupts.deferred("init"), transaction(engine) as repo:
                 scanning.rebuild(repo, found, snapshot.hash)
             report = SyncReport(
@@ -277,7 +279,7 @@ class Refcounter:
 
     def _verify(self, deep: bool, repair: bool) -> VerifyReport:
         snapshot = self.store.read_index()
-        found = scanning.scan(self.store, snapshot, self.progress)
+        found = scanning.scan(self.store, snapshot, self.progress, self.policy.timeout_seconds)
         with (
             interrupts.deferred("verify --repair") if repair else nullcontext(),
             transaction(self.engine, write=repair) as repo,
@@ -340,6 +342,11 @@ class Refcounter:
             return reading.stats(repo)
 
 
+def plugins() -> PluginsReport:
+    """The extractor plug-ins this process loaded: names, packages, media types, errors."""
+    return installed().report()
+
+
 def open(
     store: str | Path,
     db: str | None = None,
@@ -350,6 +357,7 @@ def open(
     keep_untagged: bool = False,
     max_manifest: int = DEFAULT_MAX_MANIFEST,
     mass_free_threshold: float | None = None,
+    extractor_timeout: timedelta | None = None,
     progress: Progress | None = None,
 ) -> Refcounter:
     """Open a store's reference counts; the database is created or upgraded by the
@@ -365,5 +373,6 @@ def open(
         mass_free_threshold=defaults.mass_free_threshold
         if mass_free_threshold is None
         else mass_free_threshold,
+        extractor_timeout=extractor_timeout or defaults.extractor_timeout,
     )
     return Refcounter(Store(store, max_manifest=max_manifest), db, policy, progress=progress)

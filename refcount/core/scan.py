@@ -18,6 +18,7 @@ from refcount.core.ledger import orphan_row
 from refcount.core.policy import Progress, mtime, no_progress, now
 from refcount.db.repo import BlobRow, EdgeRow, Repo, RootRow
 from refcount.domain import BlobState, referenced_state
+from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.oci import Descriptor, Root, parse_index
 from refcount.reports import Aged, Corrupt, Drift, MassFree, VerifyReport
 from refcount.store import BlobFile, IndexSnapshot, Store
@@ -53,8 +54,14 @@ def root_row(root: Root) -> RootRow:
     )
 
 
-def scan(store: Store, snapshot: IndexSnapshot, progress: Progress = no_progress) -> Scan:
-    """Count the store from scratch. Cost: every manifest reachable, once."""
+def scan(
+    store: Store,
+    snapshot: IndexSnapshot,
+    progress: Progress = no_progress,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Scan:
+    """Count the store from scratch. Cost: every manifest reachable, once.
+    `timeout`: seconds each extractor plug-in call may take."""
     index = parse_index(snapshot.data, str(store.index_path))
     files, file_problems = store.list_blobs()
     result = Scan(index.roots, Counter(), files)
@@ -71,7 +78,7 @@ def scan(store: Store, snapshot: IndexSnapshot, progress: Progress = no_progress
             interrupts.checkpoint()
             progress("counting", visited, len(files))
         hint = result.hints.get(digest)
-        found = expand(store, digest, hint.media_type if hint else None)
+        found = expand(store, digest, hint.media_type if hint else None, timeout=timeout)
         if found is None or found is LEAF:
             return []
         for child in found.children:
