@@ -8,13 +8,14 @@ nothing of files, SQL or counts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
+from refcount.errors import CorruptBlob, InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
 from refcount.layout import DIGEST_PATTERN, HEX_LENGTH
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -445,3 +446,52 @@ def salvage(chunks: Iterable[bytes]) -> tuple[Descriptor, ...]:
 
 
 _LONGEST_DIGEST = max(len(algorithm) + 1 + n for algorithm, n in HEX_LENGTH.items())
+
+
+def append_entries(data: bytes, entries: list[dict[str, Any]], where: str = "index.json") -> bytes:
+    """index.json's bytes with `entries` added at the end of manifests[].
+
+    The bytes of the entries already there are kept as they are (their recorded
+    spans stay valid); an index without entries (`[]`, umoci's `null`) is
+    written anew. Raises like `load_index` for a document that is not an index.
+    """
+    index, spans = load_index(data, where)
+    if not spans:
+        index["manifests"] = entries
+        return json.dumps(index, separators=(",", ":")).encode()
+    end = spans[-1][1]
+    added = b"".join(b"," + json.dumps(e, separators=(",", ":")).encode() for e in entries)
+    return data[:end] + added + data[end:]
+
+
+class ContentCheck:
+    """A blob's bytes checked against its digest and its descriptor's size while they
+    stream: `update` with each chunk, then `finish`. CorruptBlob, naming `what` and
+    the digest, as soon as they cannot match (too long), or at the end."""
+
+    def __init__(self, digest: str, size: int | None, what: str) -> None:
+        parsed = Digest.parse(digest)
+        self.digest, self.size, self.what = digest, size, what
+        self._hasher = hashlib.new(parsed.algorithm)
+        self._algorithm, self._encoded = parsed.algorithm, parsed.encoded
+        self.length = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.length += len(chunk)
+        if self.size is not None and self.length > self.size:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: longer than the {self.size} bytes its descriptor says"
+            )
+        self._hasher.update(chunk)
+
+    def finish(self) -> None:
+        if self.size is not None and self.length != self.size:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: truncated: {self.length} of the {self.size} "
+                "bytes its descriptor says"
+            )
+        if self._hasher.hexdigest() != self._encoded:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: content does not match its digest "
+                f"(it hashes to {self._algorithm}:{self._hasher.hexdigest()})"
+            )

@@ -131,6 +131,20 @@ def rewrite_index(
     should before anything is written (ConcurrentChange makes the caller start
     over with a fresh parse).
     """
+    ranges = cut_ranges(repo, store, snapshot, removed)
+    crash_point("delete-before-index")
+    new_hash = store.replace_index(apply_cuts(snapshot.data, ranges), snapshot.hash)
+    repo.delete_roots(r.position for r in removed)
+    for start, end in ranges:  # highest first, so lower offsets stay valid
+        repo.shift_spans(end, end - start)
+    repo.set_index_hash(new_hash)
+
+
+def cut_ranges(
+    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow]
+) -> list[tuple[int, int]]:
+    """The byte ranges of index.json that hold the removed entries (and their commas),
+    highest first; ConcurrentChange when a recorded span no longer holds its entry."""
     positions = [r.position for r in removed]
     removals = []
     for root in removed:
@@ -140,13 +154,7 @@ def rewrite_index(
         assert root.start is not None and root.end is not None
         before, after = repo.kept_neighbours(root.start, positions)
         removals.append(Removal(root.start, root.end, before, after))
-    ranges = cuts(removals)
-    crash_point("delete-before-index")
-    new_hash = store.replace_index(apply_cuts(snapshot.data, ranges), snapshot.hash)
-    repo.delete_roots(positions)
-    for start, end in ranges:  # highest first, so lower offsets stay valid
-        repo.shift_spans(end, end - start)
-    repo.set_index_hash(new_hash)
+    return cuts(removals)
 
 
 def _span_holds(data: bytes, root: RootRow) -> bool:

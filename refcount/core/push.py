@@ -1,0 +1,306 @@
+"""push: copy an image into the store from another layout or an oci-archive.
+
+The order of effects (`Refcounter.push` runs them; SPEC §7):
+
+1. `plan`, without the lock: resolve the ref in the source, read and verify
+   every manifest-like blob of the image (and of its referrers), and list
+   every blob it needs. Nothing is written.
+2. Lease every blob of the plan (under the store's lock, one transaction). From
+   here no delete, prune, gc or daemon batch frees any of them; then decide,
+   blob by blob: reuse what blobs/ or the quarantine holds, copy the rest.
+3. `stage`, without the lock: stream each blob to copy into
+   `.refcount/push/<lease>/`, checked against its digest and size as it
+   streams; only when every one is complete are they renamed into blobs/. A
+   corrupt or truncated blob stops the push with nothing of it left in blobs/.
+4. `land`, under the lock, in one transaction: check that every blob is still
+   there, move the tag (the entries that carried it are deleted as by
+   `delete tag`), append the new entries to index.json with the same
+   compare-and-swap rewrite as every delete, count the new roots incrementally
+   (`reconcile.catch_up`: quarantined blobs are restored), drop the lease and
+   record the tag's last use. Commit, then the journal is carried out.
+
+A push killed anywhere leaves at most a staging directory and orphans in
+blobs/, all leased until the lease expires; the next `gc` after that removes
+them (orphans once past the grace period too). index.json is written last, so
+it never names a blob that is not complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from refcount.core import planner, reconcile
+from refcount.core.ledger import Ledger
+from refcount.db.repo import RootRow
+from refcount.errors import (
+    CorruptBlob,
+    InvalidBlob,
+    InvalidDigest,
+    InvalidSource,
+    InvalidStore,
+    NotFound,
+)
+from refcount.oci import (
+    TAG_ANNOTATION,
+    ContentCheck,
+    Descriptor,
+    append_entries,
+    apply_cuts,
+    check_digest,
+    is_manifest_type,
+    load_index,
+    parse_children,
+)
+from refcount.reports import BlobRef, Entry
+from refcount.sources import Source
+from refcount.store import IndexSnapshot, Store, crash_point
+
+
+@dataclass
+class Plan:
+    """What a push brings: the entries to append and every blob they need."""
+
+    source: str
+    digest: str  # the root's
+    tag: str | None  # the new root's tag: --tag, else the source's name for it
+    entries: list[dict[str, Any]]  # root first, then referrers (untagged)
+    blobs: dict[str, Descriptor] = field(default_factory=dict)
+    manifests: dict[str, bytes] = field(default_factory=dict)  # verified bytes
+
+    @property
+    def digests(self) -> list[str]:
+        return list(self.blobs)
+
+
+def plan(
+    source: Source, ref: str | None, tag: str | None, max_manifest: int, *, referrers: bool
+) -> Plan:
+    """Resolve `ref` in the source and walk its image there (see module docstring).
+    The new root is tagged `tag`, else with the ref, else (no ref given) with the
+    source entry's own tag; a digest ref without `tag` adds it untagged.
+
+    NotFound when the ref names nothing in the source; InvalidSource for a
+    manifest missing from the source or one that cannot be parsed (refcount
+    does not copy an image it cannot count); CorruptBlob for bytes that do not
+    match their digest.
+    """
+    raw_entries = _source_entries(source)
+    root = _resolve(source, raw_entries, ref)
+    if tag is None:  # the ref's name; untagged for a digest
+        tag = tag_of(root) if ref is None or not _is_digest(ref) else None
+    result = Plan(source.name, root["digest"], tag, [tagged(root, tag)])
+    pending = [_descriptor(root)]
+    _walk(source, result, pending, max_manifest)
+    while referrers:
+        subjects = set(result.manifests)
+        found = []
+        for raw in raw_entries:
+            if raw.get("digest") in result.blobs or not is_manifest_type(raw.get("mediaType")):
+                continue
+            data = _manifest(source, _descriptor(raw), max_manifest)
+            if data is not None and _subject(data, raw) in subjects:
+                found.append(raw)
+        if not found:
+            break
+        for raw in found:
+            result.entries.append(tagged(raw, None))
+        _walk(source, result, [_descriptor(raw) for raw in found], max_manifest)
+    return result
+
+
+def _source_entries(source: Source) -> list[dict[str, Any]]:
+    try:
+        index, _ = load_index(source.index_data(), f"{source.name}: index.json")
+    except InvalidStore as exc:  # the source's index.json, not the store's
+        raise InvalidSource(str(exc)) from None
+    return [e for e in index.get("manifests") or [] if isinstance(e, dict)]
+
+
+def _resolve(source: Source, entries: list[dict[str, Any]], ref: str | None) -> dict[str, Any]:
+    """The source's index.json entry `ref` names: a tag, or a digest; without a ref,
+    the one entry of a source that has exactly one."""
+    if ref is None:
+        if len(entries) == 1:
+            return _checked_entry(source, entries[0])
+        tags = sorted(tag_of(e) or "(untagged)" for e in entries)
+        raise InvalidSource(
+            f"{source.name}: holds {len(entries)} images ({', '.join(tags) or 'none'}): "
+            "name one as SOURCE:REF"
+        )
+    by_digest = _is_digest(ref)
+    for entry in entries:
+        if (entry.get("digest") == ref) if by_digest else (tag_of(entry) == ref):
+            return _checked_entry(source, entry)
+    raise NotFound(f"{source.name}: no image {ref!r} in its index.json")
+
+
+def _is_digest(ref: str) -> bool:
+    return ref.split(":", 1)[0] in ("sha256", "sha512")
+
+
+def _checked_entry(source: Source, entry: dict[str, Any]) -> dict[str, Any]:
+    try:
+        check_digest(entry.get("digest"))
+    except InvalidDigest as exc:
+        raise InvalidSource(f"{source.name}: index.json: {exc}") from None
+    if not isinstance(entry.get("size"), int) or not isinstance(entry.get("mediaType"), str):
+        raise InvalidSource(
+            f"{source.name}: index.json: {entry['digest']}: the entry has no mediaType or size"
+        )
+    return entry
+
+
+def tag_of(entry: dict[str, Any]) -> str | None:
+    annotations = entry.get("annotations")
+    tag = annotations.get(TAG_ANNOTATION) if isinstance(annotations, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def tagged(raw: dict[str, Any], tag: str | None) -> dict[str, Any]:
+    """The index.json entry to append: the source's, tagged `tag` (None: untagged)."""
+    entry = dict(raw)
+    annotations = dict(raw.get("annotations") or {})
+    annotations.pop(TAG_ANNOTATION, None)
+    if tag is not None:
+        annotations[TAG_ANNOTATION] = tag
+    if annotations:
+        entry["annotations"] = annotations
+    else:
+        entry.pop("annotations", None)
+    return entry
+
+
+def _descriptor(raw: dict[str, Any]) -> Descriptor:
+    media_type = raw.get("mediaType")
+    size = raw.get("size")
+    return Descriptor(
+        check_digest(raw.get("digest")),
+        media_type if isinstance(media_type, str) else None,
+        size if isinstance(size, int) else None,
+    )
+
+
+def _walk(source: Source, result: Plan, pending: list[Descriptor], max_manifest: int) -> None:
+    """Add every blob below `pending` to the plan, reading each manifest once."""
+    while pending:
+        descriptor = pending.pop()
+        if descriptor.digest in result.blobs:
+            continue
+        result.blobs[descriptor.digest] = descriptor
+        if not is_manifest_type(descriptor.media_type):
+            continue
+        data = _manifest(source, descriptor, max_manifest)
+        if data is None:
+            raise InvalidSource(f"{source.name}: {descriptor.digest}: not in the source")
+        try:
+            parsed = parse_children(descriptor.media_type, data, descriptor.digest)
+        except InvalidBlob as exc:
+            raise InvalidSource(f"{source.name}: {exc}") from None
+        if parsed.problems:
+            raise InvalidSource(f"{source.name}: {parsed.problems[0]}")
+        result.manifests[descriptor.digest] = data
+        pending.extend(parsed.children)
+
+
+def _manifest(source: Source, descriptor: Descriptor, max_manifest: int) -> bytes | None:
+    """A manifest's verified bytes from the source; None when it does not hold it."""
+    chunks = source.chunks(descriptor.digest)
+    if chunks is None:
+        return None
+    check = ContentCheck(descriptor.digest, descriptor.size, source.name)
+    data = bytearray()
+    for chunk in chunks:
+        check.update(chunk)
+        data += chunk
+        if len(data) > max_manifest:
+            raise InvalidSource(
+                f"{source.name}: {descriptor.digest}: manifest larger than the "
+                f"{max_manifest}-byte limit"
+            )
+    check.finish()
+    return bytes(data)
+
+
+def _subject(data: bytes, raw: dict[str, Any]) -> str | None:
+    try:
+        return parse_children(raw.get("mediaType"), data, str(raw.get("digest"))).subject
+    except InvalidBlob:
+        return None
+
+
+# --- staging -------------------------------------------------------------------------
+def stage(
+    store: Store, source: Source, result: Plan, lease: str, to_copy: list[str]
+) -> list[BlobRef]:
+    """Copy the blobs `to_copy` from the source into the store (module docstring, 3).
+
+    Blobs with `urls` that the source lacks are foreign layers: not copied. On any
+    error the staging directory is removed, so blobs/ is as it was.
+    """
+    copied = []
+    try:
+        for digest in to_copy:
+            descriptor = result.blobs[digest]
+            chunks = _chunks_of(source, result, descriptor)
+            if chunks is None:
+                continue
+            store.stage_blob(lease, digest, descriptor.size, chunks, source.name)
+            copied.append(BlobRef(digest, descriptor.size, descriptor.media_type))
+            crash_point("push-mid-copy")
+        for blob in copied:
+            store.commit_staged(lease, blob.digest)
+    finally:
+        store.drop_staging(lease)
+    return copied
+
+
+def _chunks_of(source: Source, result: Plan, descriptor: Descriptor) -> Iterator[bytes] | None:
+    if descriptor.digest in result.manifests:
+        return iter([result.manifests[descriptor.digest]])
+    chunks = source.chunks(descriptor.digest)
+    if chunks is None and not descriptor.urls:
+        raise InvalidSource(f"{source.name}: {descriptor.digest}: not in the source")
+    return chunks
+
+
+# --- landing -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Landed:
+    added: tuple[Entry, ...]
+    replaced: tuple[Entry, ...]
+
+
+def land(ledger: Ledger, snapshot: IndexSnapshot, result: Plan, tag: str | None) -> Landed:
+    """Move the tag and append the plan's entries to index.json, counting them (module
+    docstring, 4). The caller holds the lock and owns the transaction; `ledger` has
+    caught up with `snapshot`. ConcurrentChange when index.json changed meanwhile."""
+    repo, store = ledger.repo, ledger.store
+    absent = [
+        d
+        for d, descriptor in result.blobs.items()
+        if not descriptor.urls and store.blob_file(d) is None and not store.in_trash(d)
+    ]
+    if absent:
+        raise CorruptBlob(
+            f"{result.source}: {absent[0]}: removed from the store during the push "
+            "(by another tool); nothing added"
+        )
+    replaced: list[RootRow] = []
+    if tag is not None and repo.roots_where(tag=tag):
+        replaced = planner.plan(ledger, [planner.Select(f"tag {tag!r}", tag=tag)], snapshot)
+    replaced_entries = tuple(Entry(repo.index_of(r.start or 0), r.digest, r.tag) for r in replaced)
+    data = snapshot.data
+    if replaced:
+        data = apply_cuts(data, planner.cut_ranges(repo, store, snapshot, replaced))
+    data = append_entries(data, result.entries, str(store.index_path))
+    new_hash = store.replace_index(data, snapshot.hash)
+    repo.delete_roots(r.position for r in replaced)
+    reconcile.catch_up(ledger, IndexSnapshot(data, new_hash))
+    count = repo.count_roots()
+    added = tuple(
+        Entry(count - len(result.entries) + i, e["digest"], tag if i == 0 else None)
+        for i, e in enumerate(result.entries)
+    )
+    return Landed(added, replaced_entries)
