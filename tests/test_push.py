@@ -375,7 +375,7 @@ def test_a_quarantined_blob_a_push_needs_is_restored_not_copied(
 
 
 def test_a_library_lease_keeps_a_blob_from_delete_and_gc_until_the_block_ends(
-    store: Path,
+    store: Path, cli: Cli
 ) -> None:
     image = sk.add_image(store, [b"leased layer"], tag="t")
     layer = sk.sha256_digest(b"leased layer")
@@ -386,10 +386,27 @@ def test_a_library_lease_keeps_a_blob_from_delete_and_gc_until_the_block_ends(
             assert layer not in freed and image["digest"] in freed
             assert rc.gc().swept == ()
             assert [x.lease for x in rc.show(layer).leases] == [lease.lease]
+            shown = cli("--store", store, "show", layer)
+            assert shown.code == 0 and f"lease:      {lease.lease} by my tool, since " in shown.out
             assert layer in sk.blob_files(store)
             assert rc.verify().ok
         assert [a.digest for a in rc.gc().swept] == [layer]
     assert sk.blob_files(store) == set()
+
+
+def test_an_outside_removal_synced_as_a_daemon_batch_keeps_a_leased_blob(store: Path) -> None:
+    image = sk.add_image(store, [b"leased layer"], tag="t")
+    layer = sk.sha256_digest(b"leased layer")
+    with refcount.open(store, trash_ttl=timedelta(0), grace=timedelta(0)) as rc:
+        rc.init()
+        blobs = image_blobs(store, image["digest"])
+        with rc.lease([layer]):
+            sk.remove_entries(store, lambda e: sk.tag_of(e) == "t")  # as umoci rm does
+            report = rc.sync(refcount.Changes(index=True))  # what a daemon batch runs
+            assert {f.digest for f in report.freed} == blobs - {layer}
+            assert rc.gc().swept == ()
+        assert layer in sk.blob_files(store)
+        assert rc.verify().ok
 
 
 def test_a_lease_keeps_a_quarantined_blob_from_being_purged(store: Path) -> None:
@@ -516,6 +533,8 @@ def test_touch_records_last_use_that_tags_and_du_show_and_a_push_counts_as_use(
     assert str(tags["app"]) > str(tags["a"])
     with refcount.open(store) as rc:
         assert set(rc.last_used(["a", "b", "app"])) == {"a", "app"}
+        rc.delete_tag("app")  # a deleted tag's last use is forgotten with it
+        assert set(rc.last_used(["a", "b", "app"])) == {"a"}
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,8 @@ class Refcounter:
                 repo.rollback()
                 return report
             planner.rewrite_index(repo, self.store, snapshot, removed)
+            gone = {r.tag for r in removed if r.tag is not None}
+            repo.forget_use(t for t in gone if not repo.roots_where(tag=t))
             crash_point("delete-before-commit")
         log.info(
             "deleted %s: %d entries, %d blobs freed (%d bytes)",
