@@ -307,6 +307,36 @@ def test_a_source_that_cannot_be_read_is_refused_with_one_line(
     assert sk.listing(store) == before
 
 
+def test_a_source_blob_that_is_a_symbolic_link_is_never_followed(
+    store: Path, tmp_path: Path, cli: Cli
+) -> None:
+    src, _ = source_with(tmp_path)
+    layer = sk.blob_path(src, sk.sha256_digest(b"app layer"))
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"app layer")
+    layer.unlink()
+    layer.symlink_to(outside)
+    before = sk.listing(store)
+
+    result = cli("--store", store, "push", f"{src}:app")
+
+    assert result.code == 2 and "is a symbolic link; not followed" in result.err
+    assert sk.listing(store) == before
+
+
+def test_a_push_into_a_store_whose_index_is_invalid_copies_nothing(
+    store: Path, tmp_path: Path, cli: Cli
+) -> None:
+    src, _ = source_with(tmp_path)
+    (store / "index.json").write_text('{"schemaVersion": 2}')
+    before = sk.listing(store)
+
+    result = cli("--store", store, "push", f"{src}:app")
+
+    assert result.code == 2 and "manifests is missing" in result.err
+    assert sk.listing(store) == before
+
+
 def test_an_unusable_tag_is_refused_before_anything_is_read(
     store: Path, tmp_path: Path, cli: Cli
 ) -> None:

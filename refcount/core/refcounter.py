@@ -330,6 +330,8 @@ class Refcounter:
         """
         if tag is not None and not usable_tag(tag):
             raise InvalidOption(f"{tag!a}: not a usable tag: empty or has control characters")
+        self.opening.writer()
+        self.sync_roots()  # an invalid index.json is refused before anything is copied
         reader, ref = open_source(source)
         try:
             plan = pushing.plan(reader, ref, tag, self.policy.max_manifest, referrers=referrers)
