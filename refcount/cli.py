@@ -411,8 +411,9 @@ def push(
     every_platform: Annotated[
         bool,
         typer.Option(
-            "--all",
-            help="Bring every platform manifest of an image index (always: as skopeo --all).",
+            "--all/--no-all",
+            help="An image index brings every platform manifest (as skopeo --all); "
+            "--no-all pushes only this host's platform manifest, as the root.",
         ),
     ] = True,
     no_referrers: Annotated[
@@ -439,7 +440,6 @@ def push(
         refcount push /srv/build:app:1.0
         refcount push oci-archive:app.tar:1.0 --tag app:1.0
     """
-    del every_platform  # an index always brings every platform manifest
     with _settings(ctx).counter() as rc:
         render(
             ctx,
@@ -447,6 +447,7 @@ def push(
                 source,
                 tag=tag,
                 referrers=not no_referrers,
+                every_platform=every_platform,
                 lease_ttl=parse_duration(lease_ttl),
             ),
         )

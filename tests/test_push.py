@@ -180,6 +180,31 @@ def test_an_index_brings_every_platform_manifest_and_its_referrer_unless_told_no
     assert_counted(without)
 
 
+def test_no_all_pushes_only_the_hosts_platform_manifest_as_the_root(
+    store: Path, tmp_path: Path, cli: Cli
+) -> None:
+    from refcount.core.push import HOST_ARCHITECTURE
+
+    src = sk.make_layout(tmp_path / "src")
+    host = sk.add_image(src, [b"host layer"], tag=None, index_entry=False)
+    host["platform"] = {"os": "linux", "architecture": HOST_ARCHITECTURE}
+    elsewhere = sk.add_image(src, [b"other layer"], tag=None, index_entry=False)
+    elsewhere["platform"] = {"os": "linux", "architecture": "no-such-arch"}
+    sk.add_index(src, [elsewhere, host], tag="multi")
+    sk.add_index(src, [elsewhere], tag="foreign")
+    before = sk.listing(store)
+
+    refused = cli("--store", store, "push", f"{src}:foreign", "--no-all")
+    assert refused.code == 2 and f"no manifest for linux/{HOST_ARCHITECTURE}" in refused.err
+    assert sk.listing(store) == before
+
+    assert cli("--store", store, "push", f"{src}:multi", "--no-all").code == 0
+    entries = sk.read_index(store)["manifests"]
+    assert [(sk.tag_of(e), e["digest"]) for e in entries] == [("multi", host["digest"])]
+    assert sk.blob_files(store) == image_blobs(src, host["digest"])
+    assert_counted(store)
+
+
 def test_a_push_from_an_oci_archive_reads_the_tar_member_by_member(
     store: Path, tmp_path: Path, cli: Cli
 ) -> None:

@@ -27,8 +27,10 @@ it never names a blob that is not complete.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from platform import machine
 from typing import Any
 
 from refcount.core import planner, reconcile
@@ -43,6 +45,8 @@ from refcount.errors import (
     NotFound,
 )
 from refcount.oci import (
+    DOCKER_LIST,
+    OCI_INDEX,
     TAG_ANNOTATION,
     ContentCheck,
     Descriptor,
@@ -75,11 +79,19 @@ class Plan:
 
 
 def plan(
-    source: Source, ref: str | None, tag: str | None, max_manifest: int, *, referrers: bool
+    source: Source,
+    ref: str | None,
+    tag: str | None,
+    max_manifest: int,
+    *,
+    referrers: bool,
+    every_platform: bool = True,
 ) -> Plan:
     """Resolve `ref` in the source and walk its image there (see module docstring).
     The new root is tagged `tag`, else with the ref, else (no ref given) with the
-    source entry's own tag; a digest ref without `tag` adds it untagged.
+    source entry's own tag; a digest ref without `tag` adds it untagged. Without
+    `every_platform`, an image index is replaced by its manifest for this host's
+    platform (skopeo copy without --all).
 
     NotFound when the ref names nothing in the source; InvalidSource for a
     manifest missing from the source or one that cannot be parsed (refcount
@@ -90,6 +102,8 @@ def plan(
     root = _resolve(source, raw_entries, ref)
     if tag is None:  # the ref's name; untagged for a digest
         tag = tag_of(root) if ref is None or not _is_digest(ref) else None
+    if not every_platform and root.get("mediaType") in (OCI_INDEX, DOCKER_LIST):
+        root = _host_manifest(source, root, max_manifest)
     result = Plan(source.name, root["digest"], tag, [tagged(root, tag)])
     pending = [_descriptor(root)]
     _walk(source, result, pending, max_manifest)
@@ -138,6 +152,37 @@ def _resolve(source: Source, entries: list[dict[str, Any]], ref: str | None) -> 
 
 def _is_digest(ref: str) -> bool:
     return ref.split(":", 1)[0] in ("sha256", "sha512")
+
+
+HOST_ARCHITECTURE = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "i686": "386",
+}.get(machine(), machine())
+"""This machine's architecture as OCI platforms spell it (Go's GOARCH names)."""
+
+
+def _host_manifest(source: Source, index: dict[str, Any], max_manifest: int) -> dict[str, Any]:
+    """The child of an image index for linux on this host's architecture."""
+    data = _manifest(source, _descriptor(index), max_manifest)
+    if data is None:
+        raise InvalidSource(f"{source.name}: {index['digest']}: not in the source")
+    try:
+        children = json.loads(data).get("manifests") or []
+    except (ValueError, AttributeError):
+        raise InvalidSource(f"{source.name}: {index['digest']}: not an image index") from None
+    for child in children:
+        platform = child.get("platform") if isinstance(child, dict) else None
+        if isinstance(platform, dict) and (platform.get("os"), platform.get("architecture")) == (
+            "linux",
+            HOST_ARCHITECTURE,
+        ):
+            return _checked_entry(source, child)
+    raise InvalidSource(
+        f"{source.name}: {index['digest']}: the index has no manifest for "
+        f"linux/{HOST_ARCHITECTURE} (push it with --all)"
+    )
 
 
 def _checked_entry(source: Source, entry: dict[str, Any]) -> dict[str, Any]:

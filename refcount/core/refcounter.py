@@ -319,14 +319,16 @@ class Refcounter:
         *,
         tag: str | None = None,
         referrers: bool = True,
+        every_platform: bool = True,
         lease_ttl: timedelta = LEASE_TTL,
     ) -> PushReport:
         """Copy an image into the store from `DIR:REF` or `oci-archive:FILE[:REF]`
         (`refcount.core.push` gives the order of effects). The new root is tagged
         `tag`, else with the source's ref name (untagged for a digest); a tag that
         exists moves, freeing what only its old image held. An image index brings
-        every platform manifest; `referrers` brings the source's referrers of
-        every manifest pushed, as untagged entries.
+        every platform manifest (without `every_platform`: only this host's, which
+        becomes the root); `referrers` brings the source's referrers of every
+        manifest pushed, as untagged entries.
         """
         if tag is not None and not usable_tag(tag):
             raise InvalidOption(f"{tag!a}: not a usable tag: empty or has control characters")
@@ -334,7 +336,14 @@ class Refcounter:
         self.sync_roots()  # an invalid index.json is refused before anything is copied
         reader, ref = open_source(source)
         try:
-            plan = pushing.plan(reader, ref, tag, self.policy.max_manifest, referrers=referrers)
+            plan = pushing.plan(
+                reader,
+                ref,
+                tag,
+                self.policy.max_manifest,
+                referrers=referrers,
+                every_platform=every_platform,
+            )
             holder = f"push {source} (pid {os.getpid()})"
             with self.lease(plan.digests, ttl=lease_ttl, holder=holder) as lease:
                 crash_point("push-after-lease")
