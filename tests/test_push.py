@@ -9,6 +9,7 @@ after every refused push.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -144,6 +145,32 @@ def test_pushing_to_an_existing_tag_moves_it_and_frees_the_old_image(
         src, app["digest"]
     )
     assert sk.blob_files(store) == image_blobs(src, app["digest"])
+    assert_counted(store)
+
+
+@pytest.mark.parametrize("after", ["", ', "annotations": {"k": "v"}'])
+def test_a_push_appends_its_entry_keeping_every_other_byte_of_index_json(
+    store: Path, tmp_path: Path, after: str
+) -> None:
+    kept = sk.add_image(store, [b"kept"], tag=None)
+    entry = json.dumps({**kept, "annotations": {sk.REF_NAME: "kept"}}, indent=1)
+    head = f'{{ "schemaVersion": 2, "manifests": [ {entry}'
+    (store / "index.json").write_text(f"{head} ]{after} }}\n")
+    src, _ = source_with(tmp_path)
+    with refcount.open(store) as rc:
+        rc.init()
+        rc.push(f"{src}:app")
+        rc.push(f"{src}:other")
+
+    data = (store / "index.json").read_text()
+    assert data.startswith(head) and data.endswith(f" ]{after} }}\n")
+    index = json.loads(data)
+    assert [sk.tag_of(e) for e in index["manifests"]] == ["kept", "app", "other"]
+    assert index.get("annotations") == ({"k": "v"} if after else None)
+    assert_counted(store)
+    with refcount.open(store) as rc:  # the spans recorded without a parse are right
+        rc.delete_tag("app")
+    assert [sk.tag_of(e) for e in sk.read_index(store)["manifests"]] == ["kept", "other"]
     assert_counted(store)
 
 
@@ -700,3 +727,18 @@ def test_an_oci_archive_made_by_skopeo_pushes_and_copies_out(
     assert result.code == 0, result.err
     assert [sk.tag_of(e) for e in sk.read_index(store)["manifests"]] == ["a"]
     tool_checks(store, "a", tmp_path)
+
+
+def test_the_push_benchmark_runs_end_to_end_and_writes_every_figure(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_push.py"
+    out = tmp_path / "bench.json"
+    options = ("--mib", "1", "--images", "2,4", "--pushes", "1", "--out", str(tmp_path))
+    subprocess.run(
+        [sys.executable, str(script), *options, "--json", str(out)],
+        env=DIRECT,
+        check=True,
+        capture_output=True,
+    )
+    figures = json.loads(out.read_text())
+    assert {"floor_s", "push_s", "push_vs_floor"} <= set(figures["throughput"])
+    assert set(figures["store_size"]["push_vs_smallest_store"]) == {"2", "4"}

@@ -15,8 +15,9 @@ The order of effects (`Refcounter.push` runs them; SPEC §7):
 4. `land`, under the lock, in one transaction: check that every blob is still
    there, move the tag (the entries that carried it are deleted as by
    `delete tag`), append the new entries to index.json with the same
-   compare-and-swap rewrite as every delete, count the new roots incrementally
-   (`reconcile.catch_up`: quarantined blobs are restored), drop the lease and
+   compare-and-swap rewrite as every delete (`planner.rewrite_index` records
+   the new entries' spans without parsing the file again), count the new roots
+   incrementally (the ledger restores quarantined blobs), drop the lease and
    record the tag's last use. Commit, then the journal is carried out.
 
 A push killed anywhere leaves at most a staging directory and orphans in
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from platform import machine
 from typing import Any
 
-from refcount.core import planner, reconcile
+from refcount.core import planner
 from refcount.core.ledger import Ledger
 from refcount.db.repo import RootRow
 from refcount.errors import (
@@ -50,9 +51,8 @@ from refcount.oci import (
     TAG_ANNOTATION,
     ContentCheck,
     Descriptor,
-    append_entries,
-    apply_cuts,
     check_digest,
+    entry_tag,
     is_manifest_type,
     load_index,
     parse_children,
@@ -101,7 +101,7 @@ def plan(
     raw_entries = _source_entries(source)
     root = _resolve(source, raw_entries, ref)
     if tag is None:  # the ref's name; untagged for a digest
-        tag = tag_of(root) if ref is None or not _is_digest(ref) else None
+        tag = entry_tag(root) if ref is None or not _is_digest(ref) else None
     if not every_platform and root.get("mediaType") in (OCI_INDEX, DOCKER_LIST):
         root = _host_manifest(source, root, max_manifest)
     result = Plan(source.name, root["digest"], tag, [tagged(root, tag)])
@@ -138,14 +138,14 @@ def _resolve(source: Source, entries: list[dict[str, Any]], ref: str | None) -> 
     if ref is None:
         if len(entries) == 1:
             return _checked_entry(source, entries[0])
-        tags = sorted(tag_of(e) or "(untagged)" for e in entries)
+        tags = sorted(entry_tag(e) or "(untagged)" for e in entries)
         raise InvalidSource(
             f"{source.name}: holds {len(entries)} images ({', '.join(tags) or 'none'}): "
             "name one as SOURCE:REF"
         )
     by_digest = _is_digest(ref)
     for entry in entries:
-        if (entry.get("digest") == ref) if by_digest else (tag_of(entry) == ref):
+        if (entry.get("digest") == ref) if by_digest else (entry_tag(entry) == ref):
             return _checked_entry(source, entry)
     raise NotFound(f"{source.name}: no image {ref!r} in its index.json")
 
@@ -195,12 +195,6 @@ def _checked_entry(source: Source, entry: dict[str, Any]) -> dict[str, Any]:
             f"{source.name}: index.json: {entry['digest']}: the entry has no mediaType or size"
         )
     return entry
-
-
-def tag_of(entry: dict[str, Any]) -> str | None:
-    annotations = entry.get("annotations")
-    tag = annotations.get(TAG_ANNOTATION) if isinstance(annotations, dict) else None
-    return tag if isinstance(tag, str) else None
 
 
 def tagged(raw: dict[str, Any], tag: str | None) -> dict[str, Any]:
@@ -336,16 +330,10 @@ def land(ledger: Ledger, snapshot: IndexSnapshot, result: Plan, tag: str | None)
     if tag is not None and repo.roots_where(tag=tag):
         replaced = planner.plan(ledger, [planner.Select(f"tag {tag!r}", tag=tag)], snapshot)
     replaced_entries = tuple(Entry(repo.index_of(r.start or 0), r.digest, r.tag) for r in replaced)
-    data = snapshot.data
-    if replaced:
-        data = apply_cuts(data, planner.cut_ranges(repo, store, snapshot, replaced))
-    data = append_entries(data, result.entries, str(store.index_path))
-    new_hash = store.replace_index(data, snapshot.hash)
-    repo.delete_roots(r.position for r in replaced)
-    reconcile.catch_up(ledger, IndexSnapshot(data, new_hash))
+    rows = planner.rewrite_index(repo, store, snapshot, replaced, result.entries)
+    ledger.hint(Descriptor(r.digest, r.media_type, r.size) for r in rows)
+    ledger.acquire(r.digest for r in rows)
+    ledger.dispose()
     count = repo.count_roots()
-    added = tuple(
-        Entry(count - len(result.entries) + i, e["digest"], tag if i == 0 else None)
-        for i, e in enumerate(result.entries)
-    )
+    added = tuple(Entry(count - len(rows) + i, r.digest, r.tag) for i, r in enumerate(rows))
     return Landed(added, replaced_entries)

@@ -347,6 +347,13 @@ class Repo:
         for chunk in _chunks(rows):
             self.connection.execute(insert(roots), [r.__dict__ for r in chunk])
 
+    def last_root(self) -> tuple[int, int | None] | None:
+        """(position, end of its byte span) of the entry recorded last; None when none."""
+        row = self.connection.execute(
+            select(roots.c.position, roots.c.end).order_by(roots.c.position.desc()).limit(1)
+        ).first()
+        return None if row is None else (int(row[0]), row[1])
+
     def delete_roots(self, positions: Iterable[int]) -> None:
         for chunk in _chunks(sorted(set(positions))):
             self.connection.execute(delete(roots).where(roots.c.position.in_(chunk)))
