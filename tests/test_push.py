@@ -182,7 +182,11 @@ def test_an_index_brings_every_platform_manifest_and_its_referrer_unless_told_no
     arm = sk.add_image(src, [b"arm64 layer"], tag=None, index_entry=False)
     multi = sk.add_index(src, [amd, arm], tag="multi")
     sbom = sk.add_referrer(src, amd, payload=b"sbom of amd64")
+    signature = sk.add_referrer(src, sbom, payload=b"signature of the sbom")
     sk.add_image(src, [b"unrelated"], tag="unrelated")
+    broken = sk.add_image(src, [b"broken"], tag="broken")
+    flip_byte(sk.blob_path(src, broken["digest"]))  # an unrelated damaged entry: skipped
+    sk.add_entry(src, {"mediaType": sk.OCI_MANIFEST, "digest": "sha256:nothex", "size": 1})
 
     with_referrer = sk.make_layout(tmp_path / "with")
     with refcount.open(with_referrer) as rc:
@@ -191,11 +195,12 @@ def test_an_index_brings_every_platform_manifest_and_its_referrer_unless_told_no
     assert [(sk.tag_of(e), e["digest"]) for e in entries] == [
         ("multi", multi["digest"]),
         (None, sbom["digest"]),
+        (None, signature["digest"]),  # a referrer of a referrer comes too
     ]
-    assert [e.tag for e in report.added] == ["multi", None]
+    assert [e.tag for e in report.added] == ["multi", None, None]
     assert sk.blob_files(with_referrer) == image_blobs(src, multi["digest"]) | image_blobs(
         src, sbom["digest"]
-    )
+    ) | image_blobs(src, signature["digest"])
     assert_counted(with_referrer)
 
     without = sk.make_layout(tmp_path / "without")

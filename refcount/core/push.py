@@ -107,21 +107,36 @@ def plan(
     result = Plan(source.name, root["digest"], tag, [tagged(root, tag)])
     pending = [_descriptor(root)]
     _walk(source, result, pending, max_manifest)
-    while referrers:
-        subjects = set(result.manifests)
-        found = []
-        for raw in raw_entries:
-            if raw.get("digest") in result.blobs or not is_manifest_type(raw.get("mediaType")):
-                continue
-            data = _manifest(source, _descriptor(raw), max_manifest)
-            if data is not None and _subject(data, raw) in subjects:
-                found.append(raw)
-        if not found:
-            break
+    candidates = _referrers(source, raw_entries, result, max_manifest) if referrers else []
+    while found := [
+        raw
+        for raw, subject in candidates
+        if subject in result.manifests and raw["digest"] not in result.blobs
+    ]:
         for raw in found:
             result.entries.append(tagged(raw, None))
         _walk(source, result, [_descriptor(raw) for raw in found], max_manifest)
     return result
+
+
+def _referrers(
+    source: Source, entries: list[dict[str, Any]], result: Plan, max_manifest: int
+) -> list[tuple[dict[str, Any], str]]:
+    """The source's entries outside the image that name a subject, with it (each
+    manifest read once). An entry that cannot be read is no referrer of ours: it
+    is skipped, never a reason to refuse the push."""
+    found = []
+    for raw in entries:
+        if raw.get("digest") in result.blobs or not is_manifest_type(raw.get("mediaType")):
+            continue
+        try:
+            data = _manifest(source, _descriptor(raw), max_manifest)
+        except (InvalidDigest, InvalidSource):
+            continue
+        subject = None if data is None else _subject(data, raw)
+        if subject is not None:
+            found.append((raw, subject))
+    return found
 
 
 def _source_entries(source: Source) -> list[dict[str, Any]]:
