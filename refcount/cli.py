@@ -47,10 +47,13 @@ from refcount.reports import (
     DeleteReport,
     DuReport,
     GcReport,
+    LeaseInfo,
     MassFree,
     PluginsReport,
+    PushReport,
     SyncReport,
     TagInfo,
+    TouchReport,
     VerifyReport,
     to_json,
 )
@@ -60,9 +63,14 @@ log = logging.getLogger("refcount")
 
 INTERNAL_ERROR = ExitCode.INTERNAL
 
-SERVED_COMMANDS = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "du", "show"})
-"""The commands a daemon runs for a client: not `watch` (a daemon in a daemon)
-nor `db` (migrations are run by hand, next to the process that owns the schema)."""
+SERVED_COMMANDS = frozenset(
+    {"init", "sync", "delete", "verify", "gc", "tags", "du", "show", "touch"}
+)
+"""The commands a daemon runs for a client: not `watch` (a daemon in a daemon), nor
+`db` (migrations are run by hand, next to the process that owns the schema), nor
+`push` (its SOURCE is a path of the client's, and a long copy would hold a daemon
+worker: it runs in its own process, safe beside the daemon through the store's
+lock and its leases)."""
 
 
 app = typer.Typer(
@@ -418,6 +426,73 @@ def plugins(ctx: typer.Context) -> None:
     render(ctx, installed_plugins())
 
 
+@app.command(short_help="Copy an image in from DIR:REF or oci-archive:FILE[:REF].")
+def push(
+    ctx: typer.Context,
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SOURCE", help="DIR:REF, oci:DIR:REF or oci-archive:FILE[:REF]."),
+    ],
+    tag: Annotated[
+        str | None,
+        typer.Option("--tag", metavar="T", help="Tag the new root T (default: REF)."),
+    ] = None,
+    every_platform: Annotated[
+        bool,
+        typer.Option(
+            "--all/--no-all",
+            help="An image index brings every platform manifest (as skopeo --all); "
+            "--no-all pushes only this host's platform manifest, as the root.",
+        ),
+    ] = True,
+    no_referrers: Annotated[
+        bool,
+        typer.Option("--no-referrers", help="Leave the source's referrers of the image behind."),
+    ] = False,
+    lease_ttl: Annotated[
+        str,
+        typer.Option(
+            metavar="DURATION",
+            help="How long the push's lease on its blobs lasts if it dies mid-copy.",
+        ),
+    ] = "1h",
+) -> None:
+    """Copy an image into the store, verifying every blob as it streams.
+
+    Blobs the store has are reused; the rest are written to .refcount/push/ and
+    renamed into blobs/ once all are complete; the tag is added to index.json last.
+    Until then every blob is leased: no delete, gc or daemon frees it. A tag that
+    exists moves to the pushed image.
+
+    \b
+    Example:
+        refcount push /srv/build:app:1.0
+        refcount push oci-archive:app.tar:1.0 --tag app:1.0
+    """
+    with _settings(ctx).counter() as rc:
+        render(
+            ctx,
+            rc.push(
+                source,
+                tag=tag,
+                referrers=not no_referrers,
+                every_platform=every_platform,
+                lease_ttl=parse_duration(lease_ttl),
+            ),
+        )
+
+
+@app.command(short_help="Record that an image was used (drives prune --unused-for).")
+def touch(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="REF", help="A tag, or a digest (its tags).")],
+) -> None:
+    """Record that the image REF was used now: what a runtime or a cache calls when
+    it pulls from the store. `du` and `tags --json` show the last use."""
+    with _settings(ctx).counter() as rc:
+        render(ctx, rc.touch(ref))
+
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -553,6 +628,36 @@ def _delete_text(report: DeleteReport) -> list[str]:
     return lines
 
 
+def _push_text(report: PushReport) -> list[str]:
+    lines = [
+        f"pushed {report.source} as {report.tag or '(untagged)'}: {report.digest}",
+        f"copied {plural(len(report.copied), 'blob')}, {_size(report.copied_bytes)}; "
+        f"reused {plural(report.reused, 'blob')}"
+        + (f" ({len(report.restored)} restored from the quarantine)" if report.restored else ""),
+    ]
+    referrers = len(report.added) - 1
+    if referrers:
+        lines.append(f"added {plural(referrers, 'referrer')} (untagged)")
+    if report.replaced:
+        lines.append(
+            f"moved the tag from {', '.join(e.digest for e in report.replaced)}; "
+            f"freed {plural(len(report.freed), 'blob')}, "
+            f"{_size(sum(b.size or 0 for b in report.freed))}"
+        )
+    return lines
+
+
+def _touch_text(report: TouchReport) -> list[str]:
+    return [f"used {', '.join(report.tags)} at {report.used_at:%Y-%m-%d %H:%M:%S} UTC"]
+
+
+def _lease_text(lease: LeaseInfo) -> str:
+    return (
+        f"{lease.lease} by {lease.holder}, "
+        f"since {lease.created:%Y-%m-%d %H:%M:%S}, expires {lease.expires:%H:%M:%S} UTC"
+    )
+
+
 def _sync_text(report: SyncReport) -> list[str]:
     lines = [
         f"roots +{report.roots_added} -{report.roots_removed}; "
@@ -578,6 +683,11 @@ def _gc_text(report: GcReport) -> list[str]:
         [["", "orphan", a.digest, _size(a.size), f"{a.age_seconds:.0f}s old"] for a in report.swept]
         + [["", "trash", a.digest, _size(a.size), ""] for a in report.purged]
     )
+    verb = "would clear" if report.dry_run else "cleared"
+    lines += [
+        f"{verb} expired lease {lease.lease} of {lease.holder} ({plural(lease.blobs, 'blob')})"
+        for lease in report.leases_cleared
+    ]
     return lines
 
 
@@ -595,6 +705,7 @@ def _show_text(report: BlobInfo) -> list[str]:
         lines.append(f"subject:    {report.subject}")
     if report.problem:
         lines.append(f"problem:    {report.problem}")
+    lines += [f"lease:      {_lease_text(lease)}" for lease in report.leases]
     lines += [f"parent:     {p.digest} ({p.kind})" for p in report.parents]
     lines += [f"child:      {c.digest} ({c.kind})" for c in report.children]
     return lines
@@ -622,6 +733,11 @@ def _verify_text(report: VerifyReport) -> list[str]:
     ]
     lines += [f"quarantined {a.digest}: {_size(a.size)}" for a in report.quarantined]
     lines += [_mass_free_text(m) for m in report.mass_frees]
+    lines += [
+        f"expired lease {lease.lease} of {lease.holder} ({plural(lease.blobs, 'blob')}): "
+        "run refcount gc to clear it"
+        for lease in report.expired_leases
+    ]
     if report.behind:
         entries = plural(report.behind, "index.json entry", "index.json entries")
         lines.append(
@@ -657,7 +773,7 @@ def _tags_text(tags: list[TagInfo]) -> list[str]:
 
 def _du_text(report: DuReport) -> list[str]:
     lines = _columns(
-        [["TAG", "DIGEST", "TOTAL", "EXCLUSIVE", "SHARED", "SHARES WITH"]]
+        [["TAG", "DIGEST", "TOTAL", "EXCLUSIVE", "SHARED", "SHARES WITH", "LAST USED"]]
         + [
             [
                 u.tag,
@@ -666,6 +782,7 @@ def _du_text(report: DuReport) -> list[str]:
                 _size(u.exclusive),
                 _size(u.shared),
                 plural(u.shares_with, "tag"),
+                "-" if u.last_used is None else f"{u.last_used:%Y-%m-%d %H:%M}",
             ]
             for u in report.tags
         ]
@@ -721,6 +838,8 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     BlobInfo: _show_text,
     DuReport: _du_text,
     PluginsReport: _plugins_text,
+    PushReport: _push_text,
+    TouchReport: _touch_text,
     list: _tags_text,
 }
 """The text of each report type (`tags` answers a list of TagInfo)."""

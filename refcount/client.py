@@ -62,7 +62,7 @@ CANCEL_WAIT = 5.0
 POLL = 0.1
 """Seconds between looks for an interruption while waiting for the daemon."""
 
-SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "du", "show"})
+SERVED = frozenset({"init", "sync", "delete", "verify", "gc", "tags", "du", "show", "touch"})
 """refcount.cli.SERVED_COMMANDS: what the daemon runs for a client."""
 _VALUE_OPTIONS = GLOBAL_VALUE_OPTIONS
 _FLAG_OPTIONS = GLOBAL_FLAGS - {"--verbose"}  # -v: the log lines asked for are this process's

@@ -24,6 +24,9 @@ exit code (`exit_code` on the report types).
     InvalidOption            2  a daemon option out of range
     InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
     NotServed                2  a daemon asked to run a command it does not serve
+    InvalidSource            2  a push source that cannot be read safely (spelling, archive)
+      CorruptBlob            2    a blob whose bytes do not match its digest or size
+    LeaseExpired             2  a push outlived its lease (nothing was tagged)
     StoreBusy                4  another refcount process holds the store (a second daemon)
     CannotWatch              4  inotify cannot watch the store (limits, permissions)
     CannotServe              4  the daemon's command socket cannot be made
@@ -130,6 +133,21 @@ class InvalidAddress(RefcountError):
 
 class NotServed(RefcountError):
     """A request for a command the daemon does not run for clients."""
+
+
+class InvalidSource(RefcountError):
+    """A push source that is spelled wrong, unreadable, or unsafe to read (an
+    archive member that is a link, a device or escapes the archive)."""
+
+
+class CorruptBlob(InvalidSource):
+    """A blob whose bytes do not hash to its digest, or whose size is not its
+    descriptor's: nothing of it is kept."""
+
+
+class LeaseExpired(RefcountError):
+    """A push took longer than its lease: the blobs it relied on may have been
+    freed, so its root was not added."""
 
 
 class CannotWatch(RefcountError):

@@ -23,6 +23,8 @@ TRASH = "trash"
 """The quarantine, under STATE_DIR: freed blobs as trash/<alg>/<hex>."""
 TMP = "tmp"
 """Temporary files of refcount's own writes, under STATE_DIR (cleared at every start)."""
+PUSH = "push"
+"""Blobs a push is copying, under STATE_DIR: push/<lease>/<alg>-<hex> until renamed into blobs/."""
 LOCK = "lock"
 DAEMON_PID = "watch.pid"
 SOCKET = "refcount.sock"
@@ -90,6 +92,30 @@ def trashed_path(store: Path, algorithm: str, encoded: str) -> Path:
 
 def temp_dir(store: Path) -> Path:
     return state_path(store, TMP)
+
+
+def push_dir(store: Path) -> Path:
+    return state_path(store, PUSH)
+
+
+_LEASE = re.compile(r"[0-9a-f]{32}")
+
+
+def is_lease_name(name: str) -> bool:
+    """Whether `name` is a lease id (32 lowercase hex): the only names push/ holds."""
+    return _LEASE.fullmatch(name) is not None
+
+
+def staging_dir(store: Path, lease: str) -> Path:
+    """push/<lease>/: where one push stages the blobs it copies."""
+    if not is_lease_name(lease):
+        raise ValueError(f"{lease!r}: not a lease id")
+    return push_dir(store) / lease
+
+
+def staged_path(store: Path, lease: str, algorithm: str, encoded: str) -> Path:
+    checked = _checked(algorithm, encoded)
+    return staging_dir(store, lease) / f"{checked.parent}-{checked.name}"
 
 
 def state_dirs(store: Path) -> tuple[Path, ...]:

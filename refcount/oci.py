@@ -8,13 +8,14 @@ nothing of files, SQL or counts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from refcount.errors import InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
+from refcount.errors import CorruptBlob, InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
 from refcount.layout import DIGEST_PATTERN, HEX_LENGTH
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -284,14 +285,14 @@ def parse_index(data: bytes, where: str = "index.json") -> Index:
         try:
             descriptor = _descriptor(raw, entry)
         except (InvalidDigest, InvalidBlob) as exc:
-            problems.append(_problem(entry, exc, _raw_tag(raw)))
+            problems.append(_problem(entry, exc, entry_tag(raw)))
             continue
         try:
             tag = _tag_of(raw, entry)
         except InvalidBlob as exc:
             # The digest is sound, so the entry still holds its image; only its tag is
             # unusable (it cannot be named on the command line or stored as text).
-            problems.append(_problem(entry, exc, _raw_tag(raw)))
+            problems.append(_problem(entry, exc, entry_tag(raw)))
             tag = UNUSABLE_TAG + ascii(raw["annotations"][TAG_ANNOTATION])
         roots.append(
             Root(
@@ -351,7 +352,8 @@ def _problem(where: str, exc: Exception, tag: str | None = None) -> Problem:
     return Problem(where, str(exc).removeprefix(f"{where}: "), tag)
 
 
-def _raw_tag(raw: object) -> str | None:
+def entry_tag(raw: object) -> str | None:
+    """The tag annotation of a raw index.json entry, when it is a string (unchecked)."""
     annotations = raw.get("annotations") if isinstance(raw, dict) else None
     tag = annotations.get(TAG_ANNOTATION) if isinstance(annotations, dict) else None
     return tag if isinstance(tag, str) else None
@@ -474,3 +476,63 @@ def _raw_mentions(window: bytes, wanted: dict[bytes, str]) -> Iterable[str]:
 
 
 _LONGEST_DIGEST = max(len(algorithm) + 1 + n for algorithm, n in HEX_LENGTH.items())
+
+
+def append_entries(
+    data: bytes, entries: list[dict[str, Any]], where: str = "index.json", after: int | None = None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """index.json's bytes with `entries` added at the end of manifests[], and the
+    byte span of each added entry in them.
+
+    The bytes of the entries already there are kept as they are (their recorded
+    spans stay valid); an index without entries (`[]`, umoci's `null`) is
+    written anew. `after`, the end of the last entry's span when the caller
+    knows it, spares the parse when only whitespace and `]` follow it. Raises
+    like `load_index` for a document that is not an index.
+    """
+    encoded = [json.dumps(e, separators=(",", ":")).encode() for e in entries]
+    if after is None or data[after:].lstrip(b" \t\r\n")[:1] != b"]":
+        index, spans = load_index(data, where)
+        if not spans:
+            index["manifests"] = entries
+            written = json.dumps(index, separators=(",", ":")).encode()
+            return written, load_index(written, where)[1]
+        after = spans[-1][1]
+    added, offset = [], after
+    for entry in encoded:
+        added.append((offset + 1, offset + 1 + len(entry)))
+        offset += 1 + len(entry)
+    return data[:after] + b"".join(b"," + e for e in encoded) + data[after:], added
+
+
+class ContentCheck:
+    """A blob's bytes checked against its digest and its descriptor's size while they
+    stream: `update` with each chunk, then `finish`. CorruptBlob, naming `what` and
+    the digest, as soon as they cannot match (too long), or at the end."""
+
+    def __init__(self, digest: str, size: int | None, what: str) -> None:
+        parsed = Digest.parse(digest)
+        self.digest, self.size, self.what = digest, size, what
+        self._hasher = hashlib.new(parsed.algorithm)
+        self._algorithm, self._encoded = parsed.algorithm, parsed.encoded
+        self.length = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.length += len(chunk)
+        if self.size is not None and self.length > self.size:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: longer than the {self.size} bytes its descriptor says"
+            )
+        self._hasher.update(chunk)
+
+    def finish(self) -> None:
+        if self.size is not None and self.length != self.size:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: truncated: {self.length} of the {self.size} "
+                "bytes its descriptor says"
+            )
+        if self._hasher.hexdigest() != self._encoded:
+            raise CorruptBlob(
+                f"{self.what}: {self.digest}: content does not match its digest "
+                f"(it hashes to {self._algorithm}:{self._hasher.hexdigest()})"
+            )

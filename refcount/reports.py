@@ -40,6 +40,17 @@ class MassFree:
 
 
 @dataclass(frozen=True)
+class LeaseInfo:
+    """A lease (SPEC §7): blobs a writer relies on until its root is in index.json."""
+
+    lease: str
+    holder: str  # who took it: "push oci-archive:x.tar:app (pid 123)", a tool's name
+    created: datetime
+    expires: datetime
+    blobs: int = 1  # how many blobs it holds (1 when listed per blob, as `show` does)
+
+
+@dataclass(frozen=True)
 class SyncReport:
     roots_added: int = 0
     roots_removed: int = 0
@@ -91,6 +102,34 @@ class DeleteReport:
 
 
 @dataclass(frozen=True)
+class PushReport:
+    """`push`: what was added to index.json, copied, reused, and what a moved tag freed."""
+
+    source: str
+    tag: str | None  # None: the root was added untagged (a digest pushed without --tag)
+    digest: str
+    added: tuple[Entry, ...]  # the new entries: the root, then the referrers brought along
+    copied: tuple[BlobRef, ...]  # blobs written into blobs/
+    reused: int  # blobs the store already had (in blobs/, or restored from the quarantine)
+    restored: tuple[str, ...]  # of those, the ones brought back from the quarantine
+    replaced: tuple[Entry, ...] = ()  # entries that carried the tag before (it moved)
+    freed: tuple[BlobRef, ...] = ()  # what the moved tag's old image freed
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(b.size or 0 for b in self.copied)
+
+
+@dataclass(frozen=True)
+class TouchReport:
+    """`touch`: the tags whose last use was recorded, and when."""
+
+    ref: str
+    tags: tuple[str, ...]
+    used_at: datetime
+
+
+@dataclass(frozen=True)
 class Drift:
     """A blob whose recorded count (or, counts agreeing, recorded state) is wrong."""
 
@@ -131,6 +170,9 @@ class VerifyReport:
     store is read-only, so the database could not catch up first; counts unchecked)."""
     mass_frees: tuple[MassFree, ...] = ()
     """Mass frees whose blobs are still held in the quarantine."""
+    expired_leases: tuple[LeaseInfo, ...] = ()
+    """Leases past their expiry (a push that crashed): `gc` clears them. Reported, not
+    a failure: what they held is counted like any orphan."""
 
     @property
     def ok(self) -> bool:
@@ -150,6 +192,7 @@ class GcReport:
     dry_run: bool
     swept: tuple[Aged, ...] = ()
     purged: tuple[Aged, ...] = ()
+    leases_cleared: tuple[LeaseInfo, ...] = ()  # expired leases (of crashed writers)
 
     @property
     def freed_bytes(self) -> int:
@@ -168,6 +211,7 @@ class TagInfo:
     subject: str | None = None  # a referrer: the manifest it refers to
     subject_tags: tuple[str, ...] = ()  # the tags whose image holds that subject
     included_in: tuple[str, ...] = ()  # the tags whose image lists this manifest (an index)
+    last_used: datetime | None = None  # `refcount touch` or a push; None: never recorded
 
 
 @dataclass(frozen=True)
@@ -180,6 +224,7 @@ class TagUsage:
     exclusive: int  # bytes `delete tag` would free: the same set its --dry-run prints
     shared: int  # bytes of the image that deleting the tag would not free
     shares_with: int  # how many other tags' images hold a blob of this one
+    last_used: datetime | None = None  # `refcount touch` or a push; None: never recorded
 
 
 @dataclass(frozen=True)
@@ -213,6 +258,7 @@ class BlobInfo:
     children: tuple[Link, ...]
     subject: str | None = None
     problem: str | None = None
+    leases: tuple[LeaseInfo, ...] = ()  # who relies on it until their root lands
 
 
 @dataclass(frozen=True)
@@ -255,7 +301,7 @@ def to_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     data = asdict(value)
-    for name in ("ok", "freed_bytes"):
+    for name in ("ok", "freed_bytes", "copied_bytes"):
         if hasattr(type(value), name):
             data[name] = getattr(value, name)
     return data

@@ -28,7 +28,7 @@ import os
 import pwd
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from refcount.errors import (
     StoreBusy,
     StoreNotWritable,
 )
-from refcount.oci import Digest, Problem
+from refcount.oci import ContentCheck, Digest, Problem
 
 DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
 # The names as this module spelled them before refcount.layout; kept for the
@@ -58,10 +58,30 @@ def crash_point(name: str) -> None:
 
     The points: sync-before-commit, sync-after-commit (every sync and daemon batch),
     delete-before-index, index-before-rename, delete-before-commit,
-    delete-after-commit, settle-between-actions, gc-after-commit.
+    delete-after-commit, settle-between-actions, gc-after-commit, push-after-lease,
+    push-mid-copy (after each blob staged), push-before-index, push-before-commit.
+
+    A test in the same process can also run code at a point (`at_point`): that is how
+    a delete is made to land between a push's decisions and its index.json write.
     """
+    hook = _HOOKS.get(name)
+    if hook is not None:
+        hook()
     if os.environ.get(CRASH_ENV) == name:
         os._exit(137)
+
+
+_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+@contextlib.contextmanager
+def at_point(name: str, hook: Callable[[], None]) -> Iterator[None]:
+    """Run `hook` whenever `crash_point(name)` is reached inside the block (tests)."""
+    _HOOKS[name] = hook
+    try:
+        yield
+    finally:
+        _HOOKS.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -497,6 +517,75 @@ class Store:
             except OSError:
                 return None
         return hasher.hexdigest()
+
+    # --- staging (push) -------------------------------------------------------
+    def stage_blob(
+        self, lease: str, digest: str, size: int | None, chunks: Iterable[bytes], what: str
+    ) -> int:
+        """Write a blob's bytes to push/<lease>/, checking them against `digest` and
+        `size` while they stream; returns the bytes written.
+
+        CorruptBlob (naming `what` and the digest) when they do not match; the
+        temporary file is then removed, so nothing of the blob is left. Nothing
+        is written to blobs/ here: `commit_staged` renames the file in.
+        """
+        parsed = Digest.parse(digest)
+        self.ensure_state_dir()
+        _make_directory(layout.push_dir(self.path))
+        _make_directory(layout.staging_dir(self.path, lease))
+        path = layout.staged_path(self.path, lease, parsed.algorithm, parsed.encoded)
+        check = ContentCheck(digest, size, what)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    check.update(chunk)
+                    handle.write(chunk)
+                check.finish()
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise
+        written = check.length
+        return written
+
+    def commit_staged(self, lease: str, digest: str) -> None:
+        """Rename a staged blob into blobs/ (a copy already there is kept: same bytes)."""
+        parsed = Digest.parse(digest)
+        source = layout.staged_path(self.path, lease, parsed.algorithm, parsed.encoded)
+        target = self._blob(digest, create=True)
+        assert target is not None
+        if _regular_file(target) is not None:
+            source.unlink()
+            return
+        os.rename(source, target)
+        _fsync_dir(target.parent)
+
+    def staged_leases(self) -> list[str]:
+        """The leases that have a staging directory under push/."""
+        root = layout.push_dir(self.path)
+        if not _real_directory(root):
+            return []
+        with os.scandir(root) as entries:
+            return sorted(
+                e.name
+                for e in entries
+                if layout.is_lease_name(e.name) and e.is_dir(follow_symlinks=False)
+            )
+
+    def drop_staging(self, lease: str) -> None:
+        """Remove push/<lease>/ and the regular files in it (anything else is left)."""
+        directory = layout.staging_dir(self.path, lease)
+        if not _real_directory(directory):
+            return
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
     # --- the advisory lock --------------------------------------------------
     @contextlib.contextmanager

@@ -455,6 +455,18 @@ def graph(store: Path | str) -> dict[str, set[str]]:
     return edges
 
 
+def closure(store: Path | str, digest: str) -> set[str]:
+    """Every digest reachable from `digest` (itself included)."""
+    edges = graph(store)
+    seen, todo = set(), [digest]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += edges.get(node, ())
+    return seen
+
+
 def reachable(store: Path | str) -> set[str]:
     """Every digest reachable from index.json (present or missing)."""
     return set(graph(store))

@@ -71,6 +71,7 @@ def test_every_figure_equals_the_hand_count(cli: Cli, three: tuple[Path, dict[st
             "exclusive": own[t] + len(only[t]),
             "shared": len(BASE) + (len(AB) if t != "c" else 0),
             "shares_with": 2,
+            "last_used": None,  # never touched: a store nobody touches is as before
         }
         for t in "abc"
     }
@@ -140,9 +141,11 @@ def test_text_has_human_sizes(cli: Cli, three: tuple[Path, dict[str, Any]]) -> N
     result = cli("--store", store, "du")
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["TAG", "DIGEST", "TOTAL", "EXCLUSIVE", "SHARED", "SHARES", "WITH"]
+    assert lines[0].split() == [
+        *("TAG", "DIGEST", "TOTAL", "EXCLUSIVE", "SHARED", "SHARES", "WITH", "LAST", "USED")
+    ]
     assert lines[1].startswith("c ")
-    assert "KiB" in lines[1] and "2 tags" in lines[1]
+    assert "KiB" in lines[1] and lines[1].split()[-3:] == ["2", "tags", "-"]  # never touched
     assert any(line.startswith("orphaned:") and "777 B" in line for line in lines)
 
 

@@ -395,3 +395,30 @@ def test_a_second_store_on_one_postgresql_database_is_refused(
     assert sk.listing(second, include_refcount=True) == second_before
     verify = refcount_cli("--store", first, "--db", pg_url, "--json", "verify")
     assert verify.code == 0 and verify.json()["roots"] == 1
+
+
+def test_a_push_on_postgresql_is_leased_against_a_delete_landing_mid_push(
+    tmp_path: Path, pg_url: str
+) -> None:
+    from refcount.store import at_point
+
+    store = sk.make_layout(tmp_path / "store")
+    sk.add_image(store, [b"shared layer", b"b layer"], tag="b")
+    src = sk.make_layout(tmp_path / "src")
+    app = sk.add_image(src, [b"shared layer", b"app layer"], tag="app")
+    shared = sk.sha256_digest(b"shared layer")
+
+    def delete_b() -> None:
+        with refcount.open(store, pg_url) as other:
+            assert len(other.show(shared).leases) == 1
+            assert shared not in {f.digest for f in other.delete_tag("b").freed}
+
+    with refcount.open(store, pg_url) as rc:
+        rc.init()
+        with at_point("push-before-index", delete_b):
+            rc.push(f"{src}:app")
+        rc.touch("app")
+        assert set(rc.last_used(["app", "b"])) == {"app"}
+        assert rc.verify().ok
+        assert rc.show(shared).leases == ()
+    assert sk.closure(src, app["digest"]) <= sk.blob_files(store)

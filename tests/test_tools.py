@@ -93,16 +93,7 @@ def run_module(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def closure(store: Path, digest: str) -> set[str]:
-    """Every digest reachable from `digest` (itself included), by the storekit oracle."""
-    edges = sk.graph(store)
-    seen, todo = set(), [digest]
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo += edges.get(node, ())
-    return seen
+closure = sk.closure  # every digest reachable from one (itself included), by the oracle
 
 
 def digest_of(store: Path, tag: str) -> str:

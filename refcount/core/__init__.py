@@ -5,6 +5,7 @@ How the pieces fit (each imports only those below it):
     refcounter  the facade: one short method per use case, the writing sequence
     opening     opening the database for reading or writing; the store's identity
     planner     delete: which entries go, what is freed, refusals, index.json rewrite
+    push        push: plan from a source, stage under a lease, land in index.json
     reading     tags, show, stats
     sweep       gc: orphans past the grace period, trash past its TTL
     reconcile   catch up with index.json (and the mass-deletion valve); blob files

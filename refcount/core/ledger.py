@@ -36,6 +36,8 @@ class Ledger:
     freed: list[BlobRef] = field(default_factory=list)
     freed_digests: set[str] = field(default_factory=set)
     restored: set[str] = field(default_factory=set)
+    held: list[str] = field(default_factory=list)
+    """Blobs that reached zero but stay, because a lease holds them."""
     missing: list[str] = field(default_factory=list)
     found: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
@@ -57,9 +59,20 @@ class Ledger:
         self.became_live += len(graph.acquire(digests, self._bump, self._read_children))
 
     def release(self, digests: Iterable[str]) -> list[str]:
-        freed = graph.release(digests, self._bump, self.repo.take_edges)
-        for digest in freed:
-            self.free(digest)
+        """Drop a reference to each of `digests`; returns the blobs freed. A blob whose
+        count reaches zero while a lease holds it is not freed: it stays in blobs/ as an
+        orphan (counted again when its writer's root lands, swept by gc only once no
+        lease holds it and it is older than the grace period)."""
+        reached_zero = graph.release(digests, self._bump, self.repo.take_edges)
+        leased = self.repo.leased(reached_zero, self.now) if reached_zero else set()
+        freed = []
+        for digest in reached_zero:
+            if digest in leased and self.store.blob_file(digest) is not None:
+                self.repo.mark_orphan(digest, self.now)
+                self.held.append(digest)
+            else:
+                self.free(digest)
+                freed.append(digest)
         return freed
 
     def _bump(self, digest: str, delta: int) -> int:

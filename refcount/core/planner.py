@@ -9,15 +9,24 @@ spans; the rest of the file is not parsed while the database is current).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from refcount import graph
 from refcount.core.ledger import Ledger
 from refcount.db.repo import Repo, RootRow
 from refcount.errors import ConcurrentChange, DeleteRefused, NotFound, UnusableTag
-from refcount.oci import Removal, apply_cuts, cuts, parse_index, usable_tag
+from refcount.oci import (
+    Removal,
+    append_entries,
+    apply_cuts,
+    cuts,
+    entry_tag,
+    parse_index,
+    usable_tag,
+)
 from refcount.store import IndexSnapshot, Store, crash_point
 
 
@@ -123,14 +132,47 @@ def untagged_children(repo: Repo, removed: dict[int, RootRow]) -> list[RootRow]:
 
 
 def rewrite_index(
-    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow]
-) -> None:
-    """Cut the removed entries out of index.json's bytes and replace the file.
+    repo: Repo,
+    store: Store,
+    snapshot: IndexSnapshot,
+    removed: list[RootRow],
+    appended: Sequence[dict[str, Any]] = (),
+) -> list[RootRow]:
+    """Cut the removed entries out of index.json's bytes, add the `appended` entries
+    at the end (a push), and replace the file; returns the rows of the added entries.
 
     The spans come from the database; each is checked to still hold the entry it
     should before anything is written (ConcurrentChange makes the caller start
-    over with a fresh parse).
+    over with a fresh parse). The roots recorded follow the new file without
+    parsing it: cut entries go, later spans shift, added ones get theirs.
     """
+    ranges = cut_ranges(repo, store, snapshot, removed)
+    data = apply_cuts(snapshot.data, ranges)
+    added: list[RootRow] = []
+    if appended:
+        last = repo.last_root()
+        after = last[1] if last is not None and not removed else None
+        data, spans = append_entries(data, list(appended), str(store.index_path), after)
+        base = (last[0] if last is not None else -1) + 1
+        added = [
+            RootRow(base + i, e["digest"], entry_tag(e), e.get("mediaType"), e.get("size"), *span)
+            for i, (e, span) in enumerate(zip(appended, spans, strict=True))
+        ]
+    crash_point("delete-before-index")
+    new_hash = store.replace_index(data, snapshot.hash)
+    repo.delete_roots(r.position for r in removed)
+    for start, end in ranges:  # highest first, so lower offsets stay valid
+        repo.shift_spans(end, end - start)
+    repo.insert_roots(added)
+    repo.set_index_hash(new_hash)
+    return added
+
+
+def cut_ranges(
+    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow]
+) -> list[tuple[int, int]]:
+    """The byte ranges of index.json that hold the removed entries (and their commas),
+    highest first; ConcurrentChange when a recorded span no longer holds its entry."""
     positions = [r.position for r in removed]
     removals = []
     for root in removed:
@@ -140,13 +182,7 @@ def rewrite_index(
         assert root.start is not None and root.end is not None
         before, after = repo.kept_neighbours(root.start, positions)
         removals.append(Removal(root.start, root.end, before, after))
-    ranges = cuts(removals)
-    crash_point("delete-before-index")
-    new_hash = store.replace_index(apply_cuts(snapshot.data, ranges), snapshot.hash)
-    repo.delete_roots(positions)
-    for start, end in ranges:  # highest first, so lower offsets stay valid
-        repo.shift_spans(end, end - start)
-    repo.set_index_hash(new_hash)
+    return cuts(removals)
 
 
 def _span_holds(data: bytes, root: RootRow) -> bool:

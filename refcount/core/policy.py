@@ -13,6 +13,9 @@ REWRITE_ATTEMPTS = 5
 """How often a delete starts over when index.json changes under its rewrite."""
 MASS_FREE_HOLD = timedelta(hours=1)
 """How long gc keeps the blobs of a mass free in the quarantine, whatever --trash-ttl says."""
+LEASE_TTL = timedelta(hours=1)
+"""How long a lease lasts unless its taker says otherwise (containerd's leases expire
+too): a writer that crashed pins its blobs no longer than this."""
 
 
 @dataclass(frozen=True)

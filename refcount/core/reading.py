@@ -55,6 +55,7 @@ def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
     def above(digest: str) -> set[str]:
         return graph.descendants([digest], lambda d: parents.get(d, ()))
 
+    used = repo.last_used(r.tag for r in roots if r.tag is not None)
     result = []
     for root in roots:
         if root.tag is None and not include_untagged:
@@ -71,6 +72,7 @@ def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
                 subject=subject,
                 subject_tags=tags_holding({subject} | above(subject)) if subject else (),
                 included_in=tags_holding(above(root.digest) - {root.digest}),
+                last_used=None if root.tag is None else used.get(root.tag),
             )
         )
     return result
@@ -174,6 +176,7 @@ def du(
         return found
 
     exclusive = {tag: freed_by(tag) for tag in by_tag}
+    used = repo.last_used(by_tag)
     usage = [
         TagUsage(
             tag,
@@ -182,6 +185,7 @@ def du(
             size(exclusive[tag]),
             size(images[tag] - exclusive[tag]),
             len(set().union(*(holders[d] for d in images[tag])) - {tag}),
+            used.get(tag),
         )
         for tag, entries in by_tag.items()
         if refs is None or tag in refs
@@ -203,12 +207,19 @@ def du(
 def reclaimable(repo: Repo, at: datetime, policy: Policy) -> int:
     """The bytes gc would free at `at` by the rules of `sweep.collect`, from the rows."""
     orphans = [] if repo.count_problems() else repo.blobs_with_state(BlobState.ORPHAN)
-    swept = {r.digest: r.size or 0 for r in orphans if at - r.first_seen >= policy.grace}
+    trash = repo.blobs_with_state(BlobState.TRASH)
+    leased = repo.leased([r.digest for r in (*orphans, *trash)], at)
+    swept = {
+        r.digest: r.size or 0
+        for r in orphans
+        if at - r.first_seen >= policy.grace and r.digest not in leased
+    }
     held = {m.at for m in repo.held_mass_frees(at)}
     purged = {
         r.digest: r.size or 0
-        for r in repo.blobs_with_state(BlobState.TRASH)
+        for r in trash
         if r.freed_at is not None
+        and r.digest not in leased
         and at - r.freed_at >= policy.trash_ttl
         and r.freed_at not in held
         and r.digest not in swept
@@ -233,6 +244,7 @@ def show(repo: Repo, store: Store, ref: str) -> BlobInfo:
         children=tuple(Link(c, k) for c, k in sorted(repo.children(digest))),
         subject=row.subject,
         problem=row.problem,
+        leases=tuple(repo.leases_of(digest)),
     )
 
 

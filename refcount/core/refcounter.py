@@ -25,37 +25,53 @@ back whole or finished before the interruption is raised (SPEC §7).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from refcount import interrupts
 from refcount.core import journal, planner, reading, reconcile
+from refcount.core import push as pushing
 from refcount.core import scan as scanning
 from refcount.core.ledger import Ledger
 from refcount.core.opening import Mode, Opening
-from refcount.core.policy import REWRITE_ATTEMPTS, Changes, Policy, Progress, no_progress, now
+from refcount.core.policy import (
+    LEASE_TTL,
+    REWRITE_ATTEMPTS,
+    Changes,
+    Policy,
+    Progress,
+    no_progress,
+    now,
+)
 from refcount.core.sweep import collect
 from refcount.db.engine import Engine, current_revision, default_url, transaction
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
-from refcount.errors import ConcurrentChange
+from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound
 from refcount.extractors import installed
-from refcount.oci import Digest
+from refcount.oci import Digest, usable_tag
 from refcount.reports import (
     BlobInfo,
+    BlobRef,
     DeleteReport,
     DuReport,
     Entry,
     GcReport,
+    LeaseInfo,
     PluginsReport,
+    PushReport,
     Stats,
     SyncReport,
     TagInfo,
+    TouchReport,
     VerifyReport,
 )
+from refcount.sources import open_source
 from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
 
 log = logging.getLogger("refcount.core")
@@ -229,6 +245,8 @@ class Refcounter:
                 repo.rollback()
                 return report
             planner.rewrite_index(repo, self.store, snapshot, removed)
+            gone = {r.tag for r in removed if r.tag is not None}
+            repo.forget_use(t for t in gone if not repo.roots_where(tag=t))
             crash_point("delete-before-commit")
         log.info(
             "deleted %s: %d entries, %d blobs freed (%d bytes)",
@@ -253,7 +271,168 @@ class Refcounter:
                     return report
             crash_point("gc-after-commit")
             self._settle()
+            self._drop_dead_staging()
             return report
+
+    def _drop_dead_staging(self) -> None:
+        """Remove the staging directories of pushes whose lease is gone or expired
+        (killed pushes); called with the lock held, after expired leases are cleared."""
+        staged = self.store.staged_leases()
+        if not staged:
+            return
+        with transaction(self.engine, write=False) as repo:
+            alive = repo.live_lease_names(now())
+        for lease in staged:
+            if lease not in alive:
+                self.store.drop_staging(lease)
+
+    # --- push and leases (SPEC §7) ---------------------------------------------------
+    @contextmanager
+    def lease(
+        self, digests: Iterable[str], *, ttl: timedelta = LEASE_TTL, holder: str | None = None
+    ) -> Iterator[LeaseInfo]:
+        """Hold `digests` for the block: no delete, prune, gc or daemon frees them, and a
+        quarantined one is kept for the root that will need it (it is restored when
+        that root is counted). For a tool that writes blobs and then its index.json
+        entry itself: take the lease before deciding to reuse a blob, `sync` once
+        the entry is written, then leave the block. The lease ends with the block,
+        or at `ttl` if the process dies first.
+        """
+        wanted = [str(Digest.parse(d)) for d in digests]
+        created = now()
+        info = LeaseInfo(
+            uuid.uuid4().hex,
+            holder or f"pid {os.getpid()}",
+            created,
+            created + ttl,
+            len(set(wanted)),
+        )
+        with self._writing() as engine, transaction(engine) as repo:
+            repo.add_lease(info.lease, wanted, info.holder, info.created, info.expires)
+        try:
+            yield info
+        finally:
+            with transaction(self.engine) as repo:
+                repo.drop_lease(info.lease)
+
+    def push(
+        self,
+        source: str,
+        *,
+        tag: str | None = None,
+        referrers: bool = True,
+        every_platform: bool = True,
+        lease_ttl: timedelta = LEASE_TTL,
+    ) -> PushReport:
+        """Copy an image into the store from `DIR:REF` or `oci-archive:FILE[:REF]`
+        (`refcount.core.push` gives the order of effects). The new root is tagged
+        `tag`, else with the source's ref name (untagged for a digest); a tag that
+        exists moves, freeing what only its old image held. An image index brings
+        every platform manifest (without `every_platform`: only this host's, which
+        becomes the root); `referrers` brings the source's referrers of every
+        manifest pushed, as untagged entries.
+        """
+        if tag is not None and not usable_tag(tag):
+            raise InvalidOption(f"{tag!a}: not a usable tag: empty or has control characters")
+        self.opening.writer()
+        self.sync_roots()  # an invalid index.json is refused before anything is copied
+        reader, ref = open_source(source)
+        try:
+            plan = pushing.plan(
+                reader,
+                ref,
+                tag,
+                self.policy.max_manifest,
+                referrers=referrers,
+                every_platform=every_platform,
+                extractor_timeout=self.policy.timeout_seconds,
+            )
+            holder = f"push {source} (pid {os.getpid()})"
+            with self.lease(plan.digests, ttl=lease_ttl, holder=holder) as lease:
+                crash_point("push-after-lease")
+                to_copy = [
+                    d
+                    for d in plan.digests
+                    if self.store.blob_file(d) is None and not self.store.in_trash(d)
+                ]
+                copied = pushing.stage(self.store, reader, plan, lease.lease, to_copy)
+                crash_point("push-before-index")
+                return self._land(plan, lease, copied)
+        finally:
+            reader.close()
+
+    def _land(self, plan: pushing.Plan, lease: LeaseInfo, copied: list[BlobRef]) -> PushReport:
+        tag = plan.tag
+        with self._writing():
+            for _attempt in range(REWRITE_ATTEMPTS):
+                try:
+                    with interrupts.deferred(f"push {plan.source}"):
+                        snapshot = self.store.read_index()
+                        with transaction(self.engine) as repo:
+                            ledger = self._ledger(repo)
+                            if not repo.lease_alive(lease.lease, ledger.now):
+                                raise LeaseExpired(
+                                    f"{plan.source}: the push outlived its lease "
+                                    f"(expired {lease.expires:%H:%M:%S} UTC); nothing added: "
+                                    "push again (with a longer --lease-ttl)"
+                                )
+                            reconcile.catch_up(ledger, snapshot)
+                            landed = pushing.land(ledger, snapshot, plan, tag)
+                            repo.drop_lease(lease.lease)
+                            if tag is not None:
+                                repo.touch([tag], ledger.now)
+                            crash_point("push-before-commit")
+                        self._settle()
+                except ConcurrentChange:
+                    continue
+                report = PushReport(
+                    source=plan.source,
+                    tag=tag,
+                    digest=plan.digest,
+                    added=landed.added,
+                    copied=tuple(copied),
+                    reused=len(plan.blobs) - len(copied),
+                    restored=tuple(sorted(ledger.restored)),
+                    replaced=landed.replaced,
+                    freed=tuple(ledger.freed),
+                )
+                log.info(
+                    "pushed %s as %s: %d blobs copied (%d bytes), %d reused",
+                    plan.source,
+                    tag or plan.digest,
+                    len(report.copied),
+                    report.copied_bytes,
+                    report.reused,
+                )
+                return report
+        raise ConcurrentChange(f"{self.store.index_path}: kept changing; {plan.source} not added")
+
+    # --- last use -----------------------------------------------------------------------
+    def touch(self, ref: str) -> TouchReport:
+        """Record that the image `ref` (a tag, or a digest: every tag pointing at it)
+        was used now: what a runtime or a cache calls when it pulls from the store.
+        `prune --unused-for` selects on it; `du` and `tags` show it."""
+        self.opening.writer()
+        self.sync_roots()
+        with transaction(self.engine) as repo:
+            digest = reading.resolve(repo, self.store, ref)
+            named = [r.tag for r in repo.roots_where(tag=ref)] or [
+                r.tag for r in repo.roots_where(digest=digest) if r.tag is not None
+            ]
+            tags = tuple(dict.fromkeys(t for t in named if t is not None))
+            if not tags:
+                raise NotFound(
+                    f"{ref}: no tag in {self.store.index_path} points at it; "
+                    "last use is recorded per tag"
+                )
+            at = now()
+            repo.touch(tags, at)
+        return TouchReport(ref, tags, at)
+
+    def last_used(self, tags: Iterable[str]) -> dict[str, datetime]:
+        """tag -> when it was last used (touched or pushed); tags never used are absent."""
+        with transaction(self.opening.reader(), write=False) as repo:
+            return repo.last_used(tags)
 
     # --- verify -------------------------------------------------------------------------
     def verify(self, *, deep: bool = False, repair: bool = False) -> VerifyReport:
@@ -294,6 +473,7 @@ class Refcounter:
             trash = repo.blobs_with_state(BlobState.TRASH)
             freed_at = {r.freed_at for r in trash}
             held = tuple(m for m in repo.held_mass_frees(now()) if m.at in freed_at)
+            expired = tuple(repo.expired_leases(now()))
         return scanning.report(
             found,
             deep=deep,
@@ -304,6 +484,7 @@ class Refcounter:
             behind=behind,
             mass_frees=held,
             quarantined=self.store.list_trash(),
+            expired_leases=expired,
         )
 
     # --- reading ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from refcount.db.repo import BlobRow, EdgeRow, Repo, RootRow
 from refcount.domain import BlobState, referenced_state
 from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.oci import Descriptor, Root, parse_index
-from refcount.reports import Aged, Corrupt, Drift, MassFree, VerifyReport
+from refcount.reports import Aged, Corrupt, Drift, LeaseInfo, MassFree, VerifyReport
 from refcount.store import BlobFile, IndexSnapshot, Store
 
 
@@ -217,6 +217,7 @@ def report(
     behind: int,
     mass_frees: tuple[MassFree, ...],
     quarantined: dict[str, BlobFile],
+    expired_leases: tuple[LeaseInfo, ...] = (),
 ) -> VerifyReport:
     """verify's report: the comparison, and the store's orphans and quarantine with ages."""
     at = now()
@@ -240,4 +241,5 @@ def report(
         problems=tuple(found.problems),
         behind=behind,
         mass_frees=mass_frees,
+        expired_leases=expired_leases,
     )

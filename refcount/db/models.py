@@ -83,4 +83,32 @@ class MassFree(Base):
     live_bytes: Mapped[int]
 
 
-__all__ = ["SCHEMA_HEAD", "Base", "Blob", "Edge", "MassFree", "Meta", "PendingAction", "Root"]
+class Lease(Base):
+    __table__ = tables.leases
+
+    lease: Mapped[str]
+    digest: Mapped[str]
+    holder: Mapped[str]
+    created: Mapped[datetime]
+    expires: Mapped[datetime]
+
+
+class LastUse(Base):
+    __table__ = tables.last_used
+
+    tag: Mapped[str]
+    used_at: Mapped[datetime]
+
+
+__all__ = [
+    "SCHEMA_HEAD",
+    "Base",
+    "Blob",
+    "Edge",
+    "LastUse",
+    "Lease",
+    "MassFree",
+    "Meta",
+    "PendingAction",
+    "Root",
+]

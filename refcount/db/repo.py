@@ -9,16 +9,16 @@ in Python, so several writers on PostgreSQL cannot lose an update.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, RootTransaction, delete, func, insert, select, update
 
-from refcount.db.tables import blobs, edges, mass_frees, meta, roots
+from refcount.db.tables import blobs, edges, last_used, leases, mass_frees, meta, roots
 from refcount.db.tables import pending_actions as journal
 from refcount.domain import BlobState, FileAction
-from refcount.reports import MassFree
+from refcount.reports import LeaseInfo, MassFree
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 PROBLEM_WIDTH = 1000  # blobs.problem
@@ -347,6 +347,13 @@ class Repo:
         for chunk in _chunks(rows):
             self.connection.execute(insert(roots), [r.__dict__ for r in chunk])
 
+    def last_root(self) -> tuple[int, int | None] | None:
+        """(position, end of its byte span) of the entry recorded last; None when none."""
+        row = self.connection.execute(
+            select(roots.c.position, roots.c.end).order_by(roots.c.position.desc()).limit(1)
+        ).first()
+        return None if row is None else (int(row[0]), row[1])
+
     def delete_roots(self, positions: Iterable[int]) -> None:
         for chunk in _chunks(sorted(set(positions))):
             self.connection.execute(delete(roots).where(roots.c.position.in_(chunk)))
@@ -370,6 +377,83 @@ class Repo:
             .order_by(mass_frees.c.id)
         )
         return [MassFree(**row._mapping) for row in self.connection.execute(query)]
+
+    # --- leases (SPEC §7) -----------------------------------------------------
+    def add_lease(
+        self, lease: str, digests: Iterable[str], holder: str, created: datetime, expires: datetime
+    ) -> None:
+        """Lease each of `digests` under `lease` (a digest already in it is skipped)."""
+        held = {
+            row[0]
+            for row in self.connection.execute(
+                select(leases.c.digest).where(leases.c.lease == lease)
+            )
+        }
+        rows = [
+            {"lease": lease, "digest": d, "holder": holder, "created": created, "expires": expires}
+            for d in dict.fromkeys(digests)
+            if d not in held
+        ]
+        for chunk in _chunks(rows):
+            self.connection.execute(insert(leases), list(chunk))
+
+    def drop_lease(self, lease: str) -> None:
+        self.connection.execute(delete(leases).where(leases.c.lease == lease))
+
+    def lease_alive(self, lease: str, at: datetime) -> bool:
+        query = select(leases.c.digest).where(leases.c.lease == lease, leases.c.expires > at)
+        return self.connection.execute(query.limit(1)).first() is not None
+
+    def leased(self, digests: Iterable[str], at: datetime) -> set[str]:
+        """Which of `digests` an unexpired lease holds."""
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(digests))):
+            query = select(leases.c.digest).where(leases.c.digest.in_(chunk), leases.c.expires > at)
+            found.update(row[0] for row in self.connection.execute(query))
+        return found
+
+    def leases_of(self, digest: str) -> list[LeaseInfo]:
+        query = select(leases).where(leases.c.digest == digest).order_by(leases.c.created)
+        return [_lease_info(row) for row in self.connection.execute(query)]
+
+    def expired_leases(self, at: datetime) -> list[LeaseInfo]:
+        """One row per expired lease (its first blob), oldest first."""
+        query = select(leases).where(leases.c.expires <= at).order_by(leases.c.created)
+        found: dict[str, LeaseInfo] = {}
+        blobs_of: dict[str, int] = {}
+        for row in self.connection.execute(query):
+            found.setdefault(row.lease, _lease_info(row))
+            blobs_of[row.lease] = blobs_of.get(row.lease, 0) + 1
+        return [replace(info, blobs=blobs_of[name]) for name, info in found.items()]
+
+    def clear_expired_leases(self, at: datetime) -> None:
+        self.connection.execute(delete(leases).where(leases.c.expires <= at))
+
+    def live_lease_names(self, at: datetime) -> set[str]:
+        query = select(leases.c.lease).where(leases.c.expires > at).distinct()
+        return {row[0] for row in self.connection.execute(query)}
+
+    # --- last use -------------------------------------------------------------
+    def touch(self, tags: Iterable[str], at: datetime) -> None:
+        """Record that the images of `tags` were used at `at`."""
+        for tag in dict.fromkeys(tags):
+            done = self.connection.execute(
+                update(last_used).where(last_used.c.tag == tag).values(used_at=at)
+            )
+            if done.rowcount == 0:
+                self.connection.execute(insert(last_used).values(tag=tag, used_at=at))
+
+    def last_used(self, tags: Iterable[str]) -> dict[str, datetime]:
+        """tag -> when it was last used; tags never touched (nor pushed) are absent."""
+        found: dict[str, datetime] = {}
+        for chunk in _chunks(sorted(set(tags))):
+            query = select(last_used).where(last_used.c.tag.in_(chunk))
+            found.update((row.tag, row.used_at) for row in self.connection.execute(query))
+        return found
+
+    def forget_use(self, tags: Iterable[str]) -> None:
+        for chunk in _chunks(sorted(set(tags))):
+            self.connection.execute(delete(last_used).where(last_used.c.tag.in_(chunk)))
 
     # --- journal ------------------------------------------------------------
     def add_actions(self, action: FileAction, digests: Iterable[str], now: datetime) -> None:
@@ -422,6 +506,10 @@ class Repo:
         )
         number, size = self.connection.execute(query).one()
         return int(number), int(size)
+
+
+def _lease_info(row: Any) -> LeaseInfo:
+    return LeaseInfo(row.lease, row.holder, row.created, row.expires)
 
 
 __all__ = ["PROBLEM_WIDTH", "Action", "BlobRow", "EdgeRow", "Repo", "RootRow"]

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0007"
 
 metadata = MetaData(
     naming_convention={
@@ -142,4 +142,27 @@ mass_frees = Table(
     Column("blobs", Integer, nullable=False),
     Column("bytes", BigInteger, nullable=False),
     Column("live_bytes", BigInteger, nullable=False),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    # A blob a first-party writer (a push, a library tool) relies on until its root is in
+    # index.json (SPEC §7): no delete, prune, gc or daemon batch frees it while the lease
+    # lasts. One row per (lease, blob); `expires` bounds what a crashed writer can pin.
+    Column("lease", String(64), primary_key=True),
+    Column("digest", DIGEST, primary_key=True),
+    Column("holder", String(1000), nullable=False),
+    Column("created", TZDateTime(), nullable=False),
+    Column("expires", TZDateTime(), nullable=False, index=True),
+    Index("ix_leases_digest", "digest"),
+)
+
+last_used = Table(
+    "last_used",
+    metadata,
+    # When an image was last used (`refcount touch`, or pushed), by tag: what
+    # `prune --unused-for` selects on. No row: never touched since refcount counted it.
+    Column("tag", String(1000), primary_key=True),
+    Column("used_at", TZDateTime(), nullable=False),
 )
