@@ -46,10 +46,12 @@ from refcount.reports import (
     DeleteReport,
     DuReport,
     GcReport,
+    Lap,
     MassFree,
     SyncReport,
     TagInfo,
     VerifyReport,
+    VerifyStatus,
     to_json,
 )
 from refcount.units import human_size, plural
@@ -315,10 +317,48 @@ def verify(
             "--repair", help="Rewrite the database to match the disk (never deletes content)."
         ),
     ] = False,
+    max_blobs: Annotated[
+        int | None,
+        typer.Option(
+            "--slice",
+            metavar="N",
+            help="With --deep: hash at most N blobs, resuming the deep lap where it stopped.",
+        ),
+    ] = None,
+    max_duration: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="With --deep: hash for at most DURATION (e.g. 2m), resuming the deep lap.",
+        ),
+    ] = None,
+    last: Annotated[
+        bool,
+        typer.Option(
+            "--last", help="Show the latest recorded shallow and deep verify; run nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Recount from scratch and compare with the database; exit 1 on any disagreement."""
+    """Recount from scratch and compare with the database; exit 1 on any disagreement.
+
+    Every verify is recorded in the database; --last prints the latest of each
+    kind (exit 1 when it found a problem) and the deep lap's progress.
+
+    \b
+    Example:
+        refcount verify --deep --max-duration 10m   # one slice of the deep lap
+        refcount verify --last
+    """
     with _settings(ctx).counter() as rc:
-        report = rc.verify(deep=deep, repair=repair)
+        if last:
+            render(ctx, rc.verify_status())
+            return
+        report = rc.verify(
+            deep=deep,
+            repair=repair,
+            max_blobs=max_blobs,
+            max_duration=None if max_duration is None else parse_duration(max_duration),
+        )
     render(ctx, report)
 
 
@@ -579,14 +619,19 @@ def _exact_size(n: int | None) -> str:
 
 def _verify_text(report: VerifyReport) -> list[str]:
     repaired = " (repaired)" if report.repaired else ""
+    tags = {n.digest: n.tags for n in report.needed_by}
     lines = [
         f"drift {d.digest}: expected {d.expected}, recorded {d.recorded}{repaired}"
         if d.expected_state is None
         else f"drift {d.digest}: state is {d.expected_state}, recorded {d.recorded_state}{repaired}"
         for d in report.drift
     ]
-    lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]
-    lines += [f"corrupt {c.digest}: {c.reason}" for c in report.corrupt]
+    lines += [
+        f"missing {d}: referenced but not in blobs/{_needed(tags.get(d))}" for d in report.missing
+    ]
+    lines += [
+        f"corrupt {c.digest}: {c.reason}{_needed(tags.get(c.digest))}" for c in report.corrupt
+    ]
     lines += [f"problem {p}" for p in report.problems]
     lines += [
         f"orphan {a.digest}: {_size(a.size)}, {a.age_seconds:.0f}s old" for a in report.orphans
@@ -600,11 +645,61 @@ def _verify_text(report: VerifyReport) -> list[str]:
             "behind (the store is read-only, so it could not catch up); counts not compared: "
             "run `refcount sync` where the store is writable"
         )
+    if report.lap is not None:
+        lines.append(f"deep: {_lap_text(report.lap)}")
     status = "OK" if report.ok else "FAILED"
     lines.append(
         f"{status}: {plural(report.roots, 'root')}, {plural(report.live, 'live blob')}"
-        + (", content hashed" if report.deep else "")
+        + (f", {plural(report.checked, 'blob')} hashed" if report.deep else "")
     )
+    return lines
+
+
+def _needed(tags: tuple[str, ...] | None) -> str:
+    """` (needed by a, b)` for a missing or corrupt blob a tag's image holds."""
+    if tags is None:
+        return ""
+    return f" (needed by {', '.join(tags)})" if tags else " (needed by untagged roots only)"
+
+
+def _lap_text(lap: Lap) -> str:
+    started = "" if lap.started is None else f", lap started {lap.started:%Y-%m-%d %H:%M:%S} UTC"
+    done = "; lap complete, the next slice starts a new one" if lap.done >= lap.total else ""
+    return f"{lap.percent:.0f}% of blobs checked this lap{started}{done}"
+
+
+def _status_text(status: VerifyStatus) -> list[str]:
+    """`verify --last`: the latest run of each kind, its findings, and the lap."""
+    lines: list[str] = []
+    for name, run in (("shallow", status.shallow), ("deep", status.deep)):
+        if run is None:
+            lines.append(f"{name}: never run")
+            continue
+        counts = ", ".join(
+            f"{n} {kind}"
+            for kind, n in (
+                ("drift", run.drift),
+                ("missing", run.missing),
+                ("corrupt", run.corrupt),
+                ("orphans", run.orphans),
+                ("problems", run.problems),
+            )
+            if n
+        )
+        what = ""
+        if run.deep:
+            what = f"{'a slice, ' if run.sliced else ''}{plural(run.checked, 'blob')} hashed, "
+        lines.append(
+            f"{name}: {'OK' if run.ok else 'FAILED'} at {run.at:%Y-%m-%d %H:%M:%S} UTC "
+            f"({what}{run.seconds:.1f} s){': ' + counts if counts else ''}"
+        )
+        lines += [
+            f"  {f.kind} {f.digest or ''}{': ' if f.digest else ''}{f.detail}"
+            + (_needed(f.tags) if f.tags else "")
+            for f in run.findings
+        ]
+    if status.lap is not None:
+        lines.append(f"deep lap: {_lap_text(status.lap)}")
     return lines
 
 
@@ -675,6 +770,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     DeleteReport: _delete_text,
     SyncReport: _sync_text,
     VerifyReport: _verify_text,
+    VerifyStatus: _status_text,
     GcReport: _gc_text,
     BlobInfo: _show_text,
     DuReport: _du_text,

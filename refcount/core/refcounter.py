@@ -25,14 +25,15 @@ back whole or finished before the interruption is raised (SPEC §7).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from refcount import interrupts
-from refcount.core import journal, planner, reading, reconcile
+from refcount.core import journal, planner, reading, reconcile, verifying
 from refcount.core import scan as scanning
 from refcount.core.ledger import Ledger
 from refcount.core.opening import Mode, Opening
@@ -41,7 +42,7 @@ from refcount.core.sweep import collect
 from refcount.db.engine import Engine, current_revision, default_url, transaction
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
-from refcount.errors import ConcurrentChange
+from refcount.errors import ConcurrentChange, InvalidOption
 from refcount.oci import Digest
 from refcount.reports import (
     BlobInfo,
@@ -53,6 +54,7 @@ from refcount.reports import (
     SyncReport,
     TagInfo,
     VerifyReport,
+    VerifyStatus,
 )
 from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
 
@@ -254,28 +256,62 @@ class Refcounter:
             return report
 
     # --- verify -------------------------------------------------------------------------
-    def verify(self, *, deep: bool = False, repair: bool = False) -> VerifyReport:
-        """Recount from scratch and compare with the database (SPEC §5).
+    def verify(
+        self,
+        *,
+        deep: bool = False,
+        repair: bool = False,
+        max_blobs: int | None = None,
+        max_duration: timedelta | None = None,
+    ) -> VerifyReport:
+        """Recount from scratch and compare with the database (SPEC §5); record it.
 
         The database first catches up with index.json, as for every command, so an
         outside change since the last sync is never reported as drift. On a store
         this process cannot write it cannot catch up: the report then says how
-        many entries it is behind (`behind`) instead of comparing counts.
-        `repair` rewrites the database to match the disk; it never deletes content.
+        many entries it is behind (`behind`) instead of comparing counts, and
+        nothing is recorded. `repair` rewrites the database to match the disk; it
+        never deletes content.
+
+        `deep` also hashes blobs, outside the store's lock (writers go on; a blob
+        freed meanwhile is skipped): all of them, or with `max_blobs` and/or
+        `max_duration` one slice of the deep lap (`refcount.core.verifying`).
         """
+        if (max_blobs is not None or max_duration is not None) and not deep:
+            raise InvalidOption("--slice and --max-duration need --deep")
+        if max_blobs is not None and max_blobs < 1:
+            raise InvalidOption(f"--slice {max_blobs}: must be 1 or more blobs")
+        if max_duration is not None and max_duration <= timedelta(0):
+            raise InvalidOption(
+                f"--max-duration {max_duration.total_seconds():g}s: must be longer than 0"
+            )
+        at, started = now(), time.monotonic()
         if repair:
             self.opening.writer()
         else:
             self.opening.reader()
         if self.opening.mode is Mode.READ:
-            return self._verify(deep, repair=False)
-        with self._writing():
-            if not repair:
-                with interrupts.deferred():
-                    self._sync_locked(Changes(index=True))
-            return self._verify(deep, repair)
+            found, report = self._verify(repair=False)
+        else:
+            with self._writing():
+                if not repair:
+                    with interrupts.deferred():
+                        self._sync_locked(Changes(index=True))
+                found, report = self._verify(repair)
+        if deep:
+            sliced = max_blobs is not None or max_duration is not None
+            deadline = None if max_duration is None else started + max_duration.total_seconds()
+            report = self._hash(found, report, max_blobs if sliced else None, deadline, sliced, at)
+        if self.opening.mode is Mode.READ:
+            return report
+        with interrupts.deferred(), transaction(self.engine) as repo:
+            if report.lap is not None:
+                verifying.save_lap(repo, report.lap)
+            run = verifying.record(repo, report, at, time.monotonic() - started)
+        return replace(report, run=run)
 
-    def _verify(self, deep: bool, repair: bool) -> VerifyReport:
+    def _verify(self, repair: bool) -> tuple[scanning.Scan, VerifyReport]:
+        """The shallow verify: recount and compare (callers hold the lock when writable)."""
         snapshot = self.store.read_index()
         found = scanning.scan(self.store, snapshot, self.progress)
         with (
@@ -292,17 +328,61 @@ class Refcounter:
             trash = repo.blobs_with_state(BlobState.TRASH)
             freed_at = {r.freed_at for r in trash}
             held = tuple(m for m in repo.held_mass_frees(now()) if m.at in freed_at)
-        return scanning.report(
-            found,
-            deep=deep,
-            repaired=repair and bool(drift),
-            drift=drift,
-            trash=trash,
-            corrupt=scanning.check_content(self.store, found, self.progress) if deep else (),
-            behind=behind,
-            mass_frees=held,
-            quarantined=self.store.list_trash(),
+            report = scanning.report(
+                found,
+                deep=False,
+                repaired=repair and bool(drift),
+                drift=drift,
+                trash=trash,
+                corrupt=(),
+                behind=behind,
+                mass_frees=held,
+                quarantined=self.store.list_trash(),
+            )
+            needed = verifying.needed_by(repo, report.missing)
+        return found, replace(report, needed_by=needed)
+
+    def _hash(
+        self,
+        found: scanning.Scan,
+        report: VerifyReport,
+        limit: int | None,
+        deadline: float | None,
+        sliced: bool,
+        at: datetime,
+    ) -> VerifyReport:
+        """The deep part: hash every blob, or the lap's next slice (no lock held)."""
+        present = sorted(found.files)
+        cursor, lap_started = None, at
+        if sliced:
+            with transaction(self.engine, write=False) as repo:
+                cursor, lap_started = verifying.lap_position(repo, present, at)
+        todo = verifying.slice_of(present, cursor, limit)
+        hashed = scanning.check_content(
+            self.store, found, self.progress, digests=todo, deadline=deadline
         )
+        if hashed.skipped:
+            log.debug("verify --deep: %d blobs freed meanwhile, skipped", len(hashed.skipped))
+        with transaction(self.engine, write=False) as repo:
+            needed = verifying.needed_by(
+                repo, [*report.missing, *(c.digest for c in hashed.corrupt)]
+            )
+        last = hashed.checked[-1] if hashed.checked else None
+        return replace(
+            report,
+            deep=True,
+            corrupt=hashed.corrupt,
+            checked=len(hashed.checked) - len(hashed.skipped),
+            sliced=sliced,
+            after=cursor,
+            lap=verifying.lap_after(present, cursor, last, lap_started) if sliced else None,
+            needed_by=needed,
+        )
+
+    def verify_status(self) -> VerifyStatus:
+        """The latest shallow and deep verify and the deep lap, as recorded; runs nothing."""
+        with transaction(self.opening.reader(), write=False) as repo:
+            return verifying.status(repo)
 
     # --- reading ------------------------------------------------------------------------
     def _current(self) -> Engine:
