@@ -29,7 +29,7 @@ GLOBAL_FLAGS = frozenset({"--json", "--verbose", "--keep-referrers", "--keep-unt
 COMMAND_VALUE_OPTIONS = frozenset(
     {
         *("--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"),
-        *("--slice", "--max-duration"),
+        *("--slice", "--max-duration", "--verify-every", "--deep-every", "--deep-slice"),
     }
 )
 """The options of commands that take a value."""

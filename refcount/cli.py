@@ -39,7 +39,7 @@ from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
 from refcount.core import Progress, Refcounter, sync_log
 from refcount.core import open as open_store
-from refcount.durations import parse_duration
+from refcount.durations import parse_amount, parse_duration
 from refcount.errors import ExitCode, NotServed, RefcountError
 from refcount.reports import (
     BlobInfo,
@@ -475,10 +475,32 @@ def watch(
             help="text, or json: one JSON object per line.",
         ),
     ] = "text",
+    verify_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between shallow verifies, e.g. 6h (default off).",
+        ),
+    ] = None,
+    deep_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between deep verifies, each one slice of the lap (default off).",
+        ),
+    ] = None,
+    deep_slice: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|DURATION",
+            help="What one deep verify hashes: N blobs (50000) or for DURATION (2m); "
+            "default every blob.",
+        ),
+    ] = None,
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
     reconcile fully)."""
-    from refcount.watch import WatchOptions, run_daemon
+    from refcount.watch import DeepSlice, WatchOptions, run_daemon
 
     settings = _settings(ctx)
     _configure_logging(log_format)
@@ -487,8 +509,18 @@ def watch(
         # One line per batch is the daemon's own; what each sync did only with -v.
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_sync_details)
+    amount = None if deep_slice is None else parse_amount(deep_slice)
     options = WatchOptions(
-        debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
+        debounce,
+        parse_duration(resync),
+        metrics_addr,
+        parse_duration(gc_interval),
+        verify_every=None if verify_every is None else parse_duration(verify_every),
+        deep_every=None if deep_every is None else parse_duration(deep_every),
+        deep_slice=DeepSlice(
+            max_blobs=amount if isinstance(amount, int) else None,
+            max_duration=amount if isinstance(amount, timedelta) else None,
+        ),
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may
