@@ -405,6 +405,8 @@ def test_a_periodic_verify_runs_beside_the_worker_which_goes_on_with_batches(
         r.at(1.0)  # the batch is applied while the verify still runs
         assert r.collector.kinds() == ["sync", "stats"]
         assert "reason" not in r.daemon.health().detail
+        registry = r.daemon.metrics.registry
+        assert registry.get_sample_value("refcount_verify_ok", {"kind": "shallow"}) is None
         verifier.go.set()
         assert periodic.wait_done(1)
     finally:
