@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -285,3 +287,31 @@ def test_a_read_only_store_is_verified_in_slices_but_nothing_is_recorded(
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--verify-every", "0"], "--verify-every 0: must be longer than 0"),
+        (["--deep-every", "never"], "'never': invalid duration"),
+        (["--deep-slice", "0"], "--deep-slice 0: must be 1 or more"),
+        (["--deep-slice", "2x"], "'2x': not a number of blobs nor a duration"),
+        (["--deep-slice", "0s"], "--deep-slice 0: must be longer than 0"),
+    ],
+)
+def test_bad_verify_options_of_the_daemon_are_refused_with_exit_2(
+    images: Path, args: list[str], needle: str
+) -> None:
+    with refcount.open(images) as rc:
+        rc.init()
+    before = listing(images, include_refcount=True)
+    ran = subprocess.run(
+        [sys.executable, "-m", "refcount", "--store", str(images), "watch", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 2 and needle in ran.stderr, ran.stderr
+    assert ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr
+    assert listing(images, include_refcount=True) == before
