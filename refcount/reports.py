@@ -168,6 +168,8 @@ class VerifyReport:
     """The tags that need each missing or corrupt blob a tag's image holds."""
     after: str | None = None
     """A slice hashed the blobs after this digest (None: from the first)."""
+    recounted: bool = True
+    """False for a deep run without its recount: only `corrupt` (and `lap`) say anything."""
     run: int | None = None
     """The id of this verify's record (None when the database is read-only)."""
 

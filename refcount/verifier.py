@@ -5,16 +5,16 @@ How it fits: the scheduler says when (`JobKind.VERIFY` every `verify_every`,
 `PeriodicVerify.request`, which returns at once, so a verify never holds up the
 batches for longer than one of them: the verifier thread runs it on a
 `Refcounter` of its own (a `Verifier`). A shallow verify takes the store's lock
-for its recount, as a full reconcile does; a deep slice recounts too, then
-hashes outside the lock at most `DeepSlice.max_blobs` blobs or for
+for its recount, as a full reconcile does; a deep one only hashes (no recount,
+no lock: `recount=False`), at most `DeepSlice.max_blobs` blobs or for
 `DeepSlice.max_duration`, from the lap's cursor in the database.
 
 What a found problem does: it is logged once, when first found, with its digest
 and the tags that need it; it is counted in the metrics, and the verify itself
 recorded it in the database. Nothing is repaired or deleted (`verify --repair`
 stays a command). What is known wrong is kept here: the shallow problems (drift,
-missing blobs, unreadable manifests) as the last verify of either kind found
-them; a corrupt blob until a later slice hashes it again and finds it right, or
+missing blobs, unreadable manifests) as the last shallow verify found them; a
+corrupt blob until a later slice hashes it again and finds it right, or
 it left the store. /healthz says "degraded", with the reason, while anything is
 known wrong.
 """
@@ -51,6 +51,7 @@ class Verifier(Protocol):
         repair: bool = False,
         max_blobs: int | None = None,
         max_duration: timedelta | None = None,
+        recount: bool = True,
     ) -> VerifyReport: ...
 
     def verify_status(self) -> VerifyStatus: ...
@@ -178,8 +179,13 @@ class PeriodicVerify:
         cut = self.deep_slice if deep else DeepSlice()
         try:
             with interrupts.cancelled_by(self._stop):
+                # A deep run only hashes: the shallow ones recount, under the
+                # store's lock, which a deep one then never takes.
                 report = self.verifier.verify(
-                    deep=deep, max_blobs=cut.max_blobs, max_duration=cut.max_duration
+                    deep=deep,
+                    max_blobs=cut.max_blobs,
+                    max_duration=cut.max_duration,
+                    recount=not deep,
                 )
         except interrupts.Interrupted:
             log.debug("verify: interrupted by the daemon's stop")
@@ -207,7 +213,8 @@ class PeriodicVerify:
             kept = {
                 k: v
                 for k, v in before.items()
-                if k[0] == "corrupt" and not _covered(report, k[1]) and k not in corrupt
+                if (k[0] == "corrupt" and not _covered(report, k[1]) and k not in corrupt)
+                or (k[0] != "corrupt" and not report.recounted)
             }
             self._known = found | kept | corrupt
             known = dict(self._known)

@@ -355,7 +355,9 @@ class ScriptedVerifier:
         repair: bool = False,
         max_blobs: int | None = None,
         max_duration: timedelta | None = None,
+        recount: bool = True,
     ) -> VerifyReport:
+        assert recount is not deep  # the daemon's deep runs only hash
         self.calls.append((deep, max_blobs))
         while not self.go.wait(0.01):
             interrupts.checkpoint()  # as the real scan and hashing do between blobs
@@ -380,6 +382,7 @@ def deep_slice(after: str | None, through: str, **found: object) -> VerifyReport
         after=after,
         lap=lap,
         checked=3,
+        recounted=False,
         **found,  # type: ignore[arg-type]
     )
 
@@ -457,6 +460,22 @@ def test_a_corrupt_blob_stays_known_until_a_slice_hashes_it_again() -> None:
     assert verifier.calls == [(True, 3)] * 3  # each deep run one slice of at most 3 blobs
     assert r.value("refcount_verify_deep_lap_progress_ratio") == 0.5
     assert r.value("refcount_verify_blobs_hashed_total") == 9
+
+
+def test_a_deep_run_that_only_hashes_keeps_what_the_shallow_one_found() -> None:
+    verifier = ScriptedVerifier(shallow(missing=(A,)), deep_slice(None, B))
+    r, periodic = verify_rig(verifier, verify_every=10.0, deep_every=15.0)
+    try:
+        r.at(10.0)
+        assert periodic.wait_done(1)
+        r.at(5.0)
+        assert periodic.wait_done(2)
+    finally:
+        periodic.stop()
+    assert verifier.calls == [(False, None), (True, 3)]
+    assert r.value("refcount_verify_problems", problem="missing") == 1
+    assert r.value("refcount_verify_ok", kind="deep") == 1
+    assert r.daemon.health().detail["reason"] == f"verify found 1 missing: {A}"
 
 
 def test_the_gauges_start_from_the_recorded_verifies() -> None:

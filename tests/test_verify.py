@@ -315,3 +315,38 @@ def test_bad_verify_options_of_the_daemon_are_refused_with_exit_2(
     assert ran.returncode == 2 and needle in ran.stderr, ran.stderr
     assert ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr
     assert listing(images, include_refcount=True) == before
+
+
+def test_a_deep_run_without_its_recount_hashes_without_the_lock_and_checks_sizes(
+    images: Path,
+) -> None:
+    with refcount.open(images) as rc:
+        rc.init()
+    changed = sha256_digest(b"layer 6")
+    blob_path(images, changed).write_bytes(b"layer 60")  # one byte longer
+    reports = []
+    with Store(images).locked():  # a writer holds the lock all along
+
+        def run() -> None:
+            with refcount.open(images) as rc:
+                reports.append(rc.verify(deep=True, max_blobs=100, recount=False))
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "the hash-only verify waited for the store's lock"
+    [report] = reports
+    assert not report.recounted and report.checked == len(blob_files(images))
+    assert [(c.digest, c.reason) for c in report.corrupt] == [
+        (changed, f"content hashes to {sha256_digest(b'layer 60').split(':')[1]}")
+    ]
+    assert report.drift == () and report.missing == () and report.run is not None
+
+
+def test_a_verify_without_its_recount_must_be_deep(images: Path) -> None:
+    with refcount.open(images) as rc:
+        rc.init()
+        with pytest.raises(refcount.RefcountError, match="must be --deep"):
+            rc.verify(recount=False)
+        with pytest.raises(refcount.RefcountError, match="without --repair"):
+            rc.verify(deep=True, repair=True, recount=False)

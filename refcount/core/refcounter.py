@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -43,7 +44,7 @@ from refcount.db.engine import Engine, current_revision, default_url, transactio
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
 from refcount.errors import ConcurrentChange, InvalidOption
-from refcount.oci import Digest
+from refcount.oci import Descriptor, Digest
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
@@ -263,6 +264,7 @@ class Refcounter:
         repair: bool = False,
         max_blobs: int | None = None,
         max_duration: timedelta | None = None,
+        recount: bool = True,
     ) -> VerifyReport:
         """Recount from scratch and compare with the database (SPEC §5); record it.
 
@@ -276,7 +278,13 @@ class Refcounter:
         `deep` also hashes blobs, outside the store's lock (writers go on; a blob
         freed meanwhile is skipped): all of them, or with `max_blobs` and/or
         `max_duration` one slice of the deep lap (`refcount.core.verifying`).
+        `recount=False` (deep only) skips the recount and never takes the lock:
+        the files are listed, sizes compared with the database's, and only
+        corrupt blobs are reported (the daemon's deep slices: its shallow
+        verifies recount).
         """
+        if not recount and (not deep or repair):
+            raise InvalidOption("a verify without its recount must be --deep, without --repair")
         if (max_blobs is not None or max_duration is not None) and not deep:
             raise InvalidOption("--slice and --max-duration need --deep")
         if max_blobs is not None and max_blobs < 1:
@@ -290,7 +298,9 @@ class Refcounter:
             self.opening.writer()
         else:
             self.opening.reader()
-        if self.opening.mode is Mode.READ:
+        if not recount:
+            found, report = self._listing()
+        elif self.opening.mode is Mode.READ:
             found, report = self._verify(repair=False)
         else:
             with self._writing():
@@ -341,6 +351,19 @@ class Refcounter:
             )
             needed = verifying.needed_by(repo, report.missing)
         return found, replace(report, needed_by=needed)
+
+    def _listing(self) -> tuple[scanning.Scan, VerifyReport]:
+        """What a deep run without its recount hashes: every file in blobs/, with the
+        sizes the database holds for the live ones (no lock taken)."""
+        files, _problems = self.store.list_blobs()  # reported by the recounting verifies
+        with transaction(self.engine, write=False) as repo:
+            sizes = repo.sizes()
+            roots = repo.count_roots()
+        hints = {d: Descriptor(d, None, size) for d, size in sizes.items() if size is not None}
+        found = scanning.Scan((), Counter(), files, hints)
+        return found, VerifyReport(
+            deep=False, repaired=False, roots=roots, live=len(sizes), recounted=False
+        )
 
     def _hash(
         self,
