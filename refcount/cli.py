@@ -349,6 +349,8 @@ def verify(
         refcount verify --deep --max-duration 10m   # one slice of the deep lap
         refcount verify --last
     """
+    if last and (deep or repair or max_blobs is not None or max_duration is not None):
+        raise typer.BadParameter("--last runs nothing: it takes no other verify option")
     with _settings(ctx).counter() as rc:
         if last:
             render(ctx, rc.verify_status())

@@ -257,6 +257,8 @@ def test_a_deep_slice_prints_the_lap_and_exits_1_on_a_corrupt_blob(cli: Cli, ima
         (["--deep", "--max-duration", "0"], "--max-duration 0s: must be longer than 0"),
         (["--deep", "--max-duration", "soon"], "'soon': invalid duration"),
         (["--deep", "--slice", "many"], "Invalid value for '--slice'"),
+        (["--last", "--deep"], "--last runs nothing: it takes no other verify option"),
+        (["--last", "--repair"], "--last runs nothing"),
     ],
 )
 def test_bad_slice_options_are_refused_and_change_nothing(
