@@ -43,7 +43,7 @@ from refcount.core.sweep import collect
 from refcount.db.engine import Engine, current_revision, default_url, transaction
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
-from refcount.errors import ConcurrentChange, InvalidOption
+from refcount.errors import ConcurrentChange
 from refcount.oci import Descriptor, Digest
 from refcount.reports import (
     BlobInfo,
@@ -283,16 +283,13 @@ class Refcounter:
         corrupt blobs are reported (the daemon's deep slices: its shallow
         verifies recount).
         """
-        if not recount and (not deep or repair):
-            raise InvalidOption("a verify without its recount must be --deep, without --repair")
-        if (max_blobs is not None or max_duration is not None) and not deep:
-            raise InvalidOption("--slice and --max-duration need --deep")
-        if max_blobs is not None and max_blobs < 1:
-            raise InvalidOption(f"--slice {max_blobs}: must be 1 or more blobs")
-        if max_duration is not None and max_duration <= timedelta(0):
-            raise InvalidOption(
-                f"--max-duration {max_duration.total_seconds():g}s: must be longer than 0"
-            )
+        verifying.check_options(
+            deep=deep,
+            repair=repair,
+            max_blobs=max_blobs,
+            max_duration=max_duration,
+            recount=recount,
+        )
         at, started = now(), time.monotonic()
         if repair:
             self.opening.writer()
@@ -311,7 +308,7 @@ class Refcounter:
         if deep:
             sliced = max_blobs is not None or max_duration is not None
             deadline = None if max_duration is None else started + max_duration.total_seconds()
-            report = self._hash(found, report, max_blobs if sliced else None, deadline, sliced, at)
+            report = self._hash(found, report, max_blobs, deadline, sliced, at)
         if self.opening.mode is Mode.READ:
             return report
         with interrupts.deferred(), transaction(self.engine) as repo:

@@ -17,12 +17,34 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from refcount.core.reconcile import tags_needing
 from refcount.db.repo import DEEP_CURSOR, DEEP_LAP_STARTED, Repo
+from refcount.errors import InvalidOption
 from refcount.reports import Finding, Lap, NeededBy, VerifyReport, VerifyRun, VerifyStatus
 from refcount.units import human_size
+
+
+def check_options(
+    *,
+    deep: bool,
+    repair: bool,
+    max_blobs: int | None,
+    max_duration: timedelta | None,
+    recount: bool,
+) -> None:
+    """Refuse a verify that cannot be run as asked (InvalidOption, exit 2)."""
+    if not recount and (not deep or repair):
+        raise InvalidOption("a verify without its recount must be --deep, without --repair")
+    if (max_blobs is not None or max_duration is not None) and not deep:
+        raise InvalidOption("--slice and --max-duration need --deep")
+    if max_blobs is not None and max_blobs < 1:
+        raise InvalidOption(f"--slice {max_blobs}: must be 1 or more blobs")
+    if max_duration is not None and max_duration <= timedelta(0):
+        raise InvalidOption(
+            f"--max-duration {max_duration.total_seconds():g}s: must be longer than 0"
+        )
 
 
 def lap_position(repo: Repo, present: Sequence[str], at: datetime) -> tuple[str | None, datetime]:
