@@ -36,14 +36,9 @@ GLOBAL_FLAGS = frozenset({"--json", "--verbose", "--keep-referrers", "--keep-unt
 """The global options that take none (and -v, -vv, ...)."""
 COMMAND_VALUE_OPTIONS = frozenset(
     {
-        "--grace",
-        "--debounce",
-        "--resync",
-        "--gc-interval",
-        "--metrics-addr",
-        "--log-format",
-        "--tag",
-        "--lease-ttl",
+        *("--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"),
+        *("--tag", "--lease-ttl"),
+        *("--slice", "--max-duration", "--verify-every", "--deep-every", "--deep-slice"),
     }
 )
 """The options of commands that take a value."""

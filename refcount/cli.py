@@ -40,13 +40,14 @@ from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, nor
 from refcount.core import Progress, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
-from refcount.durations import parse_duration
+from refcount.durations import parse_amount, parse_duration
 from refcount.errors import ExitCode, InvalidDuration, NotServed, RefcountError
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
     DuReport,
     GcReport,
+    Lap,
     LeaseInfo,
     MassFree,
     PluginsReport,
@@ -55,6 +56,7 @@ from refcount.reports import (
     TagInfo,
     TouchReport,
     VerifyReport,
+    VerifyStatus,
     to_json,
 )
 from refcount.units import human_size, plural
@@ -343,10 +345,50 @@ def verify(
             "--repair", help="Rewrite the database to match the disk (never deletes content)."
         ),
     ] = False,
+    max_blobs: Annotated[
+        int | None,
+        typer.Option(
+            "--slice",
+            metavar="N",
+            help="With --deep: hash at most N blobs, resuming the deep lap where it stopped.",
+        ),
+    ] = None,
+    max_duration: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="With --deep: hash for at most DURATION (e.g. 2m), resuming the deep lap.",
+        ),
+    ] = None,
+    last: Annotated[
+        bool,
+        typer.Option(
+            "--last", help="Show the latest recorded shallow and deep verify; run nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Recount from scratch and compare with the database; exit 1 on any disagreement."""
+    """Recount from scratch and compare with the database; exit 1 on any disagreement.
+
+    Every verify is recorded in the database; --last prints the latest of each
+    kind (exit 1 when it found a problem) and the deep lap's progress.
+
+    \b
+    Example:
+        refcount verify --deep --max-duration 10m   # one slice of the deep lap
+        refcount verify --last
+    """
+    if last and (deep or repair or max_blobs is not None or max_duration is not None):
+        raise typer.BadParameter("--last runs nothing: it takes no other verify option")
     with _settings(ctx).counter() as rc:
-        report = rc.verify(deep=deep, repair=repair)
+        if last:
+            render(ctx, rc.verify_status())
+            return
+        report = rc.verify(
+            deep=deep,
+            repair=repair,
+            max_blobs=max_blobs,
+            max_duration=None if max_duration is None else parse_duration(max_duration),
+        )
     render(ctx, report)
 
 
@@ -539,10 +581,32 @@ def watch(
             help="text, or json: one JSON object per line.",
         ),
     ] = "text",
+    verify_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between shallow verifies, e.g. 6h (default off).",
+        ),
+    ] = None,
+    deep_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Interval between deep verifies, each one slice of the lap (default off).",
+        ),
+    ] = None,
+    deep_slice: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|DURATION",
+            help="What one deep verify hashes: N blobs (50000) or for DURATION (2m); "
+            "default every blob.",
+        ),
+    ] = None,
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
     reconcile fully)."""
-    from refcount.watch import WatchOptions, run_daemon
+    from refcount.watch import DeepSlice, WatchOptions, run_daemon
 
     settings = _settings(ctx)
     _configure_logging(log_format)
@@ -551,8 +615,18 @@ def watch(
         # One line per batch is the daemon's own; what each sync did only with -v.
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_sync_details)
+    amount = None if deep_slice is None else parse_amount(deep_slice)
     options = WatchOptions(
-        debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
+        debounce,
+        parse_duration(resync),
+        metrics_addr,
+        parse_duration(gc_interval),
+        verify_every=None if verify_every is None else parse_duration(verify_every),
+        deep_every=None if deep_every is None else parse_duration(deep_every),
+        deep_slice=DeepSlice(
+            max_blobs=amount if isinstance(amount, int) else None,
+            max_duration=amount if isinstance(amount, timedelta) else None,
+        ),
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may
@@ -719,14 +793,19 @@ def _exact_size(n: int | None) -> str:
 
 def _verify_text(report: VerifyReport) -> list[str]:
     repaired = " (repaired)" if report.repaired else ""
+    tags = {n.digest: n.tags for n in report.needed_by}
     lines = [
         f"drift {d.digest}: expected {d.expected}, recorded {d.recorded}{repaired}"
         if d.expected_state is None
         else f"drift {d.digest}: state is {d.expected_state}, recorded {d.recorded_state}{repaired}"
         for d in report.drift
     ]
-    lines += [f"missing {d}: referenced but not in blobs/" for d in report.missing]
-    lines += [f"corrupt {c.digest}: {c.reason}" for c in report.corrupt]
+    lines += [
+        f"missing {d}: referenced but not in blobs/{_needed(tags.get(d))}" for d in report.missing
+    ]
+    lines += [
+        f"corrupt {c.digest}: {c.reason}{_needed(tags.get(c.digest))}" for c in report.corrupt
+    ]
     lines += [f"problem {p}" for p in report.problems]
     lines += [
         f"orphan {a.digest}: {_size(a.size)}, {a.age_seconds:.0f}s old" for a in report.orphans
@@ -745,11 +824,61 @@ def _verify_text(report: VerifyReport) -> list[str]:
             "behind (the store is read-only, so it could not catch up); counts not compared: "
             "run `refcount sync` where the store is writable"
         )
+    if report.lap is not None:
+        lines.append(f"deep: {_lap_text(report.lap)}")
     status = "OK" if report.ok else "FAILED"
     lines.append(
         f"{status}: {plural(report.roots, 'root')}, {plural(report.live, 'live blob')}"
-        + (", content hashed" if report.deep else "")
+        + (f", {plural(report.checked, 'blob')} hashed" if report.deep else "")
     )
+    return lines
+
+
+def _needed(tags: tuple[str, ...] | None) -> str:
+    """` (needed by a, b)` for a missing or corrupt blob a tag's image holds."""
+    if tags is None:
+        return ""
+    return f" (needed by {', '.join(tags)})" if tags else " (needed by untagged roots only)"
+
+
+def _lap_text(lap: Lap) -> str:
+    started = "" if lap.started is None else f", lap started {lap.started:%Y-%m-%d %H:%M:%S} UTC"
+    done = "; lap complete, the next slice starts a new one" if lap.done >= lap.total else ""
+    return f"{lap.percent:.0f}% of blobs checked this lap{started}{done}"
+
+
+def _status_text(status: VerifyStatus) -> list[str]:
+    """`verify --last`: the latest run of each kind, its findings, and the lap."""
+    lines: list[str] = []
+    for name, run in (("shallow", status.shallow), ("deep", status.deep)):
+        if run is None:
+            lines.append(f"{name}: never run")
+            continue
+        counts = ", ".join(
+            f"{n} {kind}"
+            for kind, n in (
+                ("drift", run.drift),
+                ("missing", run.missing),
+                ("corrupt", run.corrupt),
+                ("orphans", run.orphans),
+                ("problems", run.problems),
+            )
+            if n
+        )
+        what = ""
+        if run.deep:
+            what = f"{'a slice, ' if run.sliced else ''}{plural(run.checked, 'blob')} hashed, "
+        lines.append(
+            f"{name}: {'OK' if run.ok else 'FAILED'} at {run.at:%Y-%m-%d %H:%M:%S} UTC "
+            f"({what}{run.seconds:.1f} s){': ' + counts if counts else ''}"
+        )
+        lines += [
+            f"  {f.kind} {f.digest or ''}{': ' if f.digest else ''}{f.detail}"
+            + (_needed(f.tags) if f.tags else "")
+            for f in run.findings
+        ]
+    if status.lap is not None:
+        lines.append(f"deep lap: {_lap_text(status.lap)}")
     return lines
 
 
@@ -834,6 +963,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     DeleteReport: _delete_text,
     SyncReport: _sync_text,
     VerifyReport: _verify_text,
+    VerifyStatus: _status_text,
     GcReport: _gc_text,
     BlobInfo: _show_text,
     DuReport: _du_text,

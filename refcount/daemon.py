@@ -63,6 +63,7 @@ from refcount.metrics import Health, Metrics
 from refcount.reports import DeleteReport, GcReport, Stats, SyncReport, VerifyReport
 from refcount.scheduler import Invalid, Job, JobKind, PathSet, Scheduler, Timing
 from refcount.units import human_size
+from refcount.verifier import PeriodicVerify
 
 # The daemon's lines are one log, whichever module writes them (`--log-format
 # json` names the logger of each line).
@@ -138,8 +139,12 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.monotonic,
         watch: WatchFactory = StoreWatch,
+        verify: PeriodicVerify | None = None,
     ) -> None:
+        """`verify` runs the periodic verifies (`Timing.verify_every`,
+        `Timing.deep_every`) beside the worker; without it they are not run."""
         self.collector = collector
+        self.verify = verify
         self.store = store
         self.timing = timing
         self.metrics = metrics or Metrics()
@@ -222,7 +227,10 @@ class Daemon:
             pending = self._scheduler.has_work
         observer_ok = self.events.alive()
         worker_ok = self._worker.is_alive()
+        degraded = None if self.verify is None else self.verify.degraded()
+        ok = worker_ok and observer_ok and self._last_success is not None
         detail = {
+            "status": "down" if not ok else "ok" if degraded is None else "degraded",
             "store": str(self.store),
             "worker": worker_ok,
             "observer": observer_ok,
@@ -230,7 +238,11 @@ class Daemon:
             "last_success_unix": self._last_success,
             "index_invalid_seconds": None if invalid is None else invalid.lasting,
         }
-        return Health(worker_ok and observer_ok and self._last_success is not None, detail)
+        if degraded is not None:
+            # Degraded, not down: restarting the daemon cannot fix the store, so the
+            # HTTP status stays 200 and the body says what is wrong.
+            detail["reason"] = degraded
+        return Health(ok, detail)
 
     # --- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -239,9 +251,13 @@ class Daemon:
         self.events.start()
         self.request_full("start")
         self._worker.start()
+        if self.verify is not None:
+            self.verify.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self.request_stop()
+        if self.verify is not None:
+            self.verify.stop(timeout)
         if self._worker.is_alive():
             self._worker.join(timeout)
         self.events.close()
@@ -302,6 +318,9 @@ class Daemon:
                 self._run_gc(job)
             case JobKind.SERVED:
                 self._record_served(job.reports)
+            case JobKind.VERIFY | JobKind.DEEP:
+                if self.verify is not None:
+                    self.verify.request(deep=job.kind is JobKind.DEEP)
             case _:
                 self._reconcile(job)
 

@@ -46,6 +46,9 @@ DURATION_BUCKETS = (
 )
 
 
+VERIFY_PROBLEMS = ("drift", "missing", "corrupt", "problem", "orphan")
+
+
 @dataclass(frozen=True)
 class Health:
     """What /healthz answers: 200 when `ok`, else 503; `detail` is the JSON body."""
@@ -157,6 +160,46 @@ class Metrics:
             "Unix time of the last reconcile that succeeded.",
             registry=r,
         )
+        self.verify_last = Gauge(
+            "refcount_verify_last_timestamp_seconds",
+            "Unix time of the last verify, by kind (shallow: recount; deep: a slice hashed).",
+            ["kind"],
+            registry=r,
+        )
+        self.verify_last_ok = Gauge(
+            "refcount_verify_last_success_timestamp_seconds",
+            "Unix time of the last verify, by kind, that found no problem.",
+            ["kind"],
+            registry=r,
+        )
+        self.verify_ok = Gauge(
+            "refcount_verify_ok",
+            "1 when the last verify of the kind found no problem, 0 when it found some.",
+            ["kind"],
+            registry=r,
+        )
+        self.verify_problems = Gauge(
+            "refcount_verify_problems",
+            "Problems the verifies found and no later verify cleared, by problem: drift, "
+            "missing, corrupt, problem (a manifest that cannot be read); orphan: the orphans "
+            "the last verify listed (not a failure).",
+            ["problem"],
+            registry=r,
+        )
+        self.verify_lap = Gauge(
+            "refcount_verify_deep_lap_progress_ratio",
+            "How much of the blobs present the current deep lap has hashed (0 to 1).",
+            registry=r,
+        )
+        self.verify_hashed = Counter(
+            "refcount_verify_blobs_hashed",
+            "Blobs whose content the daemon's deep verifies hashed.",
+            registry=r,
+        )
+        # No verify_ok sample before the first verify of a kind: a 0 would read as
+        # "problems found" to an alert.
+        for problem in VERIFY_PROBLEMS:
+            self.verify_problems.labels(problem)
         for kind in ("batch", "full"):
             self.batches.labels(kind)
         for kind in ("batch", "full", "gc"):
@@ -223,6 +266,28 @@ class Metrics:
         self.quarantined_bytes.set(stats.quarantined_bytes)
         self.problem_blobs.set(stats.problems)
         self.mass_free_held.set(stats.mass_free_held_blobs)
+
+    def record_verify(
+        self,
+        kind: str,
+        *,
+        at: float,
+        ok: bool,
+        problems: dict[str, int],
+        lap: float | None = None,
+        hashed: int = 0,
+    ) -> None:
+        """A verify of `kind` (shallow or deep) done at unix time `at`; `problems` by
+        kind (VERIFY_PROBLEMS); `lap`, the deep lap's progress from 0 to 1."""
+        self.verify_last.labels(kind).set(at)
+        if ok:
+            self.verify_last_ok.labels(kind).set(at)
+        self.verify_ok.labels(kind).set(1 if ok else 0)
+        for problem in VERIFY_PROBLEMS:
+            self.verify_problems.labels(problem).set(problems.get(problem, 0))
+        if lap is not None:
+            self.verify_lap.set(lap)
+        self.verify_hashed.inc(hashed)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -154,6 +154,33 @@ class Corrupt:
 
 
 @dataclass(frozen=True)
+class NeededBy:
+    """A missing or corrupt blob, and the tags whose image holds it."""
+
+    digest: str
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Lap:
+    """How far the deep lap has come: every blob present is hashed once per lap,
+    in digest order, a slice at a time (`verify --deep --slice/--max-duration`)."""
+
+    started: datetime | None
+    """When the lap's first slice ran; None before any."""
+    cursor: str | None
+    """The last digest hashed this lap; None at the start of a lap."""
+    done: int
+    """Blobs present now whose digest is at or before the cursor: checked this lap."""
+    total: int
+    """Blobs present now."""
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if not self.total else 100.0 * self.done / self.total
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     deep: bool
     repaired: bool
@@ -173,6 +200,20 @@ class VerifyReport:
     expired_leases: tuple[LeaseInfo, ...] = ()
     """Leases past their expiry (a push that crashed): `gc` clears them. Reported, not
     a failure: what they held is counted like any orphan."""
+    checked: int = 0
+    """Blobs whose content was hashed (deep only)."""
+    sliced: bool = False
+    """A deep slice: only the blobs after the lap's cursor were hashed (`lap`)."""
+    lap: Lap | None = None
+    """The lap's progress after this slice (sliced deep only)."""
+    needed_by: tuple[NeededBy, ...] = ()
+    """The tags that need each missing or corrupt blob a tag's image holds."""
+    after: str | None = None
+    """A slice hashed the blobs after this digest (None: from the first)."""
+    recounted: bool = True
+    """False for a deep run without its recount: only `corrupt` (and `lap`) say anything."""
+    run: int | None = None
+    """The id of this verify's record (None when the database is read-only)."""
 
     @property
     def ok(self) -> bool:
@@ -181,6 +222,58 @@ class VerifyReport:
         states: they are reported (a mass free loudly), not failures."""
         drift = self.drift and not self.repaired
         return not (drift or self.missing or self.corrupt or self.problems or self.behind)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.ok else ExitCode.PROBLEM
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a recorded verify found."""
+
+    kind: str
+    """drift, missing, corrupt, orphan or problem."""
+    digest: str | None
+    detail: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """A verify as recorded: when, which kind, what it hashed and found."""
+
+    id: int
+    at: datetime
+    seconds: float
+    deep: bool
+    sliced: bool
+    checked: int
+    ok: bool
+    drift: int
+    missing: int
+    corrupt: int
+    orphans: int
+    problems: int
+    after: str | None = None
+    """A slice hashed the blobs after this digest (None: from the first)..."""
+    through: str | None = None
+    """...up to and including this one (None: nothing hashed)."""
+    findings: tuple[Finding, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyStatus:
+    """`verify --last`: the latest shallow and deep verify and the lap, nothing run."""
+
+    shallow: VerifyRun | None
+    deep: VerifyRun | None
+    lap: Lap | None
+
+    @property
+    def ok(self) -> bool:
+        """The latest verify of each kind found nothing (or none ran yet)."""
+        return all(run is None or run.ok for run in (self.shallow, self.deep))
 
     @property
     def exit_code(self) -> ExitCode:

@@ -26,7 +26,10 @@ What it decides, in the order `next_job` weighs it:
    lost events or a failed batch;
 5. a batch of the paths noticed so far, once no event came for `debounce`
    seconds, or `max_delay` after the first one when events never stop;
-6. gc every `gc_interval`.
+6. gc every `gc_interval`;
+7. a shallow verify every `verify_every`, then one deep slice every
+   `deep_every` (each off when None). The daemon runs them beside the
+   worker, so a long one never holds up the batches.
 
 After a failure, 4 and 5 wait for a backoff that doubles from `retry_first`
 to `retry_max`; a new event ends the wait (the file changed: worth re-reading
@@ -100,6 +103,10 @@ class Timing:
     first gap between repeated warnings about any invalid store."""
     warning_max: float = INVALID_WARNING_MAX
     """Longest gap between repeated warnings about an invalid store."""
+    verify_every: float | None = None
+    """Interval between shallow verifies (recount and compare); None: never."""
+    deep_every: float | None = None
+    """Interval between deep verify slices (hash the lap's next blobs); None: never."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin.
@@ -108,6 +115,10 @@ class Timing:
         for name in ("resync", "gc_interval", "health_interval", "retry_first"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)}: must be more than 0 seconds")
+        for name in ("verify_every", "deep_every"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} {value}: must be more than 0 seconds")
 
     @property
     def max_delay(self) -> float:
@@ -150,6 +161,10 @@ class JobKind(StrEnum):
     """Reconcile everything (`Job.reasons` say why); `Job.paths` are covered by it."""
     GC = "gc"
     """A full reconcile, then gc; `Job.paths` are covered by the reconcile."""
+    VERIFY = "verify"
+    """Start a shallow verify (recount and compare)."""
+    DEEP = "deep"
+    """Start a deep verify slice (the lap's next blobs hashed)."""
     HEALTH = "health"
     """Check the observer; with `Job.reasons`, events were lost: rebuild it."""
     SERVED = "served"
@@ -222,6 +237,11 @@ class _Spell:
     warned_any: bool = False
 
 
+def _due(now: float, every: float | None) -> float:
+    """When a periodic job is next due: `every` from now, or never (None)."""
+    return float("inf") if every is None else now + every
+
+
 class Scheduler:
     """When to apply batches, reconcile, gc and check the observer; see the module
     docstring. Not thread-safe: the daemon calls it under its own lock."""
@@ -246,6 +266,8 @@ class Scheduler:
         self._health_due = now + timing.health_interval
         self._resync_due = now + timing.resync
         self._gc_due = now + timing.gc_interval
+        self._verify_due = _due(now, timing.verify_every)
+        self._deep_due = _due(now, timing.deep_every)
 
     # --- requests ---------------------------------------------------------------
     def notice(self, paths: PathSet, now: float) -> None:
@@ -307,12 +329,24 @@ class Scheduler:
         if now >= self._gc_due:
             self._gc_due = now + timing.gc_interval
             return Job(JobKind.GC, self._pending.take(), ("before gc",), self._seen)
+        if now >= self._verify_due:
+            self._verify_due = _due(now, timing.verify_every)
+            return Job(JobKind.VERIFY)
+        if now >= self._deep_due:
+            self._deep_due = _due(now, timing.deep_every)
+            return Job(JobKind.DEEP)
         return None
 
     def deadline(self, now: float) -> float:
         """When something falls due if nothing else is requested (never before
         `now + MIN_WAIT`). Call it after `next_job(now)` returned None."""
-        deadlines = [self._resync_due, self._health_due, self._gc_due]
+        deadlines = [
+            self._resync_due,
+            self._health_due,
+            self._gc_due,
+            self._verify_due,
+            self._deep_due,
+        ]
         if self._full_reasons:
             deadlines.append(self._retry_at)
         if self._pending:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -37,10 +37,11 @@ from refcount.layout import SOCKET, state_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
 from refcount.serve import CommandServer, Handler
+from refcount.verifier import DeepSlice, PeriodicVerify, Verifier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CannotWatch", "InvalidOption", "ReportSink", "WatchOptions", "run_daemon"]
+__all__ = ["CannotWatch", "DeepSlice", "InvalidOption", "ReportSink", "WatchOptions", "run_daemon"]
 
 ReportSink = Callable[[object], None]
 """Takes each report a served command renders; called on the serving thread."""
@@ -58,14 +59,33 @@ class WatchOptions:
     """HOST:PORT for /metrics and /healthz; None serves nothing."""
     gc_interval: timedelta = timedelta(minutes=5)
     """Interval between gc runs: orphans past the grace period, trash past its TTL."""
+    verify_every: timedelta | None = None
+    """Interval between shallow verifies; None (the default) runs none."""
+    deep_every: timedelta | None = None
+    """Interval between deep verify slices; None (the default) runs none."""
+    deep_slice: DeepSlice = field(default_factory=DeepSlice)
+    """How much one deep run hashes (every blob when unlimited)."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin on full reconciles.
         if not self.debounce >= 0:
             raise InvalidOption(f"--debounce {self.debounce}: must be 0 or more seconds")
-        for name, value in (("--resync", self.resync), ("--gc-interval", self.gc_interval)):
-            if value <= timedelta(0):
-                raise InvalidOption(f"{name} {value}: must be longer than 0")
+        for name, value in (
+            ("--resync", self.resync),
+            ("--gc-interval", self.gc_interval),
+            ("--verify-every", self.verify_every),
+            ("--deep-every", self.deep_every),
+            ("--deep-slice", self.deep_slice.max_duration),
+        ):
+            if value is not None and value <= timedelta(0):
+                raise InvalidOption(f"{name} {_duration(value)}: must be longer than 0")
+        if self.deep_slice.max_blobs is not None and self.deep_slice.max_blobs < 1:
+            raise InvalidOption(f"--deep-slice {self.deep_slice.max_blobs}: must be 1 or more")
+
+    @property
+    def verifies(self) -> bool:
+        """Periodic verifies are asked for (they need a Refcounter of their own)."""
+        return self.verify_every is not None or self.deep_every is not None
 
     def timing(self) -> Timing:
         """The scheduler's figures for these options (the rest at their defaults)."""
@@ -73,6 +93,8 @@ class WatchOptions:
             debounce=self.debounce,
             resync=self.resync.total_seconds(),
             gc_interval=self.gc_interval.total_seconds(),
+            verify_every=None if self.verify_every is None else self.verify_every.total_seconds(),
+            deep_every=None if self.deep_every is None else self.deep_every.total_seconds(),
         )
 
 
@@ -126,7 +148,9 @@ def run_daemon(
         store = rc.store
         lock = store.hold_daemon_lock()
         try:
-            _serve(rc, store.path, rc.policy, options, serve)
+            # The periodic verifies run on a thread and a Refcounter of their own.
+            with open_refcounter() if options.verifies else nullcontext() as verifier:
+                _serve(rc, store.path, rc.policy, options, serve, verifier)
         finally:
             store.release_daemon_lock(lock)
 
@@ -146,11 +170,13 @@ def _serve(
     policy: Policy,
     options: WatchOptions,
     serve: Callable[[ReportSink], Handler] | None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Run the daemon on `collector` with its servers until it stops; the caller
     holds the store's daemon lock. `policy` is only reported."""
     metrics = Metrics()
-    daemon = Daemon(collector, store, options.timing(), metrics)
+    periodic = None if verifier is None else PeriodicVerify(verifier, metrics, options.deep_slice)
+    daemon = Daemon(collector, store, options.timing(), metrics, verify=periodic)
     server = (
         MetricsServer(options.metrics_addr, metrics, daemon.health)
         if options.metrics_addr
@@ -168,6 +194,13 @@ def _serve(
         *map(_duration, (options.resync, options.gc_interval)),
         *map(_duration, (policy.grace, policy.trash_ttl)),
     )
+    if options.verifies:
+        log.info(
+            "verifying: shallow every %s, deep every %s (%s a run)",
+            "-" if options.verify_every is None else _duration(options.verify_every),
+            "-" if options.deep_every is None else _duration(options.deep_every),
+            options.deep_slice.describe(),
+        )
     try:
         with _signals(daemon):
             daemon.start()

@@ -621,15 +621,20 @@ def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> 
     return row
 
 
+WATCH_DEEP_SLICE = 1000
+"""Blobs per deep verify slice while bench_watch.py measures the watcher a second time."""
+
+
 def measure_watch(pristine: Path, work: Path, args: argparse.Namespace) -> Row:
     """scripts/bench_watch.py on a copy of the smallest store; its p50/p99 per scenario."""
     script = HERE / "bench_watch.py"
     row: Row = {"store_images": None, "single_p50_ms": None, "single_p99_ms": None}
     row |= {"burst_p50_ms": None, "burst_p99_ms": None, "output": None}
+    row |= {"deep_p50_ms": None, "deep_p99_ms": None, "deep_p99_ratio": None}
     if not script.exists():
         say("watcher latency: scripts/bench_watch.py not present")
         return row
-    extra = []
+    extra = ["--deep-slice", str(WATCH_DEEP_SLICE)]
     if args.watch_singles is not None:
         extra += ["--singles", str(args.watch_singles)]
     if args.watch_burst is not None:
@@ -646,10 +651,15 @@ def measure_watch(pristine: Path, work: Path, args: argparse.Namespace) -> Row:
     row["exit"] = done.returncode
     row["store_images"] = int(pristine.name.split("-")[1])
     for line in done.stdout.splitlines():
-        found = re.match(r"(single|burst)\s+n=\s*\d+\s+p50\s+([\d.]+) ms\s+p99\s+([\d.]+) ms", line)
+        found = re.match(
+            r"(single|burst|deep)\s+n=\s*\d+\s+p50\s+([\d.]+) ms\s+p99\s+([\d.]+) ms", line
+        )
         if found:
             row[f"{found.group(1)}_p50_ms"] = float(found.group(2))
             row[f"{found.group(1)}_p99_ms"] = float(found.group(3))
+        ratio = re.search(r"watcher p99 ([\d.]+) x the p99 without them", line)
+        if ratio:
+            row["deep_p99_ratio"] = float(ratio.group(1))
     for line in done.stdout.splitlines():
         say(f"  {line}")
     if done.returncode != 0:
@@ -717,21 +727,19 @@ def table(results: Row) -> str:
     header = ["images", *(label(int(n)) for n in sizes)]
     rows = [[name, *(_fmt(sizes[n].get(key), unit) for n in sizes)] for name, key, unit in TABLE]
     watch = results.get("watch") or {}
-    if watch.get("single_p50_ms") is not None:
-        at = label(watch["store_images"])
+    for scenario, what in (
+        ("single", "single"),
+        ("burst", "burst"),
+        ("deep", "single, deep verify slices running"),
+    ):
+        if watch.get(f"{scenario}_p50_ms") is None:
+            continue
+        ratio = watch.get("deep_p99_ratio") if scenario == "deep" else None
         rows.append(
             [
-                f"watcher latency p50/p99 (single, {at})",
-                f"{watch['single_p50_ms']:.1f} / {watch['single_p99_ms']:.1f} ms",
-                *([""] * (len(sizes) - 1)),
-            ]
-        )
-    if watch.get("burst_p50_ms") is not None:
-        at = label(watch["store_images"])
-        rows.append(
-            [
-                f"watcher latency p50/p99 (burst, {at})",
-                f"{watch['burst_p50_ms']:.1f} / {watch['burst_p99_ms']:.1f} ms",
+                f"watcher latency p50/p99 ({what}, {label(watch['store_images'])})",
+                f"{watch[f'{scenario}_p50_ms']:.1f} / {watch[f'{scenario}_p99_ms']:.1f} ms"
+                + ("" if ratio is None else f" ({ratio:.2f} x)"),
                 *([""] * (len(sizes) - 1)),
             ]
         )

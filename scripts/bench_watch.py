@@ -2,7 +2,7 @@
 """How long after an outside tool renames index.json is refcount's database right?
 
     bench_watch.py [--images 500] [--singles 100] [--burst 500] [--debounce 0.1]
-                   [--store DIR]
+                   [--deep-slice N] [--store DIR]
 
 Builds a store with scripts/mkstore.py (or uses --store, which must be a layout
 refcount may change), indexes it, and starts `refcount watch` as a subprocess,
@@ -22,11 +22,17 @@ read-only, every 0.5 ms, from this process.
 
 Prints p50/p99/max per scenario, the batches the daemon applied (from its
 /metrics), and the result of `refcount verify` at the end.
+
+With --deep-slice N, a second daemon then runs with `--deep-every 0.1s
+--deep-slice N` (deep verify slices back to back, each recounting the store
+and hashing N blobs) and the singles are measured again: the `deep` row, and
+its p99 as a ratio to the first run's (the floor measured in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=500, help="changes written back to back")
     p.add_argument("--debounce", type=float, default=0.1, help="the daemon's --debounce")
     p.add_argument("--store", type=Path, help="use this layout instead of generating one")
+    p.add_argument(
+        "--deep-slice",
+        type=int,
+        default=0,
+        help="also measure the singles while the daemon runs deep slices of N blobs (0: no)",
+    )
     return p.parse_args(argv)
 
 
@@ -156,11 +168,9 @@ def latencies(changes: list[tuple[float, str]], seen: list[tuple[float, str]]) -
 
 
 def summary(name: str, values: list[float]) -> str:
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return (
         f"{name:<8} n={len(values):<4} p50 {1000 * statistics.median(values):7.1f} ms   "
-        f"p99 {1000 * p99:7.1f} ms   max {1000 * ordered[-1]:7.1f} ms"
+        f"p99 {1000 * p99(values):7.1f} ms   max {1000 * max(values):7.1f} ms"
     )
 
 
@@ -197,35 +207,85 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         store = args.store or make_store(args.images, Path(tmp))
         run(refcount(store, "init"))
-        log_path = Path(tmp) / "watch.log"
-        with open(log_path, "wb") as log_file:
-            daemon = subprocess.Popen(
-                refcount(
-                    store,
-                    "watch",
-                    "--debounce",
-                    str(args.debounce),
-                    "--metrics-addr",
-                    "127.0.0.1:0",
-                ),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                return bench(args, store, daemon, log_path)
-            finally:
-                daemon.terminate()
-                daemon.wait(10)
+        with daemon_on(store, args, Path(tmp) / "watch.log") as log_path:
+            code, floor = bench(args, store, log_path)
+        if not args.deep_slice or code != 0:
+            return code
+        deep = ["--deep-every", "0.1s", "--deep-slice", str(args.deep_slice)]
+        with daemon_on(store, args, Path(tmp) / "watch-deep.log", deep) as log_path:
+            return bench_during_deep(args, store, log_path, floor)
 
 
-def bench(
-    args: argparse.Namespace, store: Path, daemon: subprocess.Popen[bytes], log_path: Path
-) -> int:
+@contextlib.contextmanager
+def daemon_on(
+    store: Path, args: argparse.Namespace, log_path: Path, extra: Sequence[str] = ()
+) -> Iterator[Path]:
+    """`refcount watch` on the store, its log in `log_path`, stopped on leaving."""
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen(
+            refcount(
+                store,
+                "watch",
+                *("--debounce", str(args.debounce), "--metrics-addr", "127.0.0.1:0"),
+                *extra,
+            ),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield log_path
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+
+
+def started(log_path: Path) -> str:
+    """The daemon's metrics address, once its start-up reconcile is applied."""
     address = wait(
         lambda: re.search(r"serving metrics on http://(\S+)/metrics", log_path.read_text()),
         "the daemon to start",
     ).group(1)
     wait(lambda: "full reconcile (start)" in log_path.read_text(), "the start-up reconcile")
+    return str(address)
+
+
+def measure_singles(index: Index, poller: Poller, number: int) -> list[float]:
+    singles = []
+    for _ in range(number):
+        begun, wanted = index.change()
+        singles.append(poller.wait_for(wanted) - begun)
+    return singles
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def bench_during_deep(
+    args: argparse.Namespace, store: Path, log_path: Path, floor: list[float]
+) -> int:
+    """The singles again while deep slices run back to back; p99 as a ratio to `floor`."""
+    started(log_path)
+    wait(lambda: "verify (deep slice)" in log_path.read_text(), "the first deep slice")
+    poller = Poller(store)
+    poller.start()
+    deep = measure_singles(Index(store), poller, args.singles)
+    poller.stop.set()
+    poller.join()
+    slices = log_path.read_text().count("verify (deep slice)")
+    print(summary("deep", deep))
+    print(
+        f"deep     {slices} deep slices of {args.deep_slice} blobs ran meanwhile; watcher p99 "
+        f"{p99(deep) / p99(floor):.2f} x the p99 without them"
+    )
+    verify = subprocess.run(refcount(store, "verify"), capture_output=True, text=True)
+    return verify.returncode
+
+
+def bench(args: argparse.Namespace, store: Path, log_path: Path) -> tuple[int, list[float]]:
+    """The singles and the burst; verify's exit code and the singles' latencies."""
+    address = started(log_path)
     index = Index(store)
     blobs = sum(1 for _ in (store / "blobs" / "sha256").iterdir())
     print(
@@ -236,10 +296,7 @@ def bench(
     poller.start()
     before = settled(address, args.debounce)
 
-    singles = []
-    for _ in range(args.singles):
-        started, wanted = index.change()
-        singles.append(poller.wait_for(wanted) - started)
+    singles = measure_singles(index, poller, args.singles)
     print(summary("single", singles))
 
     middle = settled(address, args.debounce)
@@ -271,7 +328,7 @@ def bench(
     )
     verify = subprocess.run(refcount(store, "verify"), capture_output=True, text=True)
     print(f"verify: exit {verify.returncode}: {verify.stdout.strip().splitlines()[-1]}")
-    return verify.returncode
+    return verify.returncode, singles
 
 
 if __name__ == "__main__":

@@ -11,18 +11,36 @@ store, database, observer or sleep. tests/test_watch.py runs the real thing.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from refcount import interrupts
 from refcount.core import Changes
 from refcount.daemon import Daemon
 from refcount.errors import InvalidStore, UnparsableIndex
 from refcount.events import OnLost, OnPaths
-from refcount.reports import Aged, BlobRef, DeleteReport, GcReport, Stats, SyncReport
+from refcount.reports import (
+    Aged,
+    BlobRef,
+    Corrupt,
+    DeleteReport,
+    GcReport,
+    Lap,
+    NeededBy,
+    Stats,
+    SyncReport,
+    VerifyReport,
+    VerifyRun,
+    VerifyStatus,
+)
 from refcount.scheduler import PathSet, Timing
+from refcount.verifier import DeepSlice, PeriodicVerify
 
 STORE = Path("/srv/store")
 A = "sha256:" + "a" * 64
@@ -313,3 +331,190 @@ def test_a_stop_applies_what_was_noticed_once_without_waiting_for_quiet() -> Non
     assert r.collector.calls == [(100.0, "sync", Changes(blobs=frozenset({A})))]
     assert r.daemon.applied_epoch == r.daemon.seen_epoch
     assert r.at(0.0) == 1 and len(r.collector.calls) == 1  # nothing left to apply
+
+
+# --- periodic verifies -------------------------------------------------------------
+B = "sha256:" + "b" * 64
+C = "sha256:" + "c" * 64
+
+
+class ScriptedVerifier:
+    """A test verifier: answers from a script, each call waiting for `go` first."""
+
+    def __init__(self, *reports: VerifyReport, status: VerifyStatus | None = None) -> None:
+        self.reports = list(reports)
+        self.calls: list[tuple[bool, int | None]] = []
+        self.go = threading.Event()
+        self.go.set()
+        self.status = status or VerifyStatus(None, None, None)
+
+    def verify(
+        self,
+        *,
+        deep: bool = False,
+        repair: bool = False,
+        max_blobs: int | None = None,
+        max_duration: timedelta | None = None,
+        recount: bool = True,
+    ) -> VerifyReport:
+        assert recount is not deep  # the daemon's deep runs only hash
+        self.calls.append((deep, max_blobs))
+        while not self.go.wait(0.01):
+            interrupts.checkpoint()  # as the real scan and hashing do between blobs
+        return self.reports.pop(0)
+
+    def verify_status(self) -> VerifyStatus:
+        return self.status
+
+
+def shallow(**found: object) -> VerifyReport:
+    return VerifyReport(deep=False, repaired=False, roots=2, live=5, **found)  # type: ignore[arg-type]
+
+
+def deep_slice(after: str | None, through: str, **found: object) -> VerifyReport:
+    lap = Lap(None, through, 3, 6)
+    return VerifyReport(
+        deep=True,
+        repaired=False,
+        roots=2,
+        live=5,
+        sliced=True,
+        after=after,
+        lap=lap,
+        checked=3,
+        recounted=False,
+        **found,  # type: ignore[arg-type]
+    )
+
+
+def verify_rig(verifier: ScriptedVerifier, **timing: float) -> tuple[Rig, PeriodicVerify]:
+    r = rig(**timing)
+    periodic = PeriodicVerify(verifier, r.daemon.metrics, DeepSlice(max_blobs=3))
+    r.daemon.verify = periodic
+    periodic.start()
+    return r, periodic
+
+
+def test_a_periodic_verify_runs_beside_the_worker_which_goes_on_with_batches(
+    logs: Callable[[], list[str]],
+) -> None:
+    verifier = ScriptedVerifier(shallow(missing=(A,), needed_by=(NeededBy(A, ("web",)),)))
+    verifier.go.clear()  # the verify takes its time
+    r, periodic = verify_rig(verifier, verify_every=60.0)
+    try:
+        r.at(60.0)
+        r.daemon.notice(PathSet(index=True))
+        r.collector.calls.clear()
+        r.at(1.0)  # the batch is applied while the verify still runs
+        assert r.collector.kinds() == ["sync", "stats"]
+        assert "reason" not in r.daemon.health().detail
+        registry = r.daemon.metrics.registry
+        assert registry.get_sample_value("refcount_verify_ok", {"kind": "shallow"}) is None
+        verifier.go.set()
+        assert periodic.wait_done(1)
+    finally:
+        periodic.stop()
+    assert verifier.calls == [(False, None)]  # shallow: no slice limit
+    # (No worker thread runs here, so the daemon reads "down"; tests/test_watch.py
+    # shows a running one "degraded".)
+    assert r.daemon.health().detail["reason"] == f"verify found 1 missing: {A}"
+    assert r.value("refcount_verify_ok", kind="shallow") == 0
+    assert r.value("refcount_verify_problems", problem="missing") == 1
+    assert f"verify: missing {A}: referenced but not in blobs/; needed by web" in logs()
+
+
+def test_a_problem_is_logged_once_while_it_lasts_and_health_recovers_when_it_is_gone(
+    logs: Callable[[], list[str]],
+) -> None:
+    verifier = ScriptedVerifier(shallow(missing=(A,)), shallow(missing=(A,)), shallow())
+    r, periodic = verify_rig(verifier, verify_every=10.0)
+    try:
+        for n in range(1, 4):
+            r.at(10.0)
+            assert periodic.wait_done(n)
+    finally:
+        periodic.stop()
+    assert sum(1 for line in logs() if line.startswith(f"verify: missing {A}")) == 1
+    assert "reason" not in r.daemon.health().detail
+    assert r.value("refcount_verify_ok", kind="shallow") == 1
+    assert r.value("refcount_verify_problems", problem="missing") == 0
+
+
+def test_a_corrupt_blob_stays_known_until_a_slice_hashes_it_again() -> None:
+    # Digests A < B < C; the lap hashes (-, B] then (B, C] then (-, B] again.
+    verifier = ScriptedVerifier(
+        deep_slice(None, B, corrupt=(Corrupt(A, "content hashes to 00"),)),
+        deep_slice(B, C),
+        deep_slice(None, B),
+    )
+    r, periodic = verify_rig(verifier, deep_every=5.0)
+    seen = []
+    try:
+        for n in range(1, 4):
+            r.at(5.0)
+            assert periodic.wait_done(n)
+            seen.append(r.value("refcount_verify_problems", problem="corrupt"))
+    finally:
+        periodic.stop()
+    assert seen == [1, 1, 0]
+    assert verifier.calls == [(True, 3)] * 3  # each deep run one slice of at most 3 blobs
+    assert r.value("refcount_verify_deep_lap_progress_ratio") == 0.5
+    assert r.value("refcount_verify_blobs_hashed_total") == 9
+
+
+def test_a_deep_run_that_only_hashes_keeps_what_the_shallow_one_found() -> None:
+    verifier = ScriptedVerifier(shallow(missing=(A,)), deep_slice(None, B))
+    r, periodic = verify_rig(verifier, verify_every=10.0, deep_every=15.0)
+    try:
+        r.at(10.0)
+        assert periodic.wait_done(1)
+        r.at(5.0)
+        assert periodic.wait_done(2)
+    finally:
+        periodic.stop()
+    assert verifier.calls == [(False, None), (True, 3)]
+    assert r.value("refcount_verify_problems", problem="missing") == 1
+    assert r.value("refcount_verify_ok", kind="deep") == 1
+    assert r.daemon.health().detail["reason"] == f"verify found 1 missing: {A}"
+
+
+def test_the_gauges_start_from_the_recorded_verifies() -> None:
+    at = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+    run = VerifyRun(1, at, 0.5, False, False, 0, False, 0, 2, 0, 0, 0)
+    verifier = ScriptedVerifier(status=VerifyStatus(run, None, None))
+    r, periodic = verify_rig(verifier)
+    try:
+        assert wait_for(
+            lambda: (
+                r.value("refcount_verify_ok", kind="shallow") == 0
+                and r.value("refcount_verify_last_timestamp_seconds", kind="shallow")
+                == at.timestamp()
+            )
+        )
+    finally:
+        periodic.stop()
+    assert r.value("refcount_verify_problems", problem="missing") == 2
+    assert r.value("refcount_verify_last_success_timestamp_seconds", kind="shallow") == 0
+
+
+def test_stopping_interrupts_a_verify_in_hand_and_a_second_request_waits_for_it() -> None:
+    verifier = ScriptedVerifier(shallow())
+    verifier.go.clear()  # never finishes by itself
+    r, periodic = verify_rig(verifier, verify_every=1.0)
+    r.at(1.0)
+    assert wait_for(lambda: verifier.calls == [(False, None)])
+    r.at(1.0)  # due again while the first still runs: not queued twice
+    periodic.request(deep=False)
+    periodic.stop(timeout=5.0)
+    assert not periodic._thread.is_alive()
+    assert verifier.calls == [(False, None)]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll a condition another thread makes true (the verifier's)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

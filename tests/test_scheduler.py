@@ -99,8 +99,8 @@ class Worker:
 
     def _collect(self, job: Job) -> None:
         self.done.append((self.now, job))
-        if job.kind in (JobKind.HEALTH, JobKind.SERVED):
-            return
+        if job.kind in (JobKind.HEALTH, JobKind.SERVED, JobKind.VERIFY, JobKind.DEEP):
+            return  # nothing to apply: their outcomes are not the scheduler's
         outcome = self.outcomes.pop(0) if self.outcomes else self.always
         if outcome is None:
             self.scheduler.applied(job, self.now)
@@ -400,7 +400,29 @@ def test_invalidity_tells_how_long_the_store_is_invalid_until_a_success() -> Non
     assert scheduler.invalidity(20.0) == Invalidity(0.0, UNPARSABLE.error, warned=False)
 
 
+def test_shallow_and_deep_verifies_fall_due_on_their_own_periods() -> None:
+    scheduler = Scheduler(timing(verify_every=6.0, deep_every=4.0), 0.0)
+    worker = Worker(scheduler).run(12.5)
+    assert worker.times(JobKind.VERIFY) == [6.0, 12.0]
+    assert worker.times(JobKind.DEEP) == [4.0, 8.0, 12.0]
+    assert worker.wakes == [4.0, 6.0, 8.0, 12.0]  # woken for them, not polling
+
+
+def test_verifies_are_off_by_default_and_wait_behind_a_due_batch() -> None:
+    assert Worker(Scheduler(timing(), 0.0)).run(1e6).jobs(JobKind.VERIFY, JobKind.DEEP) == []
+    scheduler = Scheduler(timing(debounce=0.5, verify_every=1.0, deep_every=1.0), 0.0)
+    worker = Worker(scheduler).run(1.6, [(0.5, notice(index()))])
+    assert [(t, j.kind) for t, j in worker.done] == [
+        (1.0, JobKind.BATCH),
+        (1.0, JobKind.VERIFY),
+        (1.0, JobKind.DEEP),
+    ]
+
+
 def test_timings_that_would_make_the_worker_spin_are_refused() -> None:
+    for bad in ({"verify_every": 0.0}, {"deep_every": -2.0}):
+        with pytest.raises(ValueError, match="must be more than 0 seconds"):
+            Timing(**bad)
     for bad in ({"resync": 0.0}, {"gc_interval": -1.0}, {"debounce": float("nan")}):
         with pytest.raises(ValueError, match="must be"):
             Timing(**bad)

@@ -42,6 +42,8 @@ TABLES = {
     "meta",
     "pending_actions",
     "roots",
+    "verify_findings",
+    "verify_runs",
 }
 
 

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -370,6 +371,69 @@ def test_rm_of_a_referenced_layer_is_reported_missing_and_counts_stay(
         "the missing blob in the metrics",
     )
     assert figures[("refcount_missing_detected_total", ())] == 1
+
+
+def healthz(address: str) -> dict[str, Any]:
+    status, body = scrape(address, "/healthz")
+    assert status == 200, body  # degraded is not down: a restart would not help
+    document: dict[str, Any] = json.loads(body)
+    return document
+
+
+def test_periodic_verifies_find_a_deleted_and_a_changed_blob_until_they_are_put_right(
+    store: Path, watch: Callable[..., Watcher]
+) -> None:
+    small_images(store, 6)
+    assert refcount_cli(store, "init").returncode == 0
+    total = len(sk.blob_files(store))
+    watcher = watch(
+        store,
+        *("--metrics-addr", "127.0.0.1:0", "--verify-every", "1s"),
+        *("--deep-every", "1s", "--deep-slice", "4"),
+    )
+    address = watcher.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+    watcher.wait_log(r"verify \(deep slice\): OK, 4 blobs hashed")
+    assert healthz(address)["status"] == "ok"
+
+    # A blob deleted behind the daemon's back: the next shallow verify names it.
+    gone = sk.sha256_digest(b"layer 4")  # img2's own layer
+    kept = sk.blob_path(store, gone).read_bytes()
+    sk.blob_path(store, gone).unlink()
+    watcher.wait_log(rf"verify: missing {gone}: referenced but not in blobs/; needed by img2\n")
+    health = wait_until(
+        lambda: (h := healthz(address))["status"] == "degraded" and h, "/healthz degraded"
+    )
+    assert gone in health["reason"] and "missing" in health["reason"]
+    figures = samples(scrape(address)[1])
+    assert figures[("refcount_verify_problems", (("problem", "missing"),))] == 1
+    assert figures[("refcount_verify_ok", (("kind", "shallow"),))] == 0
+    last = refcount_cli(store, "verify", "--last")
+    assert last.returncode == 1 and f"missing {gone}: referenced but not in blobs/" in last.stdout
+
+    # Bytes changed in place (same size): found by the deep slices within one lap.
+    changed = sk.sha256_digest(b"layer 7")  # img5's own layer
+    slices_before = watcher.log().count("verify (deep slice)")
+    sk.blob_path(store, changed).write_bytes(b"layer 9")
+    watcher.wait_log(rf"verify: corrupt {changed}: content hashes to \w+; needed by img5\n")
+    slices = watcher.log().count("verify (deep slice)") - slices_before
+    assert slices <= math.ceil(total / 4) + 1  # a lap, and the slice in hand at the change
+    assert samples(scrape(address)[1])[("refcount_verify_problems", (("problem", "corrupt"),))] == 1
+    assert "corrupt" in healthz(address)["reason"]
+
+    # Put right by hand, then verify --repair: the next runs read ok again.
+    sk.blob_path(store, gone).write_bytes(kept)
+    sk.blob_path(store, changed).write_bytes(b"layer 7")
+    assert refcount_cli(store, "verify", "--repair").returncode == 0
+    wait_until(lambda: healthz(address)["status"] == "ok", "/healthz ok again", timeout=30)
+    figures = samples(scrape(address)[1])
+    assert all(
+        figures[("refcount_verify_problems", (("problem", kind),))] == 0
+        for kind in ("drift", "missing", "corrupt", "problem")
+    )
+    wait_until(
+        lambda: refcount_cli(store, "verify", "--last").returncode == 0, "verify --last clean"
+    )
+    assert "Traceback" not in watcher.log()
 
 
 def test_a_missing_blob_put_back_is_logged_once_as_back_and_verify_is_clean(

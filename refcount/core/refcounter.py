@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -34,7 +36,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from refcount import interrupts
-from refcount.core import journal, planner, reading, reconcile
+from refcount.core import journal, planner, reading, reconcile, verifying
 from refcount.core import push as pushing
 from refcount.core import scan as scanning
 from refcount.core.ledger import Ledger
@@ -54,7 +56,7 @@ from refcount.db.repo import Repo
 from refcount.domain import BlobState
 from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound
 from refcount.extractors import installed
-from refcount.oci import Digest, usable_tag
+from refcount.oci import Descriptor, Digest, usable_tag
 from refcount.reports import (
     BlobInfo,
     BlobRef,
@@ -70,6 +72,7 @@ from refcount.reports import (
     TagInfo,
     TouchReport,
     VerifyReport,
+    VerifyStatus,
 )
 from refcount.sources import open_source
 from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
@@ -435,28 +438,68 @@ class Refcounter:
             return repo.last_used(tags)
 
     # --- verify -------------------------------------------------------------------------
-    def verify(self, *, deep: bool = False, repair: bool = False) -> VerifyReport:
-        """Recount from scratch and compare with the database (SPEC §5).
+    def verify(
+        self,
+        *,
+        deep: bool = False,
+        repair: bool = False,
+        max_blobs: int | None = None,
+        max_duration: timedelta | None = None,
+        recount: bool = True,
+    ) -> VerifyReport:
+        """Recount from scratch and compare with the database (SPEC §5); record it.
 
         The database first catches up with index.json, as for every command, so an
         outside change since the last sync is never reported as drift. On a store
         this process cannot write it cannot catch up: the report then says how
-        many entries it is behind (`behind`) instead of comparing counts.
-        `repair` rewrites the database to match the disk; it never deletes content.
+        many entries it is behind (`behind`) instead of comparing counts, and
+        nothing is recorded. `repair` rewrites the database to match the disk; it
+        never deletes content.
+
+        `deep` also hashes blobs, outside the store's lock (writers go on; a blob
+        freed meanwhile is skipped): all of them, or with `max_blobs` and/or
+        `max_duration` one slice of the deep lap (`refcount.core.verifying`).
+        `recount=False` (deep only) skips the recount and never takes the lock:
+        the files are listed, sizes compared with the database's, and only
+        corrupt blobs are reported (the daemon's deep slices: its shallow
+        verifies recount).
         """
+        verifying.check_options(
+            deep=deep,
+            repair=repair,
+            max_blobs=max_blobs,
+            max_duration=max_duration,
+            recount=recount,
+        )
+        at, started = now(), time.monotonic()
         if repair:
             self.opening.writer()
         else:
             self.opening.reader()
+        if not recount:
+            found, report = self._listing()
+        elif self.opening.mode is Mode.READ:
+            found, report = self._verify(repair=False)
+        else:
+            with self._writing():
+                if not repair:
+                    with interrupts.deferred():
+                        self._sync_locked(Changes(index=True))
+                found, report = self._verify(repair)
+        if deep:
+            sliced = max_blobs is not None or max_duration is not None
+            deadline = None if max_duration is None else started + max_duration.total_seconds()
+            report = self._hash(found, report, max_blobs, deadline, sliced, at)
         if self.opening.mode is Mode.READ:
-            return self._verify(deep, repair=False)
-        with self._writing():
-            if not repair:
-                with interrupts.deferred():
-                    self._sync_locked(Changes(index=True))
-            return self._verify(deep, repair)
+            return report
+        with interrupts.deferred(), transaction(self.engine) as repo:
+            if report.lap is not None:
+                verifying.save_lap(repo, report.lap)
+            run = verifying.record(repo, report, at, time.monotonic() - started)
+        return replace(report, run=run)
 
-    def _verify(self, deep: bool, repair: bool) -> VerifyReport:
+    def _verify(self, repair: bool) -> tuple[scanning.Scan, VerifyReport]:
+        """The shallow verify: recount and compare (callers hold the lock when writable)."""
         snapshot = self.store.read_index()
         found = scanning.scan(self.store, snapshot, self.progress, self.policy.timeout_seconds)
         with (
@@ -473,19 +516,75 @@ class Refcounter:
             trash = repo.blobs_with_state(BlobState.TRASH)
             freed_at = {r.freed_at for r in trash}
             held = tuple(m for m in repo.held_mass_frees(now()) if m.at in freed_at)
-            expired = tuple(repo.expired_leases(now()))
-        return scanning.report(
-            found,
-            deep=deep,
-            repaired=repair and bool(drift),
-            drift=drift,
-            trash=trash,
-            corrupt=scanning.check_content(self.store, found, self.progress) if deep else (),
-            behind=behind,
-            mass_frees=held,
-            quarantined=self.store.list_trash(),
-            expired_leases=expired,
+            report = scanning.report(
+                found,
+                deep=False,
+                repaired=repair and bool(drift),
+                drift=drift,
+                trash=trash,
+                corrupt=(),
+                behind=behind,
+                mass_frees=held,
+                quarantined=self.store.list_trash(),
+                expired_leases=tuple(repo.expired_leases(now())),
+            )
+            needed = verifying.needed_by(repo, report.missing)
+        return found, replace(report, needed_by=needed)
+
+    def _listing(self) -> tuple[scanning.Scan, VerifyReport]:
+        """What a deep run without its recount hashes: every file in blobs/, with the
+        sizes the database holds for the live ones (no lock taken)."""
+        files, _problems = self.store.list_blobs()  # reported by the recounting verifies
+        with transaction(self.engine, write=False) as repo:
+            sizes = repo.sizes()
+            roots = repo.count_roots()
+        hints = {d: Descriptor(d, None, size) for d, size in sizes.items() if size is not None}
+        found = scanning.Scan((), Counter(), files, hints)
+        return found, VerifyReport(
+            deep=False, repaired=False, roots=roots, live=len(sizes), recounted=False
         )
+
+    def _hash(
+        self,
+        found: scanning.Scan,
+        report: VerifyReport,
+        limit: int | None,
+        deadline: float | None,
+        sliced: bool,
+        at: datetime,
+    ) -> VerifyReport:
+        """The deep part: hash every blob, or the lap's next slice (no lock held)."""
+        present = sorted(found.files)
+        cursor, lap_started = None, at
+        if sliced:
+            with transaction(self.engine, write=False) as repo:
+                cursor, lap_started = verifying.lap_position(repo, present, at)
+        todo = verifying.slice_of(present, cursor, limit)
+        hashed = scanning.check_content(
+            self.store, found, self.progress, digests=todo, deadline=deadline
+        )
+        if hashed.skipped:
+            log.debug("verify --deep: %d blobs freed meanwhile, skipped", len(hashed.skipped))
+        with transaction(self.engine, write=False) as repo:
+            needed = verifying.needed_by(
+                repo, [*report.missing, *(c.digest for c in hashed.corrupt)]
+            )
+        last = hashed.checked[-1] if hashed.checked else None
+        return replace(
+            report,
+            deep=True,
+            corrupt=hashed.corrupt,
+            checked=len(hashed.checked) - len(hashed.skipped),
+            sliced=sliced,
+            after=cursor,
+            lap=verifying.lap_after(present, cursor, last, lap_started) if sliced else None,
+            needed_by=needed,
+        )
+
+    def verify_status(self) -> VerifyStatus:
+        """The latest shallow and deep verify and the deep lap, as recorded; runs nothing."""
+        with transaction(self.opening.reader(), write=False) as repo:
+            return verifying.status(repo)
 
     # --- reading ------------------------------------------------------------------------
     def _current(self) -> Engine:

@@ -7,8 +7,9 @@ with the database; `rebuild` replaces the database with it (no file is touched).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -147,15 +148,42 @@ def rebuild(repo: Repo, found: Scan, index_hash: str) -> None:
     repo.set_index_hash(index_hash)
 
 
+@dataclass(frozen=True)
+class Hashed:
+    """What `check_content` hashed: `checked` is a prefix of the digests asked for,
+    in order (the whole list unless the deadline came first)."""
+
+    checked: tuple[str, ...]
+    corrupt: tuple[Corrupt, ...]
+    skipped: tuple[str, ...] = ()
+    """Blobs gone from blobs/ since they were listed (freed meanwhile): never reported."""
+
+
+_GONE = Corrupt("", "gone")
+"""`check`'s answer for a blob whose file left blobs/ since it was listed."""
+
+
 def check_content(
-    store: Store, found: Scan, progress: Progress, workers: int = 4
-) -> tuple[Corrupt, ...]:
-    """Hash every blob file and compare sizes with descriptors (verify --deep)."""
+    store: Store,
+    found: Scan,
+    progress: Progress,
+    *,
+    digests: Sequence[str] | None = None,
+    deadline: float | None = None,
+    workers: int = 4,
+) -> Hashed:
+    """Hash blob files (all those `found` lists, or `digests` of them) and compare
+    sizes with descriptors (verify --deep).
+
+    Needs no lock: a blob freed meanwhile (its file gone) is skipped, not reported.
+    With `deadline` (time.monotonic()) no blob is started after it, but at least one
+    is: the work in hand finishes, so the overshoot is one blob per worker.
+    """
 
     def check(digest: str) -> Corrupt | None:
         actual = store.hash_blob(digest)
         if actual is None:
-            return Corrupt(digest, "unreadable")
+            return _GONE if store.blob_file(digest) is None else Corrupt(digest, "unreadable")
         if actual != digest.split(":", 1)[1]:
             return Corrupt(digest, f"content hashes to {actual}")
         hint = found.hints.get(digest)
@@ -164,32 +192,53 @@ def check_content(
             return Corrupt(digest, f"size {size} differs from descriptor size {hint.size}")
         return None
 
-    return _in_threads(check, sorted(found.files), progress, workers)
+    todo = sorted(found.files) if digests is None else list(digests)
+    outcomes = _in_threads(check, todo, progress, workers, deadline)
+    checked = tuple(todo[: len(outcomes)])
+    return Hashed(
+        checked=checked,
+        corrupt=tuple(o for o in outcomes if o is not None and o is not _GONE),
+        skipped=tuple(d for d, o in zip(checked, outcomes, strict=True) if o is _GONE),
+    )
 
 
 def _in_threads(
-    check: Callable[[str], Corrupt | None], digests: list[str], progress: Progress, workers: int
-) -> tuple[Corrupt, ...]:
-    """`check` every digest in a pool, in order, stopping at once when interrupted.
+    check: Callable[[str], Corrupt | None],
+    digests: list[str],
+    progress: Progress,
+    workers: int,
+    deadline: float | None,
+) -> list[Corrupt | None]:
+    """`check` digests in a pool, in order, until the deadline; their outcomes, in order.
 
-    A signal must not land inside the pool's locks (one left held hangs the exit):
-    the section takes it at `section.check()`, between results. Then the blobs not
-    started are dropped, not hashed first; the workers finish the one in hand.
+    A few blobs are in the pool at a time (twice `workers`), so that stopping at
+    the deadline leaves no hashing started for nothing. A signal must not land
+    inside the pool's locks (one left held hangs the exit): the section takes it
+    at `section.check()`, between results. Then the blobs not started are
+    dropped, not hashed first; the workers finish the one in hand.
     """
-    results: list[Corrupt] = []
+    outcomes: list[Corrupt | None] = []
     with interrupts.deferred() as section:
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            futures = [pool.submit(check, digest) for digest in digests]
-            for done, future in enumerate(futures, 1):
-                result = _result(future, section)
-                if result is not None:
-                    results.append(result)
-                if done % 512 == 0 or done == len(digests):
-                    progress("hashing", done, len(digests))
+            in_hand: deque[Future[Corrupt | None]] = deque()
+            submitted = 0
+            while True:
+                while (
+                    len(in_hand) < 2 * workers
+                    and submitted < len(digests)
+                    and (submitted == 0 or deadline is None or time.monotonic() < deadline)
+                ):
+                    in_hand.append(pool.submit(check, digests[submitted]))
+                    submitted += 1
+                if not in_hand:
+                    break
+                outcomes.append(_result(in_hand.popleft(), section))
+                if len(outcomes) % 512 == 0 or len(outcomes) == len(digests):
+                    progress("hashing", len(outcomes), len(digests))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-    return tuple(results)
+    return outcomes
 
 
 POLL = 0.1

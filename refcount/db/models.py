@@ -100,6 +100,39 @@ class LastUse(Base):
     used_at: Mapped[datetime]
 
 
+class VerifyRun(Base):
+    __table__ = tables.verify_runs
+
+    id: Mapped[int]
+    at: Mapped[datetime]
+    seconds: Mapped[float]
+    deep: Mapped[bool]
+    sliced: Mapped[bool]
+    checked: Mapped[int]
+    after: Mapped[str | None]
+    through: Mapped[str | None]
+    lap_started: Mapped[datetime | None]
+    lap_done: Mapped[int | None]
+    lap_total: Mapped[int | None]
+    ok: Mapped[bool]
+    drift: Mapped[int]
+    missing: Mapped[int]
+    corrupt: Mapped[int]
+    orphans: Mapped[int]
+    problems: Mapped[int]
+
+
+class VerifyFinding(Base):
+    __table__ = tables.verify_findings
+
+    id: Mapped[int]
+    run: Mapped[int]
+    kind: Mapped[str]
+    digest: Mapped[str | None]
+    detail: Mapped[str]
+    tags: Mapped[str]
+
+
 __all__ = [
     "SCHEMA_HEAD",
     "Base",
@@ -111,4 +144,6 @@ __all__ = [
     "Meta",
     "PendingAction",
     "Root",
+    "VerifyFinding",
+    "VerifyRun",
 ]

@@ -8,6 +8,7 @@ in Python, so several writers on PostgreSQL cannot lose an update.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -15,14 +16,31 @@ from typing import Any
 
 from sqlalchemy import Connection, RootTransaction, delete, func, insert, select, update
 
-from refcount.db.tables import blobs, edges, last_used, leases, mass_frees, meta, roots
+from refcount.db.tables import (
+    blobs,
+    edges,
+    last_used,
+    leases,
+    mass_frees,
+    meta,
+    roots,
+    verify_findings,
+    verify_runs,
+)
 from refcount.db.tables import pending_actions as journal
 from refcount.domain import BlobState, FileAction
-from refcount.reports import LeaseInfo, MassFree
+from refcount.reports import Finding, Lap, LeaseInfo, MassFree, VerifyRun
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 PROBLEM_WIDTH = 1000  # blobs.problem
 INDEX_HASH = "index_hash"  # a meta key
+DEEP_CURSOR = "deep_cursor"  # a meta key: the last digest the deep lap hashed ("" at its start)
+DEEP_LAP_STARTED = "deep_lap_started"  # a meta key: ISO time of the lap's first slice
+FINDINGS_PER_RUN = 1000
+"""Findings recorded per verify: a store with 100k orphans records the first ones
+(by kind, in digest order); the run's counts are always complete."""
+VERIFY_RUNS_KEPT = 1000
+"""Verify records kept; older ones (and their findings) are dropped as new ones come."""
 
 
 @dataclass(frozen=True)
@@ -455,6 +473,76 @@ class Repo:
         for chunk in _chunks(sorted(set(tags))):
             self.connection.execute(delete(last_used).where(last_used.c.tag.in_(chunk)))
 
+    # --- verify records -------------------------------------------------------
+    def add_verify_run(self, run: VerifyRun, lap: Lap | None) -> int:
+        """Record a verify and its findings (at most FINDINGS_PER_RUN); its id.
+        Keeps the newest VERIFY_RUNS_KEPT records."""
+        values = {k: v for k, v in run.__dict__.items() if k not in ("id", "findings")}
+        if lap is not None:
+            values |= {"lap_started": lap.started, "lap_done": lap.done, "lap_total": lap.total}
+        run_id = int(
+            self.connection.execute(
+                insert(verify_runs).values(**values).returning(verify_runs.c.id)
+            ).scalar_one()
+        )
+        rows = [
+            {
+                "run": run_id,
+                "kind": f.kind,
+                "digest": f.digest,
+                "detail": f.detail[:PROBLEM_WIDTH],
+                "tags": json.dumps(list(f.tags))[:PROBLEM_WIDTH],
+            }
+            for f in run.findings[:FINDINGS_PER_RUN]
+        ]
+        for chunk in _chunks(rows):
+            self.connection.execute(insert(verify_findings), list(chunk))
+        oldest_kept = run_id - VERIFY_RUNS_KEPT
+        if oldest_kept > 0:
+            old = select(verify_runs.c.id).where(verify_runs.c.id <= oldest_kept)
+            self.connection.execute(delete(verify_findings).where(verify_findings.c.run.in_(old)))
+            self.connection.execute(delete(verify_runs).where(verify_runs.c.id <= oldest_kept))
+        return run_id
+
+    def verify_runs(self, *, deep: bool | None = None, last: int | None = None) -> list[VerifyRun]:
+        """Recorded verifies, oldest first (the `last` newest when given), without findings."""
+        query = select(*(verify_runs.c[n] for n in _RUN_COLUMNS)).order_by(verify_runs.c.id.desc())
+        if deep is not None:
+            query = query.where(verify_runs.c.deep.is_(deep))
+        if last is not None:
+            query = query.limit(last)
+        rows = [VerifyRun(**row._mapping) for row in self.connection.execute(query)]
+        return rows[::-1]
+
+    def verify_findings(self, run: int) -> tuple[Finding, ...]:
+        query = (
+            select(
+                verify_findings.c.kind,
+                verify_findings.c.digest,
+                verify_findings.c.detail,
+                verify_findings.c.tags,
+            )
+            .where(verify_findings.c.run == run)
+            .order_by(verify_findings.c.id)
+        )
+        return tuple(
+            Finding(row.kind, row.digest, row.detail, tuple(json.loads(row.tags)))
+            for row in self.connection.execute(query)
+        )
+
+    def recorded_lap(self) -> Lap | None:
+        """The lap as the last sliced deep verify left it (None before any)."""
+        query = (
+            select(verify_runs.c.lap_started, verify_runs.c.lap_done, verify_runs.c.lap_total)
+            .where(verify_runs.c.sliced.is_(True))
+            .order_by(verify_runs.c.id.desc())
+            .limit(1)
+        )
+        row = self.connection.execute(query).first()
+        if row is None:
+            return None
+        return Lap(row.lap_started, self.get_meta(DEEP_CURSOR) or None, row.lap_done, row.lap_total)
+
     # --- journal ------------------------------------------------------------
     def add_actions(self, action: FileAction, digests: Iterable[str], now: datetime) -> None:
         rows = [{"action": action, "digest": d, "created": now} for d in digests]
@@ -511,5 +599,7 @@ class Repo:
 def _lease_info(row: Any) -> LeaseInfo:
     return LeaseInfo(row.lease, row.holder, row.created, row.expires)
 
+
+_RUN_COLUMNS = tuple(n for n in VerifyRun.__dataclass_fields__ if n != "findings")
 
 __all__ = ["PROBLEM_WIDTH", "Action", "BlobRow", "EdgeRow", "Repo", "RootRow"]

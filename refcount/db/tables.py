@@ -17,6 +17,8 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -165,4 +167,45 @@ last_used = Table(
     # `prune --unused-for` selects on. No row: never touched since refcount counted it.
     Column("tag", String(1000), primary_key=True),
     Column("used_at", TZDateTime(), nullable=False),
+)
+
+verify_runs = Table(
+    "verify_runs",
+    metadata,
+    # One verify: when it started, shallow or deep, the blobs it hashed (a deep slice
+    # hashed the digests after `after` up to and including `through`, in digest order),
+    # and how many problems of each kind it found. Findings name the digests.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", TZDateTime(), nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("deep", Boolean, nullable=False),
+    Column("sliced", Boolean, nullable=False),
+    Column("checked", Integer, nullable=False),
+    Column("after", DIGEST),
+    Column("through", DIGEST),
+    Column("lap_started", TZDateTime()),
+    Column("lap_done", Integer),
+    Column("lap_total", Integer),
+    Column("ok", Boolean, nullable=False),
+    Column("drift", Integer, nullable=False),
+    Column("missing", Integer, nullable=False),
+    Column("corrupt", Integer, nullable=False),
+    Column("orphans", Integer, nullable=False),
+    Column("problems", Integer, nullable=False),
+    Index("ix_verify_runs_deep_id", "deep", "id"),
+)
+
+verify_findings = Table(
+    "verify_findings",
+    metadata,
+    # What one verify found: kind is drift, missing, corrupt, orphan or problem; digest
+    # is None for a problem that names no blob; tags are the tags that need the blob.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "run", Integer, ForeignKey("verify_runs.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column("kind", String(16), nullable=False),
+    Column("digest", DIGEST),
+    Column("detail", String(1000), nullable=False),
+    Column("tags", String(1000), nullable=False),
 )
