@@ -21,6 +21,8 @@ exit code (`exit_code` on the report types).
     NotIndexed               2  a reading command on a store never indexed
     StoreNotWritable         2  a writing command on a store this process may not change
     InvalidDuration          2  a duration option that does not parse
+    InvalidSize              2  a size or percentage option that does not parse
+    InvalidPolicy            2  a retention policy (flags or policy.toml) that is wrong
     InvalidOption            2  a daemon option out of range
     InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
     NotServed                2  a daemon asked to run a command it does not serve
@@ -118,6 +120,15 @@ class ForeignDatabase(RefcountError):
 
 class InvalidDuration(RefcountError):
     """A duration option that does not parse."""
+
+
+class InvalidSize(RefcountError):
+    """A size (`10G`) or percentage (`15%`) option that does not parse, or is negative."""
+
+
+class InvalidPolicy(RefcountError):
+    """A retention policy that cannot be applied: a bad value, or a policy file that
+    is malformed, has an unknown key, or is not a regular file inside the store."""
 
 
 class InvalidOption(RefcountError):

@@ -32,7 +32,16 @@ from refcount.db.engine import (
 )
 from refcount.db.models import SCHEMA_HEAD, Base
 
-TABLES = {"alembic_version", "blobs", "edges", "mass_frees", "meta", "pending_actions", "roots"}
+TABLES = {
+    "alembic_version",
+    "blobs",
+    "edges",
+    "image_created",
+    "mass_frees",
+    "meta",
+    "pending_actions",
+    "roots",
+}
 
 
 @pytest.fixture

@@ -83,4 +83,22 @@ class MassFree(Base):
     live_bytes: Mapped[int]
 
 
-__all__ = ["SCHEMA_HEAD", "Base", "Blob", "Edge", "MassFree", "Meta", "PendingAction", "Root"]
+class ImageCreated(Base):
+    __table__ = tables.image_created
+
+    digest: Mapped[str]
+    created: Mapped[datetime | None]
+    source: Mapped[str]
+
+
+__all__ = [
+    "SCHEMA_HEAD",
+    "Base",
+    "Blob",
+    "Edge",
+    "ImageCreated",
+    "MassFree",
+    "Meta",
+    "PendingAction",
+    "Root",
+]

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 metadata = MetaData(
     naming_convention={
@@ -142,4 +142,17 @@ mass_frees = Table(
     Column("blobs", Integer, nullable=False),
     Column("bytes", BigInteger, nullable=False),
     Column("live_bytes", BigInteger, nullable=False),
+)
+
+image_created = Table(
+    "image_created",
+    metadata,
+    # When a root manifest's image was made, as retention (`prune`) reads it once from
+    # the manifest's org.opencontainers.image.created annotation (`source` annotation)
+    # or else its config's `created` (`config`); `none` (created NULL) when neither
+    # says, and prune uses blobs.first_seen. Keyed by digest: content never changes,
+    # so a row never goes stale; prune forgets the rows of what it frees.
+    Column("digest", DIGEST, primary_key=True),
+    Column("created", TZDateTime()),
+    Column("source", String(16), nullable=False),
 )
