@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refcount.core import Changes, Policy, Refcounter, open
+    from refcount.core import Changes, MinFree, Policy, PrunePolicy, Refcounter, open
     from refcount.errors import (
         ConcurrentChange,
         DatabaseError,
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
         ForeignDatabase,
         InvalidBlob,
         InvalidDigest,
+        InvalidPolicy,
+        InvalidSize,
         InvalidStore,
         NotFound,
         NotIndexed,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
         Entry,
         GcReport,
         MassFree,
+        Pruned,
+        PruneReport,
         Stats,
         SyncReport,
         TagInfo,
@@ -53,7 +57,9 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    **dict.fromkeys(["Changes", "Policy", "Refcounter", "open"], "refcount.core"),
+    **dict.fromkeys(
+        ["Changes", "MinFree", "Policy", "PrunePolicy", "Refcounter", "open"], "refcount.core"
+    ),
     **dict.fromkeys(
         [
             "ConcurrentChange",
@@ -62,6 +68,8 @@ _HOME = {
             "ForeignDatabase",
             "InvalidBlob",
             "InvalidDigest",
+            "InvalidPolicy",
+            "InvalidSize",
             "InvalidStore",
             "NotFound",
             "NotIndexed",
@@ -83,6 +91,8 @@ _HOME = {
             "Entry",
             "GcReport",
             "MassFree",
+            "PruneReport",
+            "Pruned",
             "Stats",
             "SyncReport",
             "TagInfo",
@@ -108,11 +118,17 @@ __all__ = [
     "GcReport",
     "InvalidBlob",
     "InvalidDigest",
+    "InvalidPolicy",
+    "InvalidSize",
     "InvalidStore",
     "MassFree",
+    "MinFree",
     "NotFound",
     "NotIndexed",
     "Policy",
+    "PrunePolicy",
+    "PruneReport",
+    "Pruned",
     "RefcountError",
     "Refcounter",
     "Stats",

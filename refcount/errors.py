@@ -16,6 +16,7 @@ exit code (`exit_code` on the report types).
     DeleteRefused            2  the delete would free blobs refcount cannot vouch for
     UnusableTag              2  the named tag is spelled unusably in index.json
     ConcurrentChange         2  index.json kept changing under a rewrite
+      PlanChanged            2    a prune's plan is no longer what was shown
     DatabaseError            2  the database cannot be opened, upgraded or written
     ForeignDatabase          2  the database counts another store
     NotIndexed               2  a reading command on a store never indexed
@@ -100,6 +101,11 @@ class StoreBusy(RefcountError):
 
 class ConcurrentChange(RefcountError):
     """`index.json` kept changing under a rewrite; nothing was written."""
+
+
+class PlanChanged(ConcurrentChange):
+    """A confirmed prune whose plan is no longer the one shown; nothing was deleted.
+    (Not retried: a new plan needs a new confirmation.)"""
 
 
 class DatabaseError(RefcountError):
