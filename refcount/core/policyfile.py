@@ -109,7 +109,9 @@ def parse(data: bytes, where: str) -> PrunePolicy:
     except UnicodeDecodeError as exc:
         raise InvalidPolicy(f"{where}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidPolicy(f"{where}: not TOML: {exc}") from None
+        at = re.search(r"at line (\d+)", str(exc))
+        line = f":{at.group(1)}" if at else ""
+        raise InvalidPolicy(f"{where}{line}: not TOML: {exc}") from None
     text = data.decode("utf-8")
 
     def name_of(key: str) -> str:
