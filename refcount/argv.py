@@ -27,7 +27,21 @@ GLOBAL_VALUE_OPTIONS = frozenset(
 GLOBAL_FLAGS = frozenset({"--json", "--verbose", "--keep-referrers", "--keep-untagged"})
 """The global options that take none (and -v, -vv, ...)."""
 COMMAND_VALUE_OPTIONS = frozenset(
-    {"--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"}
+    {
+        "--grace",
+        "--debounce",
+        "--resync",
+        "--gc-interval",
+        "--prune-every",
+        "--metrics-addr",
+        "--log-format",
+        "--keep-last",
+        "--older-than",
+        "--match",
+        "--exclude",
+        "--max-size",
+        "--min-free",
+    }
 )
 """The options of commands that take a value."""
 MOVABLE_VALUE_OPTIONS = GLOBAL_VALUE_OPTIONS - COMMAND_VALUE_OPTIONS

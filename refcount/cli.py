@@ -530,6 +530,14 @@ def watch(
             help="Interval between sweeps of orphans past --grace and expired trash.",
         ),
     ] = "5m",
+    prune_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Apply STORE/.refcount/policy.toml (as `refcount prune`) this often "
+            "(default never); the daemon refuses to start without a valid one.",
+        ),
+    ] = None,
     metrics_addr: Annotated[
         str | None,
         typer.Option(
@@ -557,7 +565,11 @@ def watch(
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_sync_details)
     options = WatchOptions(
-        debounce, parse_duration(resync), metrics_addr, parse_duration(gc_interval)
+        debounce,
+        parse_duration(resync),
+        metrics_addr,
+        parse_duration(gc_interval),
+        None if prune_every is None else parse_duration(prune_every),
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may

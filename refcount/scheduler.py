@@ -26,7 +26,8 @@ What it decides, in the order `next_job` weighs it:
    lost events or a failed batch;
 5. a batch of the paths noticed so far, once no event came for `debounce`
    seconds, or `max_delay` after the first one when events never stop;
-6. gc every `gc_interval`.
+6. gc every `gc_interval`;
+7. a prune by the store's policy file every `prune_interval` (when set).
 
 After a failure, 4 and 5 wait for a backoff that doubles from `retry_first`
 to `retry_max`; a new event ends the wait (the file changed: worth re-reading
@@ -65,6 +66,8 @@ MIN_WAIT = 0.001
 """Shortest wait `deadline` asks for, so that a loop on it never spins."""
 _PAST = float("-inf")
 """A time before any `now`: due at once, whatever clock the caller uses."""
+_FUTURE = float("inf")
+"""A time after any `now`: never due."""
 
 
 def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
@@ -89,6 +92,8 @@ class Timing:
     """Interval between full reconciles that catch whatever the events missed."""
     gc_interval: float = 300.0
     """Interval between gc runs: orphans past the grace period, trash past its TTL."""
+    prune_interval: float | None = None
+    """Interval between prunes by the store's policy file; None never prunes."""
     health_interval: float = HEALTH_INTERVAL
     """Interval between checks that the observer's threads are alive."""
     retry_first: float = RETRY_FIRST
@@ -105,9 +110,10 @@ class Timing:
         # A zero interval would make the worker spin.
         if not self.debounce >= 0:
             raise ValueError(f"debounce {self.debounce}: must be 0 or more seconds")
-        for name in ("resync", "gc_interval", "health_interval", "retry_first"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} {getattr(self, name)}: must be more than 0 seconds")
+        for name in ("resync", "gc_interval", "health_interval", "retry_first", "prune_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} {value}: must be more than 0 seconds")
 
     @property
     def max_delay(self) -> float:
@@ -150,6 +156,8 @@ class JobKind(StrEnum):
     """Reconcile everything (`Job.reasons` say why); `Job.paths` are covered by it."""
     GC = "gc"
     """A full reconcile, then gc; `Job.paths` are covered by the reconcile."""
+    PRUNE = "prune"
+    """Apply the store's retention policy file (`refcount prune`)."""
     HEALTH = "health"
     """Check the observer; with `Job.reasons`, events were lost: rebuild it."""
     SERVED = "served"
@@ -246,6 +254,7 @@ class Scheduler:
         self._health_due = now + timing.health_interval
         self._resync_due = now + timing.resync
         self._gc_due = now + timing.gc_interval
+        self._prune_due = _FUTURE if timing.prune_interval is None else now + timing.prune_interval
 
     # --- requests ---------------------------------------------------------------
     def notice(self, paths: PathSet, now: float) -> None:
@@ -307,12 +316,16 @@ class Scheduler:
         if now >= self._gc_due:
             self._gc_due = now + timing.gc_interval
             return Job(JobKind.GC, self._pending.take(), ("before gc",), self._seen)
+        if now >= self._prune_due:
+            assert timing.prune_interval is not None
+            self._prune_due = now + timing.prune_interval
+            return Job(JobKind.PRUNE)
         return None
 
     def deadline(self, now: float) -> float:
         """When something falls due if nothing else is requested (never before
         `now + MIN_WAIT`). Call it after `next_job(now)` returned None."""
-        deadlines = [self._resync_due, self._health_due, self._gc_due]
+        deadlines = [self._resync_due, self._health_due, self._gc_due, self._prune_due]
         if self._full_reasons:
             deadlines.append(self._retry_at)
         if self._pending:

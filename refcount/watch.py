@@ -32,8 +32,8 @@ from types import FrameType
 
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
-from refcount.errors import CannotServe, CannotWatch, InvalidOption
-from refcount.layout import SOCKET, state_path
+from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy
+from refcount.layout import SOCKET, policy_path, state_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
 from refcount.serve import CommandServer, Handler
@@ -58,13 +58,19 @@ class WatchOptions:
     """HOST:PORT for /metrics and /healthz; None serves nothing."""
     gc_interval: timedelta = timedelta(minutes=5)
     """Interval between gc runs: orphans past the grace period, trash past its TTL."""
+    prune_every: timedelta | None = None
+    """Interval between prunes by STORE/.refcount/policy.toml; None never prunes."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin on full reconciles.
         if not self.debounce >= 0:
             raise InvalidOption(f"--debounce {self.debounce}: must be 0 or more seconds")
-        for name, value in (("--resync", self.resync), ("--gc-interval", self.gc_interval)):
-            if value <= timedelta(0):
+        for name, value in (
+            ("--resync", self.resync),
+            ("--gc-interval", self.gc_interval),
+            ("--prune-every", self.prune_every),
+        ):
+            if value is not None and value <= timedelta(0):
                 raise InvalidOption(f"{name} {value}: must be longer than 0")
 
     def timing(self) -> Timing:
@@ -73,6 +79,7 @@ class WatchOptions:
             debounce=self.debounce,
             resync=self.resync.total_seconds(),
             gc_interval=self.gc_interval.total_seconds(),
+            prune_interval=None if self.prune_every is None else self.prune_every.total_seconds(),
         )
 
 
@@ -117,13 +124,20 @@ def run_daemon(
     lock's file, `.refcount/watch.pid`.
 
     Raises StoreBusy when another daemon holds the store, InvalidAddress for a
-    bad `metrics_addr`, CannotWatch when the store cannot be watched. A socket
+    bad `metrics_addr`, CannotWatch when the store cannot be watched, and, with
+    `prune_every`, InvalidPolicy when the store has no policy file or one that
+    cannot be applied (the daemon does not start: a retention policy that was
+    asked for and is not applied is worse than no daemon). A socket
     that cannot be made is logged, and the daemon watches without it. Returns
     normally after a clean stop.
     """
     with open_refcounter() as rc:
         # The one place that looks inside the Refcounter: what the rest is given.
         store = rc.store
+        if options.prune_every is not None and rc.policy_rules() is None:
+            raise InvalidPolicy(
+                f"--prune-every: {policy_path(store.path)}: no such file; write the policy first"
+            )
         lock = store.hold_daemon_lock()
         try:
             _serve(rc, store.path, rc.policy, options, serve)
@@ -162,11 +176,14 @@ def _serve(
         else CommandServer(state_path(store, SOCKET), serve(daemon.report_served))
     )
     log.info(
-        "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
+        "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",
         store,
         options.debounce,
         *map(_duration, (options.resync, options.gc_interval)),
         *map(_duration, (policy.grace, policy.trash_ttl)),
+        ""
+        if options.prune_every is None
+        else f", prune by {policy_path(store)} every {_duration(options.prune_every)}",
     )
     try:
         with _signals(daemon):
