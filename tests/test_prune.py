@@ -105,6 +105,11 @@ def blob_bytes(store: Path) -> int:
         # older-than selects, keep-last keeps: api's two newest survive though 50 d old
         (["--older-than", "30d", "--keep-last", "2"], {"web:1.0", "web:1.1", "api:1"}),
         (["--older-than", "30d", "--keep-last", "3"], {"web:1.0"}),
+        # the README's worked example
+        (
+            ["--older-than", "30d", "--keep-last", "2", "--exclude", "web:stable"],
+            {"web:1.0", "api:1"},
+        ),
         (["--older-than", "15d", "--match", "api:*"], {"api:1", "api:2"}),
         # web:stable is excluded and takes no keep slot: web:2.0 is web's newest left
         (
