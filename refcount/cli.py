@@ -467,9 +467,11 @@ def prune(
             render(ctx, rc.prune(rules, dry_run=dry_run, policy_file=where))
             return
         plan = rc.prune(rules, dry_run=True, policy_file=where)
-        render(ctx, plan)
         if not plan.chosen:
+            render(ctx, plan)
             return
+        for line in _prune_text(plan):  # under --json too: stdout keeps one document
+            typer.echo(line, err=_settings(ctx).json)
         if not typer.confirm("Prune these?", default=False, err=True):
             typer.echo("refcount: prune cancelled; nothing deleted", err=True)
             raise typer.Exit(ExitCode.PROBLEM)

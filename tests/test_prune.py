@@ -610,3 +610,14 @@ def test_percentages_are_fractions_from_0_to_100() -> None:
     assert parse_percent("15%") == 0.15
     with pytest.raises(refcount.InvalidSize):
         parse_percent("101%")
+
+
+def test_on_a_terminal_under_json_the_plan_goes_to_stderr_and_stdout_is_one_document(
+    two_repos: Path,
+) -> None:
+    ran = prune_on_a_terminal(two_repos, b"y\n", "--keep-last", "1", "--json")
+    assert ran.returncode == 0, ran
+    report = json.loads(ran.stdout)
+    assert report["dry_run"] is False
+    assert chosen(report) == {"web:1.0", "web:1.1", "web:2.0", "api:1", "api:2"}
+    assert "would prune 5 entries" in ran.stderr

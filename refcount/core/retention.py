@@ -97,7 +97,8 @@ class PrunePolicy:
 
     @property
     def selects_tags(self) -> bool:
-        return self.older_than is not None or self.budgeted
+        """A rule other than keep_last selects tags (keep_last then only keeps)."""
+        return self.budgeted or any(rule.given(self) for rule in AGE_RULES)
 
     @property
     def budgeted(self) -> bool:
@@ -149,6 +150,27 @@ class Budget:
     frees: Callable[[Candidate], int]
 
 
+@dataclass(frozen=True)
+class AgeRule:
+    """A rule that selects each eligible, unkept tag on its own (no budget, no order)."""
+
+    reason: Reason
+    given: Callable[[PrunePolicy], bool]
+    selects: Callable[[PrunePolicy, Candidate, datetime], bool]
+
+
+def _older_than(policy: PrunePolicy, c: Candidate, at: datetime) -> bool:
+    assert policy.older_than is not None
+    return c.created < at - policy.older_than
+
+
+AGE_RULES: tuple[AgeRule, ...] = (
+    AgeRule(Reason.OLDER_THAN, lambda p: p.older_than is not None, _older_than),
+)
+"""The selecting rules of the per-tag kind. One more (e.g. `unused_for`, from when a tag
+was last used) is a PrunePolicy field, a Candidate field, a Reason and a row here."""
+
+
 def repository(tag: str) -> str:
     """`web` for `web:1.0`; `registry:5000/web` for `registry:5000/web:1.0`; a tag
     without a `:` (`latest`) is its own repository."""
@@ -194,9 +216,11 @@ def choose(
     chosen: dict[str, Choice] = {}
     if policy.keep_last is not None and not policy.selects_tags:
         chosen.update((c.key, Choice(c, Reason.KEEP_LAST)) for c in deletable)
-    if policy.older_than is not None:
-        limit = at - policy.older_than
-        chosen.update((c.key, Choice(c, Reason.OLDER_THAN)) for c in deletable if c.created < limit)
+    for rule in AGE_RULES:
+        if rule.given(policy):
+            chosen.update(
+                (c.key, Choice(c, rule.reason)) for c in deletable if rule.selects(policy, c, at)
+            )
     if policy.untagged:
         chosen.update(
             (c.key, Choice(c, Reason.UNTAGGED))
