@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,10 +26,17 @@ from typing import Any
 import pytest
 import storekit as sk
 from conftest import Cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_du import TAGS as DU_TAGS
+from test_du import Image, random_store
+from test_du import image as du_image
 
 import refcount
 from refcount.core.policyfile import parse as parse_policy
+from refcount.core.replay import Graph, Replay
 from refcount.core.retention import Budget, Candidate, MinFree, PrunePolicy, choose, repository
+from refcount.db.engine import transaction
 from refcount.errors import InvalidPolicy
 from refcount.store import Store
 from refcount.units import parse_percent, parse_size
@@ -621,3 +630,41 @@ def test_on_a_terminal_under_json_the_plan_goes_to_stderr_and_stdout_is_one_docu
     assert report["dry_run"] is False
     assert chosen(report) == {"web:1.0", "web:1.1", "web:2.0", "api:1", "api:2"}
     assert "would prune 5 entries" in ran.stderr
+
+
+@settings(max_examples=25)
+@given(
+    images=st.lists(du_image, min_size=1, max_size=5),
+    index=st.none() | st.tuples(st.sampled_from(DU_TAGS), st.booleans()),
+    order=st.permutations(DU_TAGS),
+    take=st.integers(1, len(DU_TAGS)),
+    keep=st.booleans(),
+)
+def test_deletes_replayed_one_by_one_free_what_one_batch_delete_frees(
+    images: list[Image],
+    index: tuple[str, bool] | None,
+    order: list[str],
+    take: int,
+    keep: bool,
+) -> None:
+    """The budgets' prediction (replay.Replay, tag after tag) is the planner's batch."""
+    path = Path(tempfile.mkdtemp(prefix="refcount-prune-"))
+    try:
+        store = random_store(path / "store", images, index)
+        with refcount.open(store, keep_untagged=keep, keep_referrers=keep) as rc:
+            rc.init()
+            present = {t.tag for t in rc.tags()}
+            chosen_tags = [t for t in order if t in present][:take]
+            if not chosen_tags:
+                return
+            with transaction(rc.engine, write=False) as repo:
+                replay = Replay(Graph.load(repo), rc.policy)
+            steps = [replay.delete_tag(t) for t in chosen_tags]
+            batch = rc.delete_tags(chosen_tags, dry_run=True)
+            assert set().union(*steps) == {b.digest for b in batch.freed}
+            assert sum(len(s) for s in steps) == len(batch.freed)  # each blob freed once
+            assert sorted(r.digest for r in replay.removed.values()) == sorted(
+                e.digest for e in batch.removed
+            )
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

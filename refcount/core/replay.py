@@ -14,7 +14,8 @@ per question:
 
 A `Replay` keeps its deltas between calls, so a sequence of `delete` calls
 frees, in total, what one delete of all of them frees (the counts are a sum;
-an untagged entry two deleted tags reach goes with the second).
+an untagged entry below an earlier delete is looked at again by each later
+one, and goes with the one after which no remaining tag reaches it).
 Cost: each call is proportional to the image it deletes and what that frees.
 """
 
@@ -84,6 +85,7 @@ class Replay:
         self._delta: dict[str, int] = {}
         self.removed: dict[int, RootRow] = {}  # position -> entry, every call so far
         self._removed_tags: set[str] = set()
+        self._below: set[str] = set()  # untagged digests below what was deleted so far
         self.freed: set[str] = set()  # every call so far
 
     def _bump(self, digest: str, by: int) -> int:
@@ -114,7 +116,10 @@ class Replay:
             def tagged_and_kept(digest: str) -> bool:
                 return bool(g.tags_of.get(digest, set()) - self._removed_tags)
 
-            for digest in sorted(g.below(r.digest for r in entries) & g.untagged.keys()):
+            # Below every entry deleted so far, as one batch's planner sees it: an
+            # untagged entry an earlier delete reached may go with a later one.
+            self._below |= g.below(r.digest for r in entries) & g.untagged.keys()
+            for digest in sorted(self._below):
                 if not graph.reachable_from_any(
                     digest, tagged_and_kept, lambda d: g.parents.get(d, [])
                 ):
