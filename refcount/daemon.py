@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Protocol
 
 from refcount.core import Changes
-from refcount.errors import InvalidPolicy, InvalidStore, UnparsableIndex
+from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
 from refcount.events import OnLost, OnPaths, StoreWatch
 from refcount.metrics import Health, Metrics
 from refcount.reports import (
@@ -421,7 +421,7 @@ class Daemon:
         started = self._clock()
         try:
             report = self.collector.prune_by_file()
-        except (InvalidPolicy, InvalidStore) as exc:
+        except RefcountError as exc:  # a bad policy file, an invalid store, a refusal
             log.error("prune skipped: %s", exc)
             self.metrics.record_failure("error")
             return

@@ -14,6 +14,7 @@ when refcount first saw them (the grace period guards pushes in progress).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,12 +82,14 @@ def needed_untagged(recorded: Graph) -> set[str]:
     return needed
 
 
-def candidates(repo: Repo, recorded: Graph, rules: PrunePolicy) -> list[Candidate]:
+def candidates(repo: Repo, recorded: Graph, rules: PrunePolicy, at: datetime) -> list[Candidate]:
     """The eligible tags (dated when a rule needs it) and, for `untagged`, the untagged
-    entries with whether a tagged image needs them."""
-    first_seen = repo.first_seen(
+    entries with whether a tagged image needs them. A root with no blob row yet (never
+    the case once caught up) counts as seen at `at`: the newest, kept longest."""
+    seen = repo.first_seen(
         {r.digest for rows in recorded.by_tag.values() for r in rows} | recorded.untagged.keys()
     )
+    first_seen = defaultdict(lambda: at, seen)
     created = repo.created_of(first_seen) if rules.dated else {}
 
     def dated(digest: str) -> tuple[datetime, str]:
@@ -130,7 +133,7 @@ def choose(
         free, total = space() if rules.min_free is not None else (0, 0)
         budget = Budget(live, free, total, frees)
     choices, met = choose_by_rules(
-        candidates(repo, recorded, rules), rules, at, grace=policy.grace, budget=budget
+        candidates(repo, recorded, rules, at), rules, at, grace=policy.grace, budget=budget
     )
     selects = [
         Select(f"tag {c.candidate.tag!r}", tag=c.candidate.tag)
