@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refcount.core import Changes, Policy, Refcounter, open, plugins
+    from refcount.core import Changes, MinFree, Policy, PrunePolicy, Refcounter, open, plugins
     from refcount.errors import (
         ConcurrentChange,
         CorruptBlob,
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
         ForeignDatabase,
         InvalidBlob,
         InvalidDigest,
+        InvalidPolicy,
+        InvalidSize,
         InvalidSource,
         InvalidStore,
         LeaseExpired,
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
         MassFree,
         NeededBy,
         PluginsReport,
+        Pruned,
+        PruneReport,
         PushReport,
         Stats,
         SyncReport,
@@ -66,7 +70,10 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
-    **dict.fromkeys(["Changes", "Policy", "Refcounter", "open", "plugins"], "refcount.core"),
+    **dict.fromkeys(
+        ["Changes", "MinFree", "Policy", "PrunePolicy", "Refcounter", "open", "plugins"],
+        "refcount.core",
+    ),
     **dict.fromkeys(
         [
             "ConcurrentChange",
@@ -77,6 +84,8 @@ _HOME = {
             "InvalidBlob",
             "InvalidDigest",
             "InvalidSource",
+            "InvalidPolicy",
+            "InvalidSize",
             "InvalidStore",
             "LeaseExpired",
             "NotFound",
@@ -106,6 +115,8 @@ _HOME = {
             "Finding",
             "Lap",
             "NeededBy",
+            "PruneReport",
+            "Pruned",
             "Stats",
             "SyncReport",
             "TagInfo",
@@ -137,17 +148,23 @@ __all__ = [
     "GcReport",
     "InvalidBlob",
     "InvalidDigest",
+    "InvalidPolicy",
+    "InvalidSize",
     "InvalidSource",
     "InvalidStore",
     "Lap",
     "LeaseExpired",
     "LeaseInfo",
     "MassFree",
+    "MinFree",
     "NeededBy",
     "NotFound",
     "NotIndexed",
     "PluginsReport",
     "Policy",
+    "PrunePolicy",
+    "PruneReport",
+    "Pruned",
     "PushReport",
     "RefcountError",
     "Refcounter",

@@ -39,6 +39,13 @@ COMMAND_VALUE_OPTIONS = frozenset(
         *("--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"),
         *("--tag", "--lease-ttl"),
         *("--slice", "--max-duration", "--verify-every", "--deep-every", "--deep-slice"),
+        "--prune-every",
+        "--keep-last",
+        "--older-than",
+        "--match",
+        "--exclude",
+        "--max-size",
+        "--min-free",
     }
 )
 """The options of commands that take a value."""

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,11 +37,13 @@ import typer
 
 from refcount import interrupts
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import Progress, Refcounter, sync_log
+from refcount.core import Progress, PrunePolicy, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
+from refcount.core.policyfile import build as build_policy
 from refcount.durations import parse_amount, parse_duration
-from refcount.errors import ExitCode, InvalidDuration, NotServed, RefcountError
+from refcount.errors import ExitCode, InvalidDuration, InvalidPolicy, NotServed, RefcountError
+from refcount.layout import policy_path
 from refcount.reports import (
     BlobInfo,
     DeleteReport,
@@ -51,6 +53,7 @@ from refcount.reports import (
     LeaseInfo,
     MassFree,
     PluginsReport,
+    PruneReport,
     PushReport,
     SyncReport,
     TagInfo,
@@ -535,6 +538,114 @@ def touch(
         render(ctx, rc.touch(ref))
 
 
+@app.command(short_help="Delete the tags a retention policy selects.")
+def prune(
+    ctx: typer.Context,
+    keep_last: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Keep the N newest tags of each repository (the tag before its last ':'); "
+            "alone, delete the rest.",
+        ),
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Delete tags whose image was made before now - D."),
+    ] = None,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Only tags matching a GLOB may be deleted (repeatable)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(metavar="GLOB", help="Never delete tags matching GLOB (repeatable)."),
+    ] = None,
+    untagged: Annotated[
+        bool,
+        typer.Option(
+            "--untagged",
+            help="Delete untagged entries past --grace that no tagged image needs.",
+        ),
+    ] = False,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE", help="Delete the oldest tags until live bytes are at most SIZE."
+        ),
+    ] = None,
+    min_free: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE|PCT%",
+            help="Delete the oldest tags until the store's filesystem has this much free.",
+        ),
+    ] = None,
+    dry_run: DryRun = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask for confirmation on a terminal.")
+    ] = False,
+) -> None:
+    """Delete the tags a retention policy selects: one transaction, one rewrite of
+    index.json. With no policy flags, the rules in STORE/.refcount/policy.toml.
+
+    On a terminal a real prune shows its plan and asks first (unless --yes);
+    otherwise it proceeds.
+
+    \b
+    Example:
+        refcount prune --keep-last 3 --match 'web:*' --dry-run
+        refcount prune --older-than 30d --exclude '*:stable' --yes
+        refcount prune --max-size 50G
+    """
+    values = {
+        "keep_last": keep_last,
+        "older_than": older_than,
+        "match": match or None,
+        "exclude": exclude or None,
+        "untagged": untagged or None,
+        "max_size": max_size,
+        "min_free": min_free,
+    }
+    with _settings(ctx).counter() as rc:
+        rules, where = _prune_rules(rc, values)
+        if dry_run or yes or not sys.stdin.isatty():
+            render(ctx, rc.prune(rules, dry_run=dry_run, policy_file=where))
+            return
+        plan = rc.prune(rules, dry_run=True, policy_file=where)
+        if not plan.chosen:
+            render(ctx, plan)
+            return
+        for line in _prune_text(plan):  # under --json too: stdout keeps one document
+            typer.echo(line, err=_settings(ctx).json)
+        if not typer.confirm("Prune these?", default=False, err=True):
+            typer.echo("refcount: prune cancelled; nothing deleted", err=True)
+            raise typer.Exit(ExitCode.PROBLEM)
+        keys = [c.tag if c.tag is not None else c.digest for c in plan.chosen]
+        render(ctx, rc.prune(rules, expect=keys, policy_file=where))
+
+
+def _prune_rules(rc: Refcounter, values: Mapping[str, object]) -> tuple[PrunePolicy, str | None]:
+    """The flags' rules, or with no flags the store's policy file's (and its name)."""
+    if any(v is not None for v in values.values()):
+        rules = build_policy(values, lambda key: "--" + key.replace("_", "-"))
+        where = None
+    else:
+        found = rc.policy_rules()
+        if found is None:
+            raise InvalidPolicy(
+                f"no policy: give --keep-last, --older-than, --untagged, --max-size or "
+                f"--min-free, or write {policy_path(rc.store.path)}"
+            )
+        rules, where = found
+    if not rules.selects:
+        raise InvalidPolicy(
+            f"{where or '--match/--exclude'}: nothing selects tags: --match and --exclude only "
+            "limit --keep-last, --older-than, --max-size and --min-free"
+        )
+    return rules, where
+
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -567,6 +678,14 @@ def watch(
             help="Interval between sweeps of orphans past --grace and expired trash.",
         ),
     ] = "5m",
+    prune_every: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Apply STORE/.refcount/policy.toml (as `refcount prune`) this often "
+            "(default never); the daemon refuses to start without a valid one.",
+        ),
+    ] = None,
     metrics_addr: Annotated[
         str | None,
         typer.Option(
@@ -627,6 +746,7 @@ def watch(
             max_blobs=amount if isinstance(amount, int) else None,
             max_duration=amount if isinstance(amount, timedelta) else None,
         ),
+        prune_every=None if prune_every is None else parse_duration(prune_every),
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may
@@ -730,6 +850,34 @@ def _lease_text(lease: LeaseInfo) -> str:
         f"{lease.lease} by {lease.holder}, "
         f"since {lease.created:%Y-%m-%d %H:%M:%S}, expires {lease.expires:%H:%M:%S} UTC"
     )
+
+
+def _prune_text(report: PruneReport) -> list[str]:
+    if not report.chosen:
+        return [
+            "nothing to prune" + (f" (policy {report.policy_file})" if report.policy_file else "")
+        ]
+    verb = "would prune" if report.dry_run else "pruned"
+    source = f" by {report.policy_file}" if report.policy_file else ""
+    lines = [f"{verb} {plural(len(report.chosen), 'entry', 'entries')}{source}:"]
+    lines += _columns(
+        [["", "TAG", "DIGEST", "CREATED", "REASON"]]
+        + [
+            [
+                "",
+                c.tag or "(untagged)",
+                c.digest,
+                f"{c.created:%Y-%m-%d %H:%M:%S} ({c.created_from})",
+                c.reason,
+            ]
+            for c in report.chosen
+        ]
+    )
+    lines += _delete_text(DeleteReport("prune", report.dry_run, report.removed, report.freed))
+    after = report.live_before - report.freed_bytes
+    budget = {None: "", True: "; within budget", False: "; still over budget"}[report.budget_met]
+    lines.append(f"live: {_size(report.live_before)} -> {_size(after)}{budget}")
+    return lines
 
 
 def _sync_text(report: SyncReport) -> list[str]:
@@ -970,6 +1118,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     PluginsReport: _plugins_text,
     PushReport: _push_text,
     TouchReport: _touch_text,
+    PruneReport: _prune_text,
     list: _tags_text,
 }
 """The text of each report type (`tags` answers a list of TagInfo)."""

@@ -57,10 +57,17 @@ from pathlib import Path
 from typing import Protocol
 
 from refcount.core import Changes
-from refcount.errors import InvalidStore, UnparsableIndex
+from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
 from refcount.events import OnLost, OnPaths, StoreWatch
 from refcount.metrics import Health, Metrics
-from refcount.reports import DeleteReport, GcReport, Stats, SyncReport, VerifyReport
+from refcount.reports import (
+    DeleteReport,
+    GcReport,
+    PruneReport,
+    Stats,
+    SyncReport,
+    VerifyReport,
+)
 from refcount.scheduler import Invalid, Job, JobKind, PathSet, Scheduler, Timing
 from refcount.units import human_size
 from refcount.verifier import PeriodicVerify
@@ -88,6 +95,11 @@ class Collector(Protocol):
 
     def stats(self) -> Stats:
         """The figures behind the gauges."""
+        ...
+
+    def prune_by_file(self) -> PruneReport | None:
+        """Apply the store's retention policy file (None when there is none);
+        InvalidPolicy, pruning nothing, when it cannot be applied."""
         ...
 
 
@@ -316,6 +328,8 @@ class Daemon:
                 self._check_events(job)
             case JobKind.GC:
                 self._run_gc(job)
+            case JobKind.PRUNE:
+                self._run_prune()
             case JobKind.SERVED:
                 self._record_served(job.reports)
             case JobKind.VERIFY | JobKind.DEEP:
@@ -420,6 +434,29 @@ class Daemon:
         if report.swept or report.purged:
             self._refresh_stats()
 
+    def _run_prune(self) -> None:
+        """Apply the policy file; a file that went bad since the start is logged and
+        skipped (the daemon keeps watching, and tries again next time)."""
+        started = self._clock()
+        try:
+            report = self.collector.prune_by_file()
+        except RefcountError as exc:  # a bad policy file, an invalid store, a refusal
+            log.error("prune skipped: %s", exc)
+            self.metrics.record_failure("error")
+            return
+        except Exception:
+            log.exception("watch: prune failed; it runs again next time")
+            self.metrics.record_failure("error")
+            return
+        seconds = self._clock() - started
+        if report is None:
+            log.warning("prune skipped: the policy file is gone")
+            return
+        self.metrics.record_prune(report, seconds)
+        self._log_prune(report, seconds)
+        if report.removed:
+            self._refresh_stats()
+
     def _record_served(self, reports: tuple[object, ...]) -> None:
         """Count what commands served for clients did, then refresh the gauges once.
         Dry runs and reading commands changed nothing and are not counted."""
@@ -499,6 +536,20 @@ class Daemon:
         once per blob, on its transition back from missing to live."""
         for digest in report.found:
             log.info("%s: missing blob is back in blobs/", digest)
+
+    @staticmethod
+    def _log_prune(report: PruneReport, seconds: float) -> None:
+        level = logging.INFO if report.chosen else logging.DEBUG
+        tags = [c.tag or c.digest for c in report.chosen]
+        log.log(
+            level,
+            "prune: %d entries pruned%s, %d blobs freed (%s); %.1f ms",
+            len(tags),
+            f" ({', '.join(tags)})" if tags else "",
+            len(report.freed),
+            human_size(report.freed_bytes),
+            seconds * 1000,
+        )
 
     @staticmethod
     def _log_gc(report: GcReport, seconds: float) -> None:

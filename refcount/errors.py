@@ -16,11 +16,14 @@ exit code (`exit_code` on the report types).
     DeleteRefused            2  the delete would free blobs refcount cannot vouch for
     UnusableTag              2  the named tag is spelled unusably in index.json
     ConcurrentChange         2  index.json kept changing under a rewrite
+      PlanChanged            2    a prune's plan is no longer what was shown
     DatabaseError            2  the database cannot be opened, upgraded or written
     ForeignDatabase          2  the database counts another store
     NotIndexed               2  a reading command on a store never indexed
     StoreNotWritable         2  a writing command on a store this process may not change
     InvalidDuration          2  a duration option that does not parse
+    InvalidSize              2  a size or percentage option that does not parse
+    InvalidPolicy            2  a retention policy (flags or policy.toml) that is wrong
     InvalidOption            2  a daemon option out of range
     InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
     NotServed                2  a daemon asked to run a command it does not serve
@@ -103,6 +106,11 @@ class ConcurrentChange(RefcountError):
     """`index.json` kept changing under a rewrite; nothing was written."""
 
 
+class PlanChanged(ConcurrentChange):
+    """A confirmed prune whose plan is no longer the one shown; nothing was deleted.
+    (Not retried: a new plan needs a new confirmation.)"""
+
+
 class DatabaseError(RefcountError):
     """The database cannot be opened, upgraded or written."""
 
@@ -121,6 +129,15 @@ class ForeignDatabase(RefcountError):
 
 class InvalidDuration(RefcountError):
     """A duration option that does not parse."""
+
+
+class InvalidSize(RefcountError):
+    """A size (`10G`) or percentage (`15%`) option that does not parse, or is negative."""
+
+
+class InvalidPolicy(RefcountError):
+    """A retention policy that cannot be applied: a bad value, or a policy file that
+    is malformed, has an unknown key, or is not a regular file inside the store."""
 
 
 class InvalidOption(RefcountError):

@@ -31,6 +31,8 @@ SOCKET = "refcount.sock"
 STORE_ID = "store-id"
 LAST_REWRITE = "last-rewrite"
 DATABASE = "refcount.db"
+POLICY = "policy.toml"
+"""The retention policy `refcount prune` applies when given no policy flags."""
 
 HEX_LENGTH = {"sha256": 64, "sha512": 128}
 """The digest algorithms refcount builds paths for, and their encoded length."""
@@ -135,6 +137,10 @@ def identity_path(store: Path) -> Path:
 def identity_temp(store: Path, pid: int) -> Path:
     """Beside STORE_ID, so that it can be hard-linked into place."""
     return state_path(store, f"{STORE_ID}.{pid}.tmp")
+
+
+def policy_path(store: Path) -> Path:
+    return state_path(store, POLICY)
 
 
 def last_rewrite_path(store: Path) -> Path:

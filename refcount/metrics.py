@@ -34,7 +34,7 @@ from prometheus_client import (
 )
 
 from refcount.errors import InvalidAddress
-from refcount.reports import DeleteReport, GcReport, Stats, SyncReport
+from refcount.reports import DeleteReport, GcReport, PruneReport, Stats, SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.pruned_tags = Counter(
+            "refcount_pruned_tags",
+            "Tags deleted by the daemon's periodic prune (--prune-every, policy.toml).",
+            registry=r,
+        )
+        self.pruned_bytes = Counter(
+            "refcount_pruned_bytes",
+            "Bytes freed by the daemon's periodic prune (also in refcount_freed_bytes, "
+            "reason=deleted).",
+            registry=r,
+        )
         self.purged_blobs = Counter(
             "refcount_purged_blobs", "Quarantined blobs whose bytes were purged.", registry=r
         )
@@ -150,7 +161,7 @@ class Metrics:
         )
         self.duration = Histogram(
             "refcount_reconcile_duration_seconds",
-            "Time to apply one reconcile, by kind (batch, full, gc).",
+            "Time to apply one reconcile, by kind (batch, full, gc, prune).",
             ["kind"],
             buckets=DURATION_BUCKETS,
             registry=r,
@@ -223,6 +234,15 @@ class Metrics:
     def record_gc(self, report: GcReport, seconds: float) -> None:
         self.duration.labels("gc").observe(seconds)
         self._count_gc(report)
+
+    def record_prune(self, report: PruneReport, seconds: float) -> None:
+        """One periodic prune that ran (not a dry run): its tags, and its frees as
+        reason=deleted, as a delete's."""
+        self.duration.labels("prune").observe(seconds)
+        self.pruned_tags.inc(sum(1 for c in report.chosen if c.tag is not None))
+        self.pruned_bytes.inc(report.freed_bytes)
+        self.freed_blobs.labels("deleted").inc(len(report.freed))
+        self.freed_bytes.labels("deleted").inc(report.freed_bytes)
 
     def record_served(self, report: DeleteReport | GcReport | SyncReport) -> None:
         """What a command the daemon ran for a client did (not a dry run).

@@ -13,12 +13,14 @@ import json
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from refcount.errors import CorruptBlob, InvalidBlob, InvalidDigest, InvalidStore, UnparsableIndex
 from refcount.layout import DIGEST_PATTERN, HEX_LENGTH
 
 TAG_ANNOTATION = "org.opencontainers.image.ref.name"
+CREATED_ANNOTATION = "org.opencontainers.image.created"
 # Marks a recorded tag that index.json spells unusably (control characters, not a
 # string): the entry stays a tagged root, but no tag typed by a user can match it.
 UNUSABLE_TAG = "\x01"
@@ -536,3 +538,59 @@ class ContentCheck:
                 f"{self.what}: {self.digest}: content does not match its digest "
                 f"(it hashes to {self._algorithm}:{self._hasher.hexdigest()})"
             )
+
+
+# --- when an image was made -----------------------------------------------------
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """An RFC 3339 time (`2024-05-01T12:00:00Z`, nanoseconds allowed) as aware UTC;
+    None when it is not one (a time without a zone is read as UTC)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", value.strip()))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Created:
+    """What a root manifest says about when its image was made."""
+
+    annotation: datetime | None  # its org.opencontainers.image.created
+    config: str | None  # the digest of its config, whose `created` is next in line
+
+
+def manifest_created(data: bytes) -> Created:
+    """The created annotation of a manifest or index, and its config's digest.
+
+    Lenient: a creation time is a hint for retention, so bytes that do not
+    parse say nothing (the caller falls back to when refcount first saw them).
+    """
+    try:
+        blob = _load_object(data, "manifest", InvalidBlob)
+    except InvalidBlob:
+        return Created(None, None)
+    annotations = blob.get("annotations")
+    annotation = (
+        parse_timestamp(annotations.get(CREATED_ANNOTATION))
+        if isinstance(annotations, dict)
+        else None
+    )
+    config = blob.get("config")
+    digest = config.get("digest") if isinstance(config, dict) else None
+    try:
+        return Created(annotation, check_digest(digest) if isinstance(digest, str) else None)
+    except InvalidDigest:
+        return Created(annotation, None)
+
+
+def config_created(data: bytes) -> datetime | None:
+    """An image config's `created`, or None (lenient, as `manifest_created`)."""
+    try:
+        return parse_timestamp(_load_object(data, "config", InvalidBlob).get("created"))
+    except InvalidBlob:
+        return None

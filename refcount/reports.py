@@ -130,6 +130,34 @@ class TouchReport:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """One entry a prune chose: a tag, or (tag None) an untagged entry."""
+
+    tag: str | None
+    digest: str
+    created: datetime  # when its image was made (see `created_from`)
+    created_from: str  # "annotation", "config", or "first-seen" (when refcount first saw it)
+    reason: str  # the rule that chose it: keep-last, older-than, max-size, min-free, untagged
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """`prune`: the entries chosen, and what deleting them removes and frees."""
+
+    dry_run: bool
+    chosen: tuple[Pruned, ...]
+    removed: tuple[Entry, ...]  # every index.json entry removed (also untagged children)
+    freed: tuple[BlobRef, ...]
+    live_before: int  # live bytes before the prune
+    budget_met: bool | None = None  # None: no --max-size/--min-free; False: not reachable
+    policy_file: str | None = None  # the policy.toml applied, when no flags were given
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(b.size or 0 for b in self.freed)
+
+
+@dataclass(frozen=True)
 class Drift:
     """A blob whose recorded count (or, counts agreeing, recorded state) is wrong."""
 

@@ -27,7 +27,8 @@ What it decides, in the order `next_job` weighs it:
 5. a batch of the paths noticed so far, once no event came for `debounce`
    seconds, or `max_delay` after the first one when events never stop;
 6. gc every `gc_interval`;
-7. a shallow verify every `verify_every`, then one deep slice every
+7. a prune by the store's policy file every `prune_interval` (when set);
+8. a shallow verify every `verify_every`, then one deep slice every
    `deep_every` (each off when None). The daemon runs them beside the
    worker, so a long one never holds up the batches.
 
@@ -68,6 +69,8 @@ MIN_WAIT = 0.001
 """Shortest wait `deadline` asks for, so that a loop on it never spins."""
 _PAST = float("-inf")
 """A time before any `now`: due at once, whatever clock the caller uses."""
+_FUTURE = float("inf")
+"""A time after any `now`: never due."""
 
 
 def warning_delay(warned: int, first: float, gap: float, cap: float) -> float:
@@ -92,6 +95,8 @@ class Timing:
     """Interval between full reconciles that catch whatever the events missed."""
     gc_interval: float = 300.0
     """Interval between gc runs: orphans past the grace period, trash past its TTL."""
+    prune_interval: float | None = None
+    """Interval between prunes by the store's policy file; None never prunes."""
     health_interval: float = HEALTH_INTERVAL
     """Interval between checks that the observer's threads are alive."""
     retry_first: float = RETRY_FIRST
@@ -115,7 +120,7 @@ class Timing:
         for name in ("resync", "gc_interval", "health_interval", "retry_first"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)}: must be more than 0 seconds")
-        for name in ("verify_every", "deep_every"):
+        for name in ("prune_interval", "verify_every", "deep_every"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} {value}: must be more than 0 seconds")
@@ -165,6 +170,8 @@ class JobKind(StrEnum):
     """Start a shallow verify (recount and compare)."""
     DEEP = "deep"
     """Start a deep verify slice (the lap's next blobs hashed)."""
+    PRUNE = "prune"
+    """Apply the store's retention policy file (`refcount prune`)."""
     HEALTH = "health"
     """Check the observer; with `Job.reasons`, events were lost: rebuild it."""
     SERVED = "served"
@@ -239,7 +246,7 @@ class _Spell:
 
 def _due(now: float, every: float | None) -> float:
     """When a periodic job is next due: `every` from now, or never (None)."""
-    return float("inf") if every is None else now + every
+    return _FUTURE if every is None else now + every
 
 
 class Scheduler:
@@ -268,6 +275,7 @@ class Scheduler:
         self._gc_due = now + timing.gc_interval
         self._verify_due = _due(now, timing.verify_every)
         self._deep_due = _due(now, timing.deep_every)
+        self._prune_due = _due(now, timing.prune_interval)
 
     # --- requests ---------------------------------------------------------------
     def notice(self, paths: PathSet, now: float) -> None:
@@ -329,6 +337,9 @@ class Scheduler:
         if now >= self._gc_due:
             self._gc_due = now + timing.gc_interval
             return Job(JobKind.GC, self._pending.take(), ("before gc",), self._seen)
+        if now >= self._prune_due:
+            self._prune_due = _due(now, timing.prune_interval)
+            return Job(JobKind.PRUNE)
         if now >= self._verify_due:
             self._verify_due = _due(now, timing.verify_every)
             return Job(JobKind.VERIFY)
@@ -344,6 +355,7 @@ class Scheduler:
             self._resync_due,
             self._health_due,
             self._gc_due,
+            self._prune_due,
             self._verify_due,
             self._deep_due,
         ]

@@ -37,6 +37,7 @@ from refcount.errors import (
     BlobTooLarge,
     ConcurrentChange,
     InvalidBlob,
+    InvalidPolicy,
     InvalidStore,
     StoreBusy,
     StoreNotWritable,
@@ -44,6 +45,8 @@ from refcount.errors import (
 from refcount.oci import ContentCheck, Digest, Problem
 
 DEFAULT_MAX_MANIFEST = 4 * 1024 * 1024
+POLICY_LIMIT = 1 << 20
+"""The largest policy.toml read, in bytes."""
 # The names as this module spelled them before refcount.layout; kept for the
 # modules that still import them from here.
 STATE_DIR = layout.STATE_DIR
@@ -241,6 +244,35 @@ class Store:
             return _read_nofollow(layout.last_rewrite_path(self.path), 128).decode("ascii").strip()
         except (OSError, _TooLarge, UnicodeDecodeError):
             return None
+
+    def read_policy(self) -> bytes | None:
+        """`.refcount/policy.toml`'s bytes, or None when there is none.
+
+        Never follows a symbolic link (the file, or `.refcount/` itself): a link,
+        a directory or an unreadable file is InvalidPolicy, so that a policy never
+        comes from outside the store. Capped at 1 MiB.
+        """
+        path = layout.policy_path(self.path)
+        if not self.state_dir.exists() and not self.state_dir.is_symlink():
+            return None
+        if not self._real_state_dir():
+            raise InvalidPolicy(f"{path}: {self.state_dir} is not a directory; not followed")
+        try:
+            return _read_nofollow(path, POLICY_LIMIT)
+        except FileNotFoundError:
+            return None
+        except _TooLarge:
+            raise InvalidPolicy(f"{path}: larger than {POLICY_LIMIT} bytes") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidPolicy(f"{path}: is a symbolic link; not followed") from None
+            raise InvalidPolicy(f"{path}: cannot read: {exc.strerror}") from None
+
+    def free_space(self) -> tuple[int, int]:
+        """(bytes free to an unprivileged writer, bytes in all) of the filesystem
+        holding the store's blobs (os.statvfs)."""
+        info = os.statvfs(self.path / layout.BLOBS)
+        return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
     def claim_identity(self, identity: str) -> str:
         """Give the store `identity` unless it has one already; returns the store's.

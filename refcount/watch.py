@@ -32,8 +32,8 @@ from types import FrameType
 
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
-from refcount.errors import CannotServe, CannotWatch, InvalidOption
-from refcount.layout import SOCKET, state_path
+from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy
+from refcount.layout import SOCKET, policy_path, state_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
 from refcount.serve import CommandServer, Handler
@@ -65,6 +65,8 @@ class WatchOptions:
     """Interval between deep verify slices; None (the default) runs none."""
     deep_slice: DeepSlice = field(default_factory=DeepSlice)
     """How much one deep run hashes (every blob when unlimited)."""
+    prune_every: timedelta | None = None
+    """Interval between prunes by STORE/.refcount/policy.toml; None never prunes."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin on full reconciles.
@@ -76,6 +78,7 @@ class WatchOptions:
             ("--verify-every", self.verify_every),
             ("--deep-every", self.deep_every),
             ("--deep-slice", self.deep_slice.max_duration),
+            ("--prune-every", self.prune_every),
         ):
             if value is not None and value <= timedelta(0):
                 raise InvalidOption(f"{name} {_duration(value)}: must be longer than 0")
@@ -95,6 +98,7 @@ class WatchOptions:
             gc_interval=self.gc_interval.total_seconds(),
             verify_every=None if self.verify_every is None else self.verify_every.total_seconds(),
             deep_every=None if self.deep_every is None else self.deep_every.total_seconds(),
+            prune_interval=None if self.prune_every is None else self.prune_every.total_seconds(),
         )
 
 
@@ -139,13 +143,20 @@ def run_daemon(
     lock's file, `.refcount/watch.pid`.
 
     Raises StoreBusy when another daemon holds the store, InvalidAddress for a
-    bad `metrics_addr`, CannotWatch when the store cannot be watched. A socket
+    bad `metrics_addr`, CannotWatch when the store cannot be watched, and, with
+    `prune_every`, InvalidPolicy when the store has no policy file or one that
+    cannot be applied (the daemon does not start: a retention policy that was
+    asked for and is not applied is worse than no daemon). A socket
     that cannot be made is logged, and the daemon watches without it. Returns
     normally after a clean stop.
     """
     with open_refcounter() as rc:
         # The one place that looks inside the Refcounter: what the rest is given.
         store = rc.store
+        if options.prune_every is not None and rc.policy_rules() is None:
+            raise InvalidPolicy(
+                f"--prune-every: {policy_path(store.path)}: no such file; write the policy first"
+            )
         lock = store.hold_daemon_lock()
         try:
             # The periodic verifies run on a thread and a Refcounter of their own.
@@ -188,11 +199,14 @@ def _serve(
         else CommandServer(state_path(store, SOCKET), serve(daemon.report_served))
     )
     log.info(
-        "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s)",
+        "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",
         store,
         options.debounce,
         *map(_duration, (options.resync, options.gc_interval)),
         *map(_duration, (policy.grace, policy.trash_ttl)),
+        ""
+        if options.prune_every is None
+        else f", prune by {policy_path(store)} every {_duration(options.prune_every)}",
     )
     if options.verifies:
         log.info(

@@ -16,6 +16,11 @@ identical store:
   physical limit of a deep verify (files per second for both);
 - `delete tag` through the library: median and p99 of --deletes deletes of
   random distinct tags (trash TTL at its default);
+- many deletes, one rewrite: `delete tag` of 100 random tags in one call, and
+  `prune --keep-last 0 --match img-1???` (1,000 tags from 2k images on), each
+  with its count of index.json writes (must be 1), beside the same number of
+  single deletes extrapolated from the single-delete median above (a ratio of
+  two figures of the same run);
 - `refcount delete tag` as a whole process, median of --process-deletes, with
   REFCOUNT_NO_DAEMON=1 (the direct path), and again while `refcount watch` runs
   on the store, once it has reconciled (its idle RSS is read then). The fast
@@ -427,6 +432,70 @@ def measure_library_deletes(store: Path, tags: list[str], n: int) -> Row:
     return row
 
 
+BATCH_DELETE = 100
+"""Tags one `delete tag A B C ...` deletes in the batch row."""
+
+
+@contextmanager
+def index_writes() -> Iterator[list[int]]:
+    """Count the rewrites of index.json this process makes (Store.replace_index)."""
+    from refcount.store import Store
+
+    writes: list[int] = []
+    original = Store.replace_index
+
+    def counted(self: Store, data: bytes, expected_hash: str) -> str:
+        writes.append(len(data))
+        return original(self, data, expected_hash)
+
+    Store.replace_index = counted  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        Store.replace_index = original  # type: ignore[method-assign]
+
+
+def prune_glob(n: int) -> str:
+    """A glob matching 1,000 of mkstore's tags (img-1000..img-1999) from 2k images on,
+    and 90 (img-10..img-99) below."""
+    return "img-1???" if n >= 2000 else "img-??"
+
+
+def measure_batches(base: Path, work: Path, tags: list[str], n: int) -> Row:
+    """`delete tag` of BATCH_DELETE tags in one call, and `prune` of the tags
+    prune_glob(n) matches (--keep-last 0), each on a fresh copy through the
+    library, with the rewrites of index.json each made (one is the goal)."""
+    import refcount
+
+    row: Row = {}
+    with scratch(base, work / "batch") as copy, refcount.open(copy) as rc, index_writes() as w:
+        with Clock() as clock:
+            report = rc.delete_tags(tags[:BATCH_DELETE])
+        row["delete_batch_tags"] = len(tags[:BATCH_DELETE])
+        row["delete_batch_s"] = clock.wall
+        row["delete_batch_index_writes"] = len(w)
+        row["delete_batch_freed_blobs"] = len(report.freed)
+    glob = prune_glob(n)
+    with scratch(base, work / "prune") as copy, refcount.open(copy) as rc, index_writes() as w:
+        with Clock() as clock:
+            pruned = rc.prune(refcount.PrunePolicy(keep_last=0, match=(glob,)))
+        row["prune_tags"] = len(pruned.chosen)
+        row["prune_s"] = clock.wall
+        row["prune_index_writes"] = len(w)
+        row["prune_freed_blobs"] = len(pruned.freed)
+    say(
+        f"[{label(n)}] delete tag x{row['delete_batch_tags']} in one call (library): "
+        f"{row['delete_batch_s']:.3f} s, {row['delete_batch_index_writes']} index.json "
+        f"write(s), {row['delete_batch_freed_blobs']} blobs freed"
+    )
+    say(
+        f"[{label(n)}] prune --keep-last 0 --match {glob!r} (library): {row['prune_tags']} tags "
+        f"in {row['prune_s']:.3f} s, {row['prune_index_writes']} index.json write(s), "
+        f"{row['prune_freed_blobs']} blobs freed"
+    )
+    return row
+
+
 def process_deletes(store: Path, tags: list[str], *, daemon: bool) -> tuple[float, float]:
     """Median wall and median CPU (of the client process) of `refcount delete tag`."""
     env = env_for(daemon=daemon)
@@ -571,6 +640,21 @@ def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> 
     with scratch(base, work / "lib") as copy:
         row.update(measure_library_deletes(copy, picked[: args.deletes], n))
 
+    row.update(measure_batches(base, work, rng.sample(tags, min(BATCH_DELETE, len(tags))), n))
+    single = row["delete_lib_median_ms"] / 1000
+    row["delete_singles_extrapolated_s"] = single * row["delete_batch_tags"]
+    row["prune_singles_extrapolated_s"] = single * row["prune_tags"]
+    row["ratio_singles_vs_delete_batch"] = ratio(
+        row["delete_singles_extrapolated_s"], row["delete_batch_s"]
+    )
+    row["ratio_singles_vs_prune"] = ratio(row["prune_singles_extrapolated_s"], row["prune_s"])
+    say(
+        f"[{label(n)}] the same as single deletes (median x count): delete batch "
+        f"{row['delete_singles_extrapolated_s']:.2f} s "
+        f"({_fmt(row['ratio_singles_vs_delete_batch'], 'x')} the batch), prune "
+        f"{row['prune_singles_extrapolated_s']:.2f} s ({_fmt(row['ratio_singles_vs_prune'], 'x')})"
+    )
+
     with scratch(base, work / "proc") as copy:
         wall, cpu = process_deletes(copy, picked[: args.process_deletes], daemon=False)
     row["delete_proc_direct_median_s"] = wall
@@ -700,6 +784,16 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("delete tag, library, median", "delete_lib_median_ms", "ms"),
     ("delete tag, library, p99", "delete_lib_p99_ms", "ms"),
     ("delete tag, library, median CPU", "delete_lib_cpu_median_ms", "ms"),
+    ("delete tag A B C..., one call, tags", "delete_batch_tags", "int"),
+    ("delete tag A B C..., one call", "delete_batch_s", "s"),
+    ("delete tag A B C..., index.json writes", "delete_batch_index_writes", "int"),
+    ("the same as single deletes (extrapolated)", "delete_singles_extrapolated_s", "s"),
+    ("single deletes / one call", "ratio_singles_vs_delete_batch", "x"),
+    ("prune, tags", "prune_tags", "int"),
+    ("prune", "prune_s", "s"),
+    ("prune, index.json writes", "prune_index_writes", "int"),
+    ("prune as single deletes (extrapolated)", "prune_singles_extrapolated_s", "s"),
+    ("single deletes / prune", "ratio_singles_vs_prune", "x"),
     ("refcount delete tag, process, no daemon", "delete_proc_direct_median_s", "s"),
     ("refcount delete tag, process, no daemon, CPU", "delete_proc_direct_cpu_median_s", "s"),
     ("refcount delete tag, process, daemon", "delete_proc_daemon_median_s", "s"),
@@ -773,6 +867,9 @@ TARGETS: tuple[tuple[str, int | None, str, str, float, str], ...] = (
      "ratio_umoci_vs_direct", ">=", 8, "{:.1f}x"),
     ("umoci rm+gc / refcount delete tag without daemon >= 80x", 100_000,
      "ratio_umoci_vs_direct", ">=", 80, "{:.1f}x"),
+    ("delete tag of 100 tags rewrites index.json once", None,
+     "delete_batch_index_writes", "<=", 1, "{:.0f} write(s)"),
+    ("prune rewrites index.json once", None, "prune_index_writes", "<=", 1, "{:.0f} write(s)"),
     ("init <= 20 s", 100_000, "init_s", "<=", 20, "{:.1f} s"),
     ("init peak RSS <= 400 MB", 100_000, "init_peak_rss_mb", "<=", 400, "{:.0f} MB"),
     ("no-op sync <= 2 s", 100_000, "sync_noop_median_s", "<=", 2, "{:.2f} s"),

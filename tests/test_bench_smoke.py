@@ -16,6 +16,14 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 SIZE_KEYS = {
     "images",
+    "delete_batch_s",
+    "delete_batch_index_writes",
+    "delete_singles_extrapolated_s",
+    "ratio_singles_vs_delete_batch",
+    "prune_s",
+    "prune_index_writes",
+    "prune_singles_extrapolated_s",
+    "ratio_singles_vs_prune",
     "roots",
     "tags",
     "blobs",
@@ -76,6 +84,9 @@ def test_the_benchmark_runs_at_a_tiny_size_and_writes_every_figure(tmp_path: Pat
     assert size["images"] == 200
     assert size["delete_lib_n"] == 10
     assert size["verify_ok"] and size["verify_deep_ok"]
+    # many deletes, one rewrite: 100 tags in one call, and prune of img-10..img-99
+    assert (size["delete_batch_tags"], size["delete_batch_index_writes"]) == (100, 1)
+    assert (size["prune_tags"], size["prune_index_writes"]) == (90, 1)
     assert not WATCH_KEYS - results["watch"].keys()
     assert results["targets"]
     assert all(not {"target", "measured", "met"} - t.keys() for t in results["targets"])

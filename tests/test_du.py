@@ -180,6 +180,29 @@ image = st.tuples(
 )
 
 
+Image = tuple[list[bytes], str | None, bool]
+"""What `image` draws: layers, a tag (or untagged), whether a referrer points at it."""
+
+
+def random_store(
+    path: Path, images: list[Image], index: tuple[str, bool] | None, orphans: int = 0
+) -> Path:
+    """A store of the drawn images, an index over the first two (tagged index[0],
+    its children also listed untagged when index[1]) and `orphans` orphan blobs."""
+    store = make_layout(path)
+    manifests = []
+    for n, (layers, tag, referrer) in enumerate(images):
+        m = add_image(store, layers, tag=tag, config=f'{{"n":{n}}}'.encode())
+        manifests.append(m)
+        if referrer:
+            add_referrer(store, m, payload=f"sbom {n}".encode())
+    if index is not None:
+        add_index(store, manifests[:2], tag=index[0], list_children_untagged=index[1])
+    for n in range(orphans):
+        write_blob(store, f"orphan {n}".encode() * 10, OCI_LAYER)
+    return store
+
+
 @settings(max_examples=30)
 @given(
     images=st.lists(image, min_size=1, max_size=5),
@@ -188,24 +211,14 @@ image = st.tuples(
     keep=st.booleans(),  # --keep-untagged --keep-referrers: delete cascades less
 )
 def test_totals_add_up_and_exclusive_is_what_delete_frees(
-    images: list[tuple[list[bytes], str | None, bool]],
+    images: list[Image],
     index: tuple[str, bool] | None,
     orphans: int,
     keep: bool,
 ) -> None:
     path = Path(tempfile.mkdtemp(prefix="refcount-du-"))
     try:
-        store = make_layout(path / "store")
-        manifests = []
-        for n, (layers, tag, referrer) in enumerate(images):
-            m = add_image(store, layers, tag=tag, config=f'{{"n":{n}}}'.encode())
-            manifests.append(m)
-            if referrer:
-                add_referrer(store, m, payload=f"sbom {n}".encode())
-        if index is not None:
-            add_index(store, manifests[:2], tag=index[0], list_children_untagged=index[1])
-        for n in range(orphans):
-            write_blob(store, f"orphan {n}".encode() * 10, OCI_LAYER)
+        store = random_store(path / "store", images, index, orphans)
         with refcount.open(store, keep_untagged=keep, keep_referrers=keep) as rc:
             rc.init()
             report = rc.du()

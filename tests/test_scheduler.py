@@ -426,3 +426,18 @@ def test_timings_that_would_make_the_worker_spin_are_refused() -> None:
     for bad in ({"resync": 0.0}, {"gc_interval": -1.0}, {"debounce": float("nan")}):
         with pytest.raises(ValueError, match="must be"):
             Timing(**bad)
+
+
+def test_a_prune_falls_due_every_prune_interval_and_never_without_one() -> None:
+    scheduler = Scheduler(timing(prune_interval=30.0), 0.0)
+    assert scheduler.next_job(29.0) is None
+    assert scheduler.deadline(29.0) == 30.0
+    job = scheduler.next_job(30.0)
+    assert job is not None and job.kind is JobKind.PRUNE
+    assert scheduler.next_job(59.0) is None
+    again = scheduler.next_job(60.0)
+    assert again is not None and again.kind is JobKind.PRUNE
+    never = Scheduler(timing(), 0.0)
+    assert never.deadline(0.0) == NEVER  # only the timers turned off: no prune is due ever
+    with pytest.raises(ValueError, match="prune_interval"):
+        Timing(prune_interval=0)

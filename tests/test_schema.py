@@ -38,6 +38,7 @@ TABLES = {
     "edges",
     "last_used",
     "leases",
+    "image_created",
     "mass_frees",
     "meta",
     "pending_actions",

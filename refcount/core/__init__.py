@@ -19,5 +19,16 @@ How the pieces fit (each imports only those below it):
 from refcount.core.policy import Changes, Policy, Progress
 from refcount.core.reconcile import sync_log
 from refcount.core.refcounter import Refcounter, open, plugins
+from refcount.core.retention import MinFree, PrunePolicy
 
-__all__ = ["Changes", "Policy", "Progress", "Refcounter", "open", "plugins", "sync_log"]
+__all__ = [
+    "Changes",
+    "MinFree",
+    "Policy",
+    "Progress",
+    "PrunePolicy",
+    "Refcounter",
+    "open",
+    "plugins",
+    "sync_log",
+]

@@ -9,22 +9,13 @@ from datetime import datetime
 from refcount import graph
 from refcount.core.planner import tag_hint
 from refcount.core.policy import Policy, now
-from refcount.db.repo import Repo, RootRow
+from refcount.core.replay import Graph, Replay
+from refcount.db.repo import Repo
 from refcount.domain import BlobState
 from refcount.errors import InvalidDigest, NotFound
 from refcount.oci import Digest, usable_tag
 from refcount.reports import BlobInfo, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
-
-
-def _edges_both_ways(repo: Repo) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Every recorded edge, read once: parent -> children and child -> parents."""
-    children: dict[str, list[str]] = {}
-    parents: dict[str, list[str]] = {}
-    for parent, child in repo.all_edges():
-        children.setdefault(parent, []).append(child)
-        parents.setdefault(child, []).append(parent)
-    return children, parents
 
 
 def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
@@ -39,8 +30,8 @@ def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
     Reads the edges and sizes once and walks each image in memory: one pass over
     the database, however many tags there are.
     """
-    children, parents = _edges_both_ways(repo)
-    sizes = repo.sizes()
+    recorded = Graph.load(repo)
+    children, parents, sizes = recorded.children, recorded.parents, recorded.sizes
     subjects = repo.subjects()
     roots = repo.roots()
     tagged: dict[str, list[tuple[int, str]]] = {}
@@ -86,12 +77,9 @@ def du(
     no blob is read.
 
     A tag's exclusive bytes are exactly what `delete tag` frees (what its --dry-run
-    prints), found by replaying the delete's plan (`planner.plan`) on the counts in
-    memory: release the tag's entries; with them the untagged entries below its
-    image that no other tagged entry reaches (unless `policy.keep_untagged`); then,
-    as long as something is freed, the untagged referrers of what was freed
-    (unless `policy.keep_referrers`). A blob another entry still holds, tagged or
-    not, is not exclusive. A tag's shared bytes are the rest of its image; it
+    prints), found by replaying the delete's plan on the counts in memory
+    (`replay.Replay`). A blob another entry still holds, tagged or not, is not
+    exclusive. A tag's shared bytes are the rest of its image; it
     shares with every other tag whose image holds one of its blobs.
 
     The totals add up: the exclusive bytes of all tags, plus the bytes that two or
@@ -103,87 +91,28 @@ def du(
     quarantined blobs freed longer ago than the trash TTL and held by no mass free.
     A named ref that is not a tag is NotFound; nothing is reported then.
     """
-    children, parents = _edges_both_ways(repo)
-    sizes = repo.sizes()
-    counts = repo.counts()
-    referrers: dict[str, list[str]] = {}
-    for referrer, subject in repo.subjects().items():
-        referrers.setdefault(subject, []).append(referrer)
-    roots = repo.roots()
-    by_tag: dict[str, list[RootRow]] = {}
-    tags_of: dict[str, set[str]] = {}  # digest -> the tags of the entries pointing at it
-    untagged: dict[str, list[RootRow]] = {}
-    for root in roots:
-        if root.tag is None:
-            untagged.setdefault(root.digest, []).append(root)
-        else:
-            by_tag.setdefault(root.tag, []).append(root)
-            tags_of.setdefault(root.digest, set()).add(root.tag)
+    recorded = Graph.load(repo)
+    by_tag = recorded.by_tag
     for ref in refs or ():
         if ref not in by_tag:
             raise no_such_tag(store, ref, set(by_tag), "du")
-
-    def size(digests: set[str]) -> int:
-        return sum(sizes.get(d) or 0 for d in digests)
-
     images: dict[str, set[str]] = {}
     holders: dict[str, set[str]] = {}  # digest -> the tags whose image holds it
     for tag, entries in by_tag.items():
         own = {r.digest for r in entries}
-        images[tag] = own | graph.descendants(own, lambda d: children.get(d, ()))
+        images[tag] = own | recorded.below(own)
         for digest in images[tag]:
             holders.setdefault(digest, set()).add(tag)
 
-    def freed_by(tag: str) -> set[str]:
-        """What `delete tag` frees, replayed in memory on a copy of the counts."""
-        delta: dict[str, int] = {}
-
-        def bump(digest: str, by: int) -> int:
-            if digest not in counts:
-                return 1  # never recorded: releasing it frees nothing (Ledger._bump)
-            delta[digest] = delta.get(digest, 0) + by
-            return counts[digest] + delta[digest]
-
-        def release(entries: list[RootRow]) -> list[str]:
-            return graph.release([r.digest for r in entries], bump, lambda d: children.get(d, ()))
-
-        def tagged_elsewhere(digest: str) -> bool:
-            return bool(tags_of.get(digest, set()) - {tag})
-
-        def up(digest: str) -> list[str]:
-            return parents.get(digest, [])
-
-        removed = {r.position: r for r in by_tag[tag]}
-        if not policy.keep_untagged:
-            below = graph.descendants(
-                {r.digest for r in by_tag[tag]}, lambda d: children.get(d, ())
-            )
-            for digest in sorted(below & untagged.keys()):
-                if not graph.reachable_from_any(digest, tagged_elsewhere, up):
-                    removed.update((r.position, r) for r in untagged[digest])
-        freed = release(list(removed.values()))
-        found = set(freed)
-        while freed and not policy.keep_referrers:
-            more = [
-                r
-                for d in {x for s in freed for x in referrers.get(s, ())}
-                for r in untagged.get(d, ())
-                if r.position not in removed
-            ]
-            removed.update((r.position, r) for r in more)
-            freed = release(more)
-            found.update(freed)
-        return found
-
-    exclusive = {tag: freed_by(tag) for tag in by_tag}
+    exclusive = {tag: Replay(recorded, policy).delete_tag(tag) for tag in by_tag}
     used = repo.last_used(by_tag)
     usage = [
         TagUsage(
             tag,
             entries[0].digest,
-            size(images[tag]),
-            size(exclusive[tag]),
-            size(images[tag] - exclusive[tag]),
+            recorded.size(images[tag]),
+            recorded.size(exclusive[tag]),
+            recorded.size(images[tag] - exclusive[tag]),
             len(set().union(*(holders[d] for d in images[tag])) - {tag}),
             used.get(tag),
         )
@@ -192,12 +121,12 @@ def du(
     ]
     everywhere: set[str] = set().union(*exclusive.values())
     shared = {d for d, held in holders.items() if len(held) > 1}
-    rest = set(sizes) - everywhere - shared
+    rest = set(recorded.sizes) - everywhere - shared
     return DuReport(
         tags=tuple(sorted(usage, key=lambda u: -u.exclusive)),
         live=repo.sum_sizes(BlobState.LIVE)[1],
-        shared=size(shared),
-        untagged=size(rest),
+        shared=recorded.size(shared),
+        untagged=recorded.size(rest),
         quarantined=repo.sum_sizes(BlobState.TRASH)[1],
         orphaned=repo.sum_sizes(BlobState.ORPHAN)[1],
         reclaimable=reclaimable(repo, at, policy),

@@ -29,14 +29,15 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from refcount import interrupts
-from refcount.core import journal, planner, reading, reconcile, verifying
+from refcount.core import journal, planner, policyfile, pruning, reading, reconcile, verifying
 from refcount.core import push as pushing
 from refcount.core import scan as scanning
 from refcount.core.ledger import Ledger
@@ -50,12 +51,14 @@ from refcount.core.policy import (
     no_progress,
     now,
 )
+from refcount.core.retention import PrunePolicy
 from refcount.core.sweep import collect
 from refcount.db.engine import Engine, current_revision, default_url, transaction
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
-from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound
+from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound, PlanChanged
 from refcount.extractors import installed
+from refcount.layout import policy_path
 from refcount.oci import Descriptor, Digest, usable_tag
 from refcount.reports import (
     BlobInfo,
@@ -66,6 +69,8 @@ from refcount.reports import (
     GcReport,
     LeaseInfo,
     PluginsReport,
+    Pruned,
+    PruneReport,
     PushReport,
     Stats,
     SyncReport,
@@ -78,6 +83,7 @@ from refcount.sources import open_source
 from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
 
 log = logging.getLogger("refcount.core")
+T = TypeVar("T")
 
 
 class Refcounter:
@@ -217,48 +223,142 @@ class Refcounter:
     def _delete(self, selects: list[planner.Select], dry_run: bool) -> DeleteReport:
         what = ", ".join(s.what for s in selects)
         with self._writing():
-            for _attempt in range(REWRITE_ATTEMPTS):
-                # index.json rewritten, committed and the journal carried out, or
-                # none of it: an interruption waits for the end of the attempt.
-                try:
-                    with interrupts.deferred(None if dry_run else f"delete {what}"):
-                        report = self._delete_once(selects, dry_run)
-                        if not dry_run:
-                            crash_point("delete-after-commit")
-                            self._settle()
-                except ConcurrentChange:
-                    continue
-                return report
+            report, _ = self._delete_locked(
+                lambda _repo: (selects, None), dry_run, f"delete {what}"
+            )
+            return report
+
+    def _delete_locked(
+        self,
+        choose: Callable[[Repo], tuple[list[planner.Select], T]],
+        dry_run: bool,
+        label: str,
+    ) -> tuple[DeleteReport, T]:
+        """Delete what `choose` selects, once the database has caught up with
+        index.json; `choose` also answers a value of its own (prune's plan),
+        returned with the report. `label` names the operation to an interruption.
+        The caller holds the lock."""
+        what = "the selection"
+        for _attempt in range(REWRITE_ATTEMPTS):
+            # index.json rewritten, committed and the journal carried out, or
+            # none of it: an interruption waits for the end of the attempt.
+            try:
+                with interrupts.deferred(None if dry_run else label):
+                    report, chosen, what = self._delete_once(choose, dry_run)
+                    if not dry_run:
+                        crash_point("delete-after-commit")
+                        self._settle()
+            except PlanChanged:
+                raise
+            except ConcurrentChange:
+                continue
+            return report, chosen
         raise ConcurrentChange(f"{self.store.index_path}: kept changing; {what} not deleted")
 
-    def _delete_once(self, selects: list[planner.Select], dry_run: bool) -> DeleteReport:
-        """One attempt: catch up, plan, and (unless a dry run) rewrite and commit."""
+    def _delete_once(
+        self, choose: Callable[[Repo], tuple[list[planner.Select], T]], dry_run: bool
+    ) -> tuple[DeleteReport, T, str]:
+        """One attempt: catch up, choose, plan, and (unless a dry run) rewrite and commit."""
         snapshot = self.store.read_index()
         with transaction(self.engine) as repo:
             reconcile.catch_up(self._ledger(repo), snapshot)
+            selects, chosen = choose(repo)
+            what = ", ".join(s.what for s in selects)
             ledger = self._ledger(repo)
-            removed = planner.plan(ledger, selects, snapshot)
+            removed = planner.plan(ledger, selects, snapshot) if selects else []
             report = DeleteReport(
                 target=", ".join(s.tag if s.tag is not None else s.digest or "" for s in selects),
                 dry_run=dry_run,
                 removed=tuple(Entry(repo.index_of(r.start or 0), r.digest, r.tag) for r in removed),
                 freed=tuple(ledger.freed),
             )
-            if dry_run:
+            if dry_run or not removed:
                 repo.rollback()
-                return report
+                return report, chosen, what
+            repo.forget_created(b.digest for b in ledger.freed)
             planner.rewrite_index(repo, self.store, snapshot, removed)
             gone = {r.tag for r in removed if r.tag is not None}
             repo.forget_use(t for t in gone if not repo.roots_where(tag=t))
             crash_point("delete-before-commit")
         log.info(
             "deleted %s: %d entries, %d blobs freed (%d bytes)",
-            ", ".join(s.what for s in selects),
+            what,
             len(report.removed),
             len(report.freed),
             report.freed_bytes,
         )
-        return report
+        return report, chosen, what
+
+    # --- prune --------------------------------------------------------------------------
+    def prune(
+        self,
+        rules: PrunePolicy,
+        *,
+        dry_run: bool = False,
+        expect: Collection[str] | None = None,
+        policy_file: str | None = None,
+    ) -> PruneReport:
+        """Delete what the retention `rules` choose (`retention` says how they
+        combine), in one transaction and one rewrite of index.json, through the
+        same path as `delete tag`.
+
+        The creation times of the eligible tags are read from their manifests
+        (and configs) only once: the first prune records them (its own committed
+        transaction, so a dry run records them too). With `expect` (the plan a
+        dry run showed: tags, and digests of untagged entries), nothing is
+        deleted unless the plan is still exactly that (ConcurrentChange).
+        """
+        with self._writing():
+            with interrupts.deferred(), transaction(self.engine) as repo:
+                reconcile.catch_up(self._ledger(repo), self.store.read_index())
+                pruning.cache_created(repo, self.store, rules)
+
+            def choose(repo: Repo) -> tuple[list[planner.Select], pruning.Plan]:
+                plan = pruning.choose(repo, rules, self.policy, now(), self.store.free_space)
+                keys = {c.candidate.key for c in plan.choices}
+                if expect is not None and keys != set(expect):
+                    raise PlanChanged(
+                        f"{self.store.index_path}: the store changed since the plan was "
+                        "shown; nothing pruned (run prune again)"
+                    )
+                return plan.selects, plan
+
+            report, plan = self._delete_locked(choose, dry_run, "prune")
+        return PruneReport(
+            dry_run=dry_run,
+            chosen=tuple(
+                Pruned(
+                    c.candidate.tag,
+                    c.candidate.digest,
+                    c.candidate.created,
+                    c.candidate.created_from,
+                    str(c.reason),
+                )
+                for c in plan.choices
+            ),
+            removed=report.removed,
+            freed=report.freed,
+            live_before=plan.live,
+            budget_met=plan.budget_met,
+            policy_file=policy_file,
+        )
+
+    def policy_rules(self) -> tuple[PrunePolicy, str] | None:
+        """The rules in STORE/.refcount/policy.toml and the file's name, or None when
+        there is no such file; InvalidPolicy when it cannot be applied."""
+        data = self.store.read_policy()
+        if data is None:
+            return None
+        where = str(policy_path(self.store.path))
+        return policyfile.parse(data, where), where
+
+    def prune_by_file(self, *, dry_run: bool = False) -> PruneReport | None:
+        """`prune` with the store's policy file, or None when it has none."""
+        found = self.policy_rules()
+        if found is None:
+            return None
+        rules, where = found
+        return self.prune(rules, dry_run=dry_run, policy_file=where)
 
     # --- gc -----------------------------------------------------------------------------
     def gc(self, *, dry_run: bool = False, grace: timedelta | None = None) -> GcReport:

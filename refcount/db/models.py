@@ -133,11 +133,20 @@ class VerifyFinding(Base):
     tags: Mapped[str]
 
 
+class ImageCreated(Base):
+    __table__ = tables.image_created
+
+    digest: Mapped[str]
+    created: Mapped[datetime | None]
+    source: Mapped[str]
+
+
 __all__ = [
     "SCHEMA_HEAD",
     "Base",
     "Blob",
     "Edge",
+    "ImageCreated",
     "LastUse",
     "Lease",
     "MassFree",

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, RootTransaction, delete, func, insert, select
 from refcount.db.tables import (
     blobs,
     edges,
+    image_created,
     last_used,
     leases,
     mass_frees,
@@ -542,6 +543,33 @@ class Repo:
         if row is None:
             return None
         return Lap(row.lap_started, self.get_meta(DEEP_CURSOR) or None, row.lap_done, row.lap_total)
+
+    # --- when images were made (retention) ---------------------------------------
+    def created_of(self, digests: Iterable[str]) -> dict[str, tuple[datetime | None, str]]:
+        """The cached (created, source) of each digest that has a row."""
+        found: dict[str, tuple[datetime | None, str]] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            query = select(
+                image_created.c.digest, image_created.c.created, image_created.c.source
+            ).where(image_created.c.digest.in_(chunk))
+            found.update((r[0], (r[1], r[2])) for r in self.connection.execute(query))
+        return found
+
+    def record_created(self, rows: dict[str, tuple[datetime | None, str]]) -> None:
+        values = [{"digest": d, "created": c, "source": s} for d, (c, s) in rows.items()]
+        for chunk in _chunks(values):
+            self.connection.execute(insert(image_created), list(chunk))
+
+    def forget_created(self, digests: Iterable[str]) -> None:
+        for chunk in _chunks(sorted(set(digests))):
+            self.connection.execute(delete(image_created).where(image_created.c.digest.in_(chunk)))
+
+    def first_seen(self, digests: Iterable[str]) -> dict[str, datetime]:
+        found: dict[str, datetime] = {}
+        for chunk in _chunks(sorted(set(digests))):
+            query = select(blobs.c.digest, blobs.c.first_seen).where(blobs.c.digest.in_(chunk))
+            found.update((r[0], r[1]) for r in self.connection.execute(query))
+        return found
 
     # --- journal ------------------------------------------------------------
     def add_actions(self, action: FileAction, digests: Iterable[str], now: datetime) -> None:

@@ -209,3 +209,16 @@ verify_findings = Table(
     Column("detail", String(1000), nullable=False),
     Column("tags", String(1000), nullable=False),
 )
+
+image_created = Table(
+    "image_created",
+    metadata,
+    # When a root manifest's image was made, as retention (`prune`) reads it once from
+    # the manifest's org.opencontainers.image.created annotation (`source` annotation)
+    # or else its config's `created` (`config`); `none` (created NULL) when neither
+    # says, and prune uses blobs.first_seen. Keyed by digest: content never changes,
+    # so a row never goes stale; prune forgets the rows of what it frees.
+    Column("digest", DIGEST, primary_key=True),
+    Column("created", TZDateTime()),
+    Column("source", String(16), nullable=False),
+)
