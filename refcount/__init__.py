@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from refcount.core import Changes, Policy, Refcounter, open
     from refcount.errors import (
+        CannotWriteOutput,
         ConcurrentChange,
         DatabaseError,
         DeleteRefused,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from refcount.reports import (
         BlobInfo,
         BlobRef,
+        Damage,
         DeleteReport,
         DuReport,
         Entry,
@@ -56,6 +58,7 @@ _HOME = {
     **dict.fromkeys(["Changes", "Policy", "Refcounter", "open"], "refcount.core"),
     **dict.fromkeys(
         [
+            "CannotWriteOutput",
             "ConcurrentChange",
             "DatabaseError",
             "DeleteRefused",
@@ -78,6 +81,7 @@ _HOME = {
         [
             "BlobInfo",
             "BlobRef",
+            "Damage",
             "DeleteReport",
             "DuReport",
             "Entry",
@@ -96,8 +100,10 @@ _HOME = {
 __all__ = [
     "BlobInfo",
     "BlobRef",
+    "CannotWriteOutput",
     "Changes",
     "ConcurrentChange",
+    "Damage",
     "DatabaseError",
     "DeleteRefused",
     "DeleteReport",

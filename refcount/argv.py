@@ -27,7 +27,15 @@ GLOBAL_VALUE_OPTIONS = frozenset(
 GLOBAL_FLAGS = frozenset({"--json", "--verbose", "--keep-referrers", "--keep-untagged"})
 """The global options that take none (and -v, -vv, ...)."""
 COMMAND_VALUE_OPTIONS = frozenset(
-    {"--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"}
+    {
+        "--grace",
+        "--debounce",
+        "--resync",
+        "--gc-interval",
+        "--metrics-addr",
+        "--log-format",
+        "--html",
+    }
 )
 """The options of commands that take a value."""
 MOVABLE_VALUE_OPTIONS = GLOBAL_VALUE_OPTIONS - COMMAND_VALUE_OPTIONS

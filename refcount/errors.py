@@ -21,6 +21,7 @@ exit code (`exit_code` on the report types).
     NotIndexed               2  a reading command on a store never indexed
     StoreNotWritable         2  a writing command on a store this process may not change
     InvalidDuration          2  a duration option that does not parse
+    CannotWriteOutput        2  an output file asked for (du --html) cannot be written there
     InvalidOption            2  a daemon option out of range
     InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
     NotServed                2  a daemon asked to run a command it does not serve
@@ -118,6 +119,12 @@ class ForeignDatabase(RefcountError):
 
 class InvalidDuration(RefcountError):
     """A duration option that does not parse."""
+
+
+class CannotWriteOutput(RefcountError):
+    """A file the user asked for (`du --html FILE`) cannot be written there: the
+    directory is missing or not writable, FILE is a directory or a symbolic link
+    (never written through), or FILE is one of the store's own files."""
 
 
 class InvalidOption(RefcountError):

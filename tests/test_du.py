@@ -71,6 +71,7 @@ def test_every_figure_equals_the_hand_count(cli: Cli, three: tuple[Path, dict[st
             "exclusive": own[t] + len(only[t]),
             "shared": len(BASE) + (len(AB) if t != "c" else 0),
             "shares_with": 2,
+            "problems": [],
         }
         for t in "abc"
     }

@@ -9,11 +9,11 @@ from datetime import datetime
 from refcount import graph
 from refcount.core.planner import tag_hint
 from refcount.core.policy import Policy, now
-from refcount.db.repo import Repo, RootRow
+from refcount.db.repo import BlobRow, Repo, RootRow
 from refcount.domain import BlobState
 from refcount.errors import InvalidDigest, NotFound
 from refcount.oci import Digest, usable_tag
-from refcount.reports import BlobInfo, DuReport, Link, Stats, TagInfo, TagUsage
+from refcount.reports import BlobInfo, Damage, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
 
 
@@ -99,6 +99,10 @@ def du(
     what gc would free now (see `sweep.collect`): orphans whose first sighting is
     older than the grace period (none while a live manifest is damaged) and
     quarantined blobs freed longer ago than the trash TTL and held by no mass free.
+    Each tag lists the `problems` of its image: referenced blobs missing from
+    blobs/ (counted in its figures, not on disk) and manifests that could not be
+    read (what they hold is unknown; `delete tag` refuses the image), which make
+    the report's exit code 1.
     A named ref that is not a tag is NotFound; nothing is reported then.
     """
     children, parents = _edges_both_ways(repo)
@@ -174,6 +178,7 @@ def du(
         return found
 
     exclusive = {tag: freed_by(tag) for tag in by_tag}
+    troubled = {row.digest: damage(row) for row in repo.troubled()}
     usage = [
         TagUsage(
             tag,
@@ -182,6 +187,7 @@ def du(
             size(exclusive[tag]),
             size(images[tag] - exclusive[tag]),
             len(set().union(*(holders[d] for d in images[tag])) - {tag}),
+            tuple(troubled[d] for d in sorted(images[tag] & troubled.keys())),
         )
         for tag, entries in by_tag.items()
         if refs is None or tag in refs
@@ -197,6 +203,23 @@ def du(
         quarantined=repo.sum_sizes(BlobState.TRASH)[1],
         orphaned=repo.sum_sizes(BlobState.ORPHAN)[1],
         reclaimable=reclaimable(repo, at, policy),
+    )
+
+
+def damage(row: BlobRow) -> Damage:
+    """What a missing or unreadable blob means for the figures of the images holding it."""
+    if row.problem is not None:
+        return Damage(
+            row.digest,
+            "damaged",
+            f"{row.problem.removeprefix(row.digest + ': ')}: what it holds is unknown "
+            "and left out of the figures; "
+            "`delete tag` refuses this image",
+        )
+    return Damage(
+        row.digest,
+        "missing",
+        "referenced but not in blobs/: its bytes are counted but are not on disk",
     )
 
 
