@@ -16,6 +16,9 @@ from refcount.oci import Digest, usable_tag
 from refcount.reports import BlobInfo, Damage, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
 
+BITSET_FROM = 64
+"""A set of tags holding one blob, larger than this, is also kept as a bitset (`du`)."""
+
 
 def _edges_both_ways(repo: Repo) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Every recorded edge, read once: parent -> children and child -> parents."""
@@ -178,6 +181,44 @@ def du(
         return found
 
     exclusive = {tag: freed_by(tag) for tag in by_tag}
+    # How many other tags share a blob with a tag: the size of the union of the
+    # holder sets of its image's shared blobs. Those sets repeat from image to
+    # image (every image built on one base holds its layers) and the popular
+    # ones are large, so each distinct set is kept once, and a large one (more
+    # than BITSET_FROM tags) also as a bitset over the tags: a tag's union is then
+    # an OR of a few bitsets and a look at the small sets' few tags, instead of
+    # copying sets of up to every tag for every tag (quadratic: 13 s at 10k).
+    slot = {tag: i for i, tag in enumerate(by_tag)}
+    distinct: dict[frozenset[str], frozenset[str]] = {}
+    held_by = {
+        d: distinct.setdefault(frozenset(h), frozenset(h)) for d, h in holders.items() if len(h) > 1
+    }
+    bitsets: dict[frozenset[str], int] = {}
+
+    def bitset(group: frozenset[str]) -> int:
+        if group not in bitsets:
+            bits = bytearray(len(slot) // 8 + 1)
+            for tag in group:
+                bits[slot[tag] >> 3] |= 1 << (slot[tag] & 7)
+            bitsets[group] = int.from_bytes(bits, "little")
+        return bitsets[group]
+
+    def shares_with(image: set[str]) -> int:
+        """How many other tags' images hold a blob of `image` (a tag's own)."""
+        groups = {held_by[d] for d in image if d in held_by}
+        large = [g for g in groups if len(g) > BITSET_FROM]
+        union = 0
+        for group in large:
+            union |= bitset(group)
+        rest = {
+            t
+            for g in groups
+            if len(g) <= BITSET_FROM
+            for t in g
+            if not any(t in big for big in large)
+        }
+        return max(union.bit_count() + len(rest) - 1, 0)
+
     troubled = {row.digest: damage(row) for row in repo.troubled()}
     usage = [
         TagUsage(
@@ -186,7 +227,7 @@ def du(
             size(images[tag]),
             size(exclusive[tag]),
             size(images[tag] - exclusive[tag]),
-            len(set().union(*(holders[d] for d in images[tag])) - {tag}),
+            shares_with(images[tag]),
             tuple(troubled[d] for d in sorted(images[tag] & troubled.keys())),
         )
         for tag, entries in by_tag.items()
