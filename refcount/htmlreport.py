@@ -144,6 +144,11 @@ def _chart(tags: tuple[TagUsage, ...]) -> str:
     return "\n".join(parts)
 
 
+def _digest(digest: str) -> str:
+    """`sha256:c59d3c0480cc`, the whole digest in its tooltip."""
+    return f'<code title="{_text(digest)}">{_text(digest[:19])}</code>'
+
+
 def _size_cell(size: int) -> str:
     return f'<td title="{size} bytes">{_text(human_size(size))}</td>'
 
@@ -168,10 +173,10 @@ def _table(tags: tuple[TagUsage, ...]) -> str:
     rows = [
         "<tr>"
         f'<th scope="row">{_text(u.tag)}</th>'
-        f'<td><code title="{_text(u.digest)}">{_text(u.digest[:19])}</code></td>'
+        f"<td>{_digest(u.digest)}</td>"
         f"{_size_cell(u.total)}{_size_cell(u.exclusive)}{_size_cell(u.shared)}"
         f"<td>{u.shares_with}</td>"
-        f"<td>{_text(', '.join(f'{d.kind} {d.digest}' for d in u.problems)) or '-'}</td>"
+        f"<td>{', '.join(f'{_text(d.kind)} {_digest(d.digest)}' for d in u.problems) or '-'}</td>"
         "</tr>"
         for u in tags[:TABLE_ROWS]
     ]
@@ -216,9 +221,11 @@ svg .exclusive {{ fill: {EXCLUSIVE_COLOUR}; }}
 svg .shared {{ fill: {SHARED_COLOUR}; }}
 svg .flagged .label {{ fill: #b00020; font-weight: bold; }}
 table {{ border-collapse: collapse; width: 100%; font-size: 0.93em; }}
-th, td {{ padding: 3px 8px; border-bottom: 1px solid #ececec; text-align: right; }}
-th[scope="row"], thead th:first-child {{ text-align: left; word-break: break-all; }}
-td:last-child {{ text-align: left; }}
+th, td {{ padding: 3px 8px; border-bottom: 1px solid #ececec; text-align: right;
+  white-space: nowrap; }}
+th[scope="row"], thead th:first-child {{ text-align: left; white-space: normal;
+  overflow-wrap: anywhere; }}
+td:last-child, thead th:last-child {{ text-align: left; }}
 .problems {{ color: #b00020; }}
 .problems code, td code {{ font-size: 0.9em; }}
 """

@@ -282,6 +282,14 @@ def test_an_existing_file_is_replaced_whole_and_no_temp_is_left(
     assert sorted(os.listdir(out)) == ["du.html"]
 
 
+def test_options_after_the_file_are_still_read(cli: Cli, images: Path, tmp_path: Path) -> None:
+    page = tmp_path / "du.html"
+    result = cli("du", "--html", page, "--json", "--store", images)
+    assert result.code == 0, result.err
+    assert {t["tag"] for t in result.json()["tags"]} == set(EXCLUSIVE)
+    assert page.is_file() and not (tmp_path / "--json").exists()
+
+
 def test_the_daemons_path_is_not_taken_for_html(tmp_path: Path) -> None:
     from refcount import client
 
