@@ -390,3 +390,12 @@ def test_problems_are_flagged_in_text_json_and_html(cli: Cli, store: Path, tmp_p
     assert f"damaged <code>{broken['digest']}</code>" in html
     assert listing(store) == before  # du reads: nothing in the store changed
     assert cli("--store", store, "du", "fine").code == 0  # a sound image alone is no problem
+
+
+def test_a_store_without_tags_gets_a_page_without_a_chart() -> None:
+    page = htmlreport.render(
+        DuReport((), 0, 0, 0, 0, 512, 0), store="/s", made_at=datetime.now(UTC)
+    )
+    assert "No tags: the store holds no tagged image." in page
+    assert "<svg" not in page and "<rect" not in page
+    assert 'title="in blobs/, never referenced: 512 bytes"' in page
