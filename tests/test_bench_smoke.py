@@ -36,6 +36,7 @@ SIZE_KEYS = {
     "verify_deep_vs_sha256sum",
     "du_s",
     "du_vs_verify",
+    "du_cpu_vs_verify",
     "du_ref_median_ms",
     "du_html_s",
     "delete_lib_n",
