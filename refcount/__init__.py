@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from refcount.core import Changes, MinFree, Policy, PrunePolicy, Refcounter, open, plugins
     from refcount.errors import (
+        CannotWriteOutput,
         ConcurrentChange,
         CorruptBlob,
         DatabaseError,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from refcount.reports import (
         BlobInfo,
         BlobRef,
+        Damage,
         DeleteReport,
         DuReport,
         Entry,
@@ -76,6 +78,7 @@ _HOME = {
     ),
     **dict.fromkeys(
         [
+            "CannotWriteOutput",
             "ConcurrentChange",
             "CorruptBlob",
             "DatabaseError",
@@ -103,6 +106,7 @@ _HOME = {
         [
             "BlobInfo",
             "BlobRef",
+            "Damage",
             "DeleteReport",
             "DuReport",
             "Entry",
@@ -133,9 +137,11 @@ _HOME = {
 __all__ = [
     "BlobInfo",
     "BlobRef",
+    "CannotWriteOutput",
     "Changes",
     "ConcurrentChange",
     "CorruptBlob",
+    "Damage",
     "DatabaseError",
     "DeleteRefused",
     "DeleteReport",

@@ -46,6 +46,7 @@ COMMAND_VALUE_OPTIONS = frozenset(
         "--exclude",
         "--max-size",
         "--min-free",
+        "--html",
     }
 )
 """The options of commands that take a value."""

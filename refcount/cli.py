@@ -437,19 +437,33 @@ def du(
         list[str] | None,
         typer.Argument(metavar="[REF]...", help="Tags to list (default: every tag)."),
     ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            metavar="FILE",
+            help="Also write the report as one self-contained HTML page (a chart "
+            "and the figures) to FILE, replacing it atomically.",
+        ),
+    ] = None,
 ) -> None:
     """Each tag's total, exclusive and shared bytes; the store's totals.
 
     Exclusive bytes are what `delete tag` would free (what its --dry-run prints).
-    Computed from the database: no blob is read.
+    Computed from the database: no blob is read. Exit 1 when an image has a
+    missing or damaged blob (listed as problems).
 
     \b
     Example:
         refcount du
         refcount --json du latest
+        refcount du --html du.html
     """
     with _settings(ctx).counter() as rc:
-        render(ctx, rc.du(refs or None))
+        report = rc.du(refs or None)
+        if html is not None:
+            typer.echo(f"refcount: wrote {rc.write_du_html(report, html)}", err=True)
+        render(ctx, report)
 
 
 @app.command()
@@ -1072,7 +1086,11 @@ def _du_text(report: DuReport) -> list[str]:
         ("orphaned", report.orphaned),
         ("reclaimable now (gc)", report.reclaimable),
     ]
-    return [*lines, "", *_columns([[f"{name}:", _size(n)] for name, n in totals])]
+    problems = [
+        f"problem {u.tag}: {d.kind} {d.digest}: {d.reason}" for u in report.tags for d in u.problems
+    ]
+    totals_text = _columns([[f"{name}:", _size(n)] for name, n in totals])
+    return [*lines, *problems, "", *totals_text]
 
 
 def _plugins_text(report: PluginsReport) -> list[str]:

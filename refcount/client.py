@@ -11,10 +11,12 @@ SQLAlchemy or rich.
 Everything else runs here, through `refcount.cli.main`, exactly as if there were
 no daemon: no socket, a socket nobody listens on (a killed daemon's), a refused
 connection, `REFCOUNT_NO_DAEMON=1`, a command the daemon does not serve (`watch`,
-`db`), help, `-v` (the log lines a user asks for are this process's, at the level
-asked for), anything this small parser is not sure of (an unknown option: the
-CLI's own error is the right answer), and a relative SQLite URL (it would mean
-another file in the daemon's working directory).
+`db`), `du --html FILE` (the file is written by this process, with this user's
+rights and working directory, never by the daemon), help, `-v` (the log lines a
+user asks for are this process's, at the level asked for), anything this small
+parser is not sure of (an unknown option: the CLI's own error is the right
+answer), and a relative SQLite URL (it would mean another file in the daemon's
+working directory).
 
 The answer is the same either way: the daemon runs the same Typer app through
 the same error boundary (`refcount.cli.serve_request`), with this process's
@@ -158,6 +160,8 @@ def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None
         return None
     if command[0] == "delete" and (len(command) < 2 or command[1] not in ("tag", "manifest")):
         return None
+    if command[0] == "du" and any(a == "--html" or a.startswith("--html=") for a in command):
+        return None  # the file is the user's: written by this process, as this user, here
     if db is None and environ.get("REFCOUNT_DB"):
         db = environ["REFCOUNT_DB"]
         rest.append(f"--db={db}")

@@ -24,6 +24,7 @@ exit code (`exit_code` on the report types).
     InvalidDuration          2  a duration option that does not parse
     InvalidSize              2  a size or percentage option that does not parse
     InvalidPolicy            2  a retention policy (flags or policy.toml) that is wrong
+    CannotWriteOutput        2  an output file asked for (du --html) cannot be written there
     InvalidOption            2  a daemon option out of range
     InvalidAddress           2  --metrics-addr is not HOST:PORT or cannot be listened on
     NotServed                2  a daemon asked to run a command it does not serve
@@ -138,6 +139,12 @@ class InvalidSize(RefcountError):
 class InvalidPolicy(RefcountError):
     """A retention policy that cannot be applied: a bad value, or a policy file that
     is malformed, has an unknown key, or is not a regular file inside the store."""
+
+
+class CannotWriteOutput(RefcountError):
+    """A file the user asked for (`du --html FILE`) cannot be written there: the
+    directory is missing or not writable, FILE is a directory or a symbolic link
+    (never written through), or FILE is one of the store's own files."""
 
 
 class InvalidOption(RefcountError):

@@ -336,6 +336,15 @@ class TagInfo:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A blob of an image that `du` counts but cannot vouch for."""
+
+    digest: str
+    kind: str  # `missing`: referenced, not in blobs/; `damaged`: a manifest that cannot be read
+    reason: str  # one line saying what follows for the figures and for `delete tag`
+
+
+@dataclass(frozen=True)
 class TagUsage:
     """One tag's bytes as `du` counts them (see `refcount.core.reading.du`)."""
 
@@ -346,6 +355,7 @@ class TagUsage:
     shared: int  # bytes of the image that deleting the tag would not free
     shares_with: int  # how many other tags' images hold a blob of this one
     last_used: datetime | None = None  # `refcount touch` or a push; None: never recorded
+    problems: tuple[Damage, ...] = ()  # missing or damaged blobs of its image
 
 
 @dataclass(frozen=True)
@@ -359,6 +369,12 @@ class DuReport:
     quarantined: int  # bytes in .refcount/trash/
     orphaned: int  # bytes of blobs nothing has referenced
     reclaimable: int  # what gc would free now: orphans past the grace, trash past its TTL
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """1 when a listed tag's image has a missing or damaged blob (SPEC §4: the
+        command ran and found a problem); the figures are reported either way."""
+        return ExitCode.PROBLEM if any(u.problems for u in self.tags) else ExitCode.OK
 
 
 @dataclass(frozen=True)

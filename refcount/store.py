@@ -35,6 +35,7 @@ from pathlib import Path
 from refcount import layout
 from refcount.errors import (
     BlobTooLarge,
+    CannotWriteOutput,
     ConcurrentChange,
     InvalidBlob,
     InvalidPolicy,
@@ -356,6 +357,63 @@ class Store:
                 temp.unlink()
         _fsync_dir(self.path)
         return hashlib.sha256(data).hexdigest()
+
+    # --- files written for the user -----------------------------------------------
+    def write_output(self, path: str | os.PathLike[str], data: bytes) -> Path:
+        """Write a file the user asked for (`du --html FILE`) atomically; returns its path.
+
+        The data goes to a temporary file beside it (`.NAME.refcount-PID.tmp`, made
+        exclusively, never through a link), is synced, and is renamed over FILE:
+        a reader sees the old file or the new one, never half of one, and a
+        failed write leaves any existing FILE untouched. FILE itself must not be
+        a symbolic link (rename would replace the link, not write where it
+        points: refused, so that nobody is surprised either way) nor a directory,
+        and must not be one of the store's own files: index.json, oci-layout, or
+        anything under blobs/ or .refcount/. CannotWriteOutput, naming FILE, for
+        all of these and for any OSError (no such directory, permission denied).
+        """
+        target = Path(path).absolute()
+        try:
+            info: os.stat_result | None = target.lstat()
+        except FileNotFoundError:
+            info = None
+        except OSError as exc:
+            raise CannotWriteOutput(f"{target}: cannot write: {exc.strerror}") from None
+        if info is not None and stat.S_ISLNK(info.st_mode):
+            raise CannotWriteOutput(f"{target}: is a symbolic link; not written through")
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            raise CannotWriteOutput(f"{target}: exists and is not a regular file")
+        self._refuse_own_file(target)
+        temp = target.with_name(f".{target.name}.refcount-{os.getpid()}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temp, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise CannotWriteOutput(f"{target}: cannot write: {exc.strerror}") from None
+        return target
+
+    def _refuse_own_file(self, target: Path) -> None:
+        """CannotWriteOutput when `target` (directories resolved) is one of the store's files."""
+        try:
+            where = Path(os.path.realpath(target.parent)) / target.name
+        except OSError as exc:
+            raise CannotWriteOutput(f"{target}: cannot write: {exc.strerror}") from None
+        store = Path(os.path.realpath(self.path))
+        own = where in (layout.index_path(store), layout.oci_layout_path(store)) or any(
+            where.is_relative_to(d) for d in (layout.blobs_dir(store), layout.state_path(store))
+        )
+        if own:
+            raise CannotWriteOutput(
+                f"{target}: is the store's own file ({where.relative_to(store)}); "
+                "write the report outside blobs/ and .refcount/"
+            )
 
     # --- blobs --------------------------------------------------------------
     def _in(self, path: Path, *, create: bool = False) -> Path | None:

@@ -14,6 +14,9 @@ identical store:
 - no-op `sync`, `verify` and `verify --deep` through the library, and
   `find blobs -type f -print0 | xargs -0 sha256sum` over the same files as the
   physical limit of a deep verify (files per second for both);
+- `du` of every tag, `du REF` of one tag (median of 20; 5 above 10k), through the library
+  and beside the shallow verify of the same run (`du / shallow verify`), and the
+  time to write the `du --html` page;
 - `delete tag` through the library: median and p99 of --deletes deletes of
   random distinct tags (trash TTL at its default);
 - many deletes, one rewrite: `delete tag` of 100 random tags in one call, and
@@ -389,6 +392,8 @@ def measure_read_ops(store: Path, n: int) -> Row:
                 f"ok={verdict.ok}"
             )
 
+        row.update(measure_du(rc, n, row["verify_s"], row["verify_cpu_s"]))
+
     shell = "find blobs -type f -print0 | xargs -0 sha256sum > /dev/null"
     clocks = [timed(["sh", "-c", shell], cwd=store) for _ in range(repeats(n))]
     row["sha256sum_s"] = median([c.wall for c in clocks])
@@ -397,6 +402,49 @@ def measure_read_ops(store: Path, n: int) -> Row:
     say(
         f"[{label(n)}] sha256sum over {blobs} blobs: {row['sha256sum_s']:.3f} s "
         f"(cpu {row['sha256sum_cpu_s']:.3f} s), {row['sha256sum_files_per_s']:,.0f} files/s"
+    )
+    return row
+
+
+DU_REFS = 20
+"""How many single-tag `du REF` runs the median is taken over (5 above 10k images:
+each one still costs a pass over the database, see docs/performance.md)."""
+
+
+def measure_du(rc: Any, n: int, verify_s: float, verify_cpu_s: float) -> Row:
+    """`du` of every tag, `du REF` of one tag (median of DU_REFS random tags), and
+    writing the `--html` page, through the library on a store already open; each
+    beside the shallow verify of the same store in the same run (`du_vs_verify`).
+    """
+    clocks = []
+    for _ in range(repeats(n)):
+        with Clock() as clock:
+            report = rc.du()
+        clocks.append(clock)
+    row: Row = {
+        "du_s": median([c.wall for c in clocks]),
+        "du_cpu_s": median([c.cpu for c in clocks]),
+    }
+    row["du_vs_verify"] = ratio(row["du_s"], verify_s)
+    row["du_cpu_vs_verify"] = ratio(row["du_cpu_s"], verify_cpu_s)  # steadier on a busy machine
+    names = [u.tag for u in report.tags]
+    singles = []
+    wanted = DU_REFS if n <= 10_000 else 5
+    for tag in random.Random(f"du:{n}").sample(names, min(wanted, len(names))):
+        with Clock() as clock:
+            rc.du([tag])
+        singles.append(clock.wall * 1000)
+    row["du_ref_median_ms"] = median(singles)
+    with tempfile.TemporaryDirectory() as scratch_dir, Clock() as clock:
+        page = rc.write_du_html(report, Path(scratch_dir) / "du.html")
+        row["du_html_bytes"] = page.stat().st_size
+    row["du_html_s"] = clock.wall
+    say(
+        f"[{label(n)}] du (library): {row['du_s']:.3f} s (cpu {row['du_cpu_s']:.3f} s), "
+        f"{row['du_vs_verify']:.2f}x shallow verify (CPU {row['du_cpu_vs_verify']:.2f}x); "
+        "du REF median "
+        f"{row['du_ref_median_ms']:.1f} ms of {len(singles)}; --html page "
+        f"{row['du_html_bytes'] / 1024:.0f} KB in {row['du_html_s']:.3f} s"
     )
     return row
 
@@ -803,6 +851,11 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("no-op sync (library)", "sync_noop_median_s", "s"),
     ("no-op sync (library), CPU", "sync_noop_cpu_median_s", "s"),
     ("verify (library)", "verify_s", "s"),
+    ("du, every tag (library)", "du_s", "s"),
+    ("du / shallow verify", "du_vs_verify", "x"),
+    ("du / shallow verify, CPU", "du_cpu_vs_verify", "x"),
+    ("du REF (library), median", "du_ref_median_ms", "ms"),
+    ("du --html page written", "du_html_s", "s"),
     ("verify --deep (library)", "verify_deep_s", "s"),
     ("verify --deep (library), CPU", "verify_deep_cpu_s", "s"),
     ("verify --deep files/s", "verify_deep_files_per_s", "files/s"),
@@ -874,6 +927,8 @@ TARGETS: tuple[tuple[str, int | None, str, str, float, str], ...] = (
     ("init peak RSS <= 400 MB", 100_000, "init_peak_rss_mb", "<=", 400, "{:.0f} MB"),
     ("no-op sync <= 2 s", 100_000, "sync_noop_median_s", "<=", 2, "{:.2f} s"),
     ("verify <= 30 s", 100_000, "verify_s", "<=", 30, "{:.1f} s"),
+    ("du of every tag <= shallow verify", None, "du_vs_verify", "<=", 1, "{:.2f}x verify"),
+    ("du REF <= 100 ms", None, "du_ref_median_ms", "<=", 100, "{:.1f} ms"),
     ("verify --deep files/s >= sha256sum files/s", None,
      "verify_deep_vs_sha256sum", ">=", 1, "{:.2f}x sha256sum"),
     ("daemon idle RSS <= 150 MB", 100_000, "daemon_idle_rss_mb", "<=", 150, "{:.0f} MB"),

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq umoci skopeo oci-image-tool python3-venv >/dev/null
+    apt-get install -y -qq umoci skopeo oci-image-tool python3-venv chromium >/dev/null
 fi
 # The PostgreSQL tests use the local server; start it when it is installed but down.
 if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then

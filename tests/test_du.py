@@ -72,6 +72,7 @@ def test_every_figure_equals_the_hand_count(cli: Cli, three: tuple[Path, dict[st
             "shared": len(BASE) + (len(AB) if t != "c" else 0),
             "shares_with": 2,
             "last_used": None,  # never touched: a store nobody touches is as before
+            "problems": [],
         }
         for t in "abc"
     }
@@ -147,6 +148,33 @@ def test_text_has_human_sizes(cli: Cli, three: tuple[Path, dict[str, Any]]) -> N
     assert lines[1].startswith("c ")
     assert "KiB" in lines[1] and lines[1].split()[-3:] == ["2", "tags", "-"]  # never touched
     assert any(line.startswith("orphaned:") and "777 B" in line for line in lines)
+
+
+def test_shares_with_counts_tags_across_large_and_small_holder_sets(cli: Cli, store: Path) -> None:
+    """More tags hold a layer than `du` keeps as a plain set (reading.BITSET_FROM):
+
+        L1: t0..t69     L2: t50..t119     L3: t0 and t200
+
+    t0 shares with t1..t69 and t200; t60 with t0..t119; t100 with t50..t119;
+    t200 with t0 only; `lonely` with nobody.
+    """
+    from refcount.core.reading import BITSET_FROM
+
+    l1, l2, l3 = b"1" * 10, b"2" * 10, b"3" * 10
+    holders = {l1: range(70), l2: range(50, 120), l3: (0, 200)}
+    assert len(holders[l1]) > BITSET_FROM
+    for i in [*range(120), 200]:
+        layers = [layer for layer, held in holders.items() if i in held]
+        add_image(store, [*layers, f"own {i}".encode()], tag=f"t{i}")
+    add_image(store, [b"alone"], tag="lonely")
+    cli("--store", store, "init")
+    report = cli("--store", store, "--json", "du").json()
+    shares = {t["tag"]: t["shares_with"] for t in report["tags"]}
+    expected = {f"t{i}": len({t for held in holders.values() if i in held for t in held}) - 1
+                for i in [*range(120), 200]}  # fmt: skip
+    assert {t: shares[t] for t in expected} == expected
+    assert (shares["t0"], shares["t60"], shares["t100"], shares["t200"]) == (70, 119, 69, 1)
+    assert shares["lonely"] == 0
 
 
 def test_untagged_children_and_referrers_follow_delete(cli: Cli, store: Path) -> None:

@@ -512,8 +512,11 @@ def test_the_client_builds_the_daemons_command_line(tmp_path: Path) -> None:
         (["tags", "-v"], {}),
         (["--db", "sqlite:///relative.db", "tags"], {}),
         (["tags"], {"REFCOUNT_DB": "sqlite+pysqlite:///relative.db"}),
+        (["du", "--html", "du.html"], {}),
+        (["--json", "du", "a", "--html=du.html"], {}),
     ]:
         assert build(argv, environ) is None, argv
+    assert build(["du", "a"], env) == ["--store", str(tmp_path), "du", "a"]
 
 
 def _one_shot_server(path: Path, behave: Callable[[socket.socket], None]) -> threading.Thread:

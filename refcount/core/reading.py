@@ -10,12 +10,15 @@ from refcount import graph
 from refcount.core.planner import tag_hint
 from refcount.core.policy import Policy, now
 from refcount.core.replay import Graph, Replay
-from refcount.db.repo import Repo
+from refcount.db.repo import BlobRow, Repo
 from refcount.domain import BlobState
 from refcount.errors import InvalidDigest, NotFound
 from refcount.oci import Digest, usable_tag
-from refcount.reports import BlobInfo, DuReport, Link, Stats, TagInfo, TagUsage
+from refcount.reports import BlobInfo, Damage, DuReport, Link, Stats, TagInfo, TagUsage
 from refcount.store import Store
+
+BITSET_FROM = 64
+"""A set of tags holding one blob, larger than this, is also kept as a bitset (`du`)."""
 
 
 def tags(repo: Repo, *, include_untagged: bool = False) -> list[TagInfo]:
@@ -89,6 +92,10 @@ def du(
     what gc would free now (see `sweep.collect`): orphans whose first sighting is
     older than the grace period (none while a live manifest is damaged) and
     quarantined blobs freed longer ago than the trash TTL and held by no mass free.
+    Each tag lists the `problems` of its image: referenced blobs missing from
+    blobs/ (counted in its figures, not on disk) and manifests that could not be
+    read (what they hold is unknown; `delete tag` refuses the image), which make
+    the report's exit code 1.
     A named ref that is not a tag is NotFound; nothing is reported then.
     """
     recorded = Graph.load(repo)
@@ -106,6 +113,45 @@ def du(
 
     exclusive = {tag: Replay(recorded, policy).delete_tag(tag) for tag in by_tag}
     used = repo.last_used(by_tag)
+    # How many other tags share a blob with a tag: the size of the union of the
+    # holder sets of its image's shared blobs. Those sets repeat from image to
+    # image (every image built on one base holds its layers) and the popular
+    # ones are large, so each distinct set is kept once, and a large one (more
+    # than BITSET_FROM tags) also as a bitset over the tags: a tag's union is then
+    # an OR of a few bitsets and a look at the small sets' few tags, instead of
+    # copying sets of up to every tag for every tag (quadratic: 13 s at 10k).
+    slot = {tag: i for i, tag in enumerate(by_tag)}
+    distinct: dict[frozenset[str], frozenset[str]] = {}
+    held_by = {
+        d: distinct.setdefault(frozenset(h), frozenset(h)) for d, h in holders.items() if len(h) > 1
+    }
+    bitsets: dict[frozenset[str], int] = {}
+
+    def bitset(group: frozenset[str]) -> int:
+        if group not in bitsets:
+            bits = bytearray(len(slot) // 8 + 1)
+            for tag in group:
+                bits[slot[tag] >> 3] |= 1 << (slot[tag] & 7)
+            bitsets[group] = int.from_bytes(bits, "little")
+        return bitsets[group]
+
+    def shares_with(image: set[str]) -> int:
+        """How many other tags' images hold a blob of `image` (a tag's own)."""
+        groups = {held_by[d] for d in image if d in held_by}
+        large = [g for g in groups if len(g) > BITSET_FROM]
+        union = 0
+        for group in large:
+            union |= bitset(group)
+        rest = {
+            t
+            for g in groups
+            if len(g) <= BITSET_FROM
+            for t in g
+            if not any(t in big for big in large)
+        }
+        return max(union.bit_count() + len(rest) - 1, 0)
+
+    troubled = {row.digest: damage(row) for row in repo.troubled()}
     usage = [
         TagUsage(
             tag,
@@ -113,8 +159,9 @@ def du(
             recorded.size(images[tag]),
             recorded.size(exclusive[tag]),
             recorded.size(images[tag] - exclusive[tag]),
-            len(set().union(*(holders[d] for d in images[tag])) - {tag}),
+            shares_with(images[tag]),
             used.get(tag),
+            tuple(troubled[d] for d in sorted(images[tag] & troubled.keys())),
         )
         for tag, entries in by_tag.items()
         if refs is None or tag in refs
@@ -130,6 +177,23 @@ def du(
         quarantined=repo.sum_sizes(BlobState.TRASH)[1],
         orphaned=repo.sum_sizes(BlobState.ORPHAN)[1],
         reclaimable=reclaimable(repo, at, policy),
+    )
+
+
+def damage(row: BlobRow) -> Damage:
+    """What a missing or unreadable blob means for the figures of the images holding it."""
+    if row.problem is not None:
+        return Damage(
+            row.digest,
+            "damaged",
+            f"{row.problem.removeprefix(row.digest + ': ')}: what it holds is unknown "
+            "and left out of the figures; "
+            "`delete tag` refuses this image",
+        )
+    return Damage(
+        row.digest,
+        "missing",
+        "referenced but not in blobs/: its bytes are counted but are not on disk",
     )
 
 

@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from refcount import interrupts
+from refcount import htmlreport, interrupts
 from refcount.core import journal, planner, policyfile, pruning, reading, reconcile, verifying
 from refcount.core import push as pushing
 from refcount.core import scan as scanning
@@ -705,6 +705,13 @@ class Refcounter:
         `reading.du`); `refs` names the tags to list (all when None or empty)."""
         with transaction(self._current(), write=False) as repo:
             return reading.du(repo, self.store, refs or None, now(), self.policy)
+
+    def write_du_html(self, report: DuReport, path: str | Path) -> Path:
+        """Write `report` as one self-contained HTML page at `path` (see
+        `refcount.htmlreport`), atomically; returns the file's absolute path.
+        CannotWriteOutput when it cannot be written there (`Store.write_output`)."""
+        page = htmlreport.render(report, store=str(self.store.path), made_at=now())
+        return self.store.write_output(path, page.encode("utf-8"))
 
     def show(self, ref: str) -> BlobInfo:
         """Why a blob (a digest, or the manifest a tag points at) is alive."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RootTransaction, delete, func, insert, select, update
+from sqlalchemy import Connection, RootTransaction, delete, func, insert, or_, select, update
 
 from refcount.db.tables import (
     blobs,
@@ -247,6 +247,20 @@ class Repo:
             blobs.c.problem.is_not(None), blobs.c.count > 0, blobs.c.expanded.is_(False)
         )
         return sorted(row[0] for row in self.connection.execute(query))[:3]
+
+    def troubled(self) -> list[BlobRow]:
+        """Referenced blobs that are missing from blobs/ or could not be read (`du`
+        flags the images holding them). One pass over the table: neither the state
+        nor the count is indexed, and both kinds are rare."""
+        query = (
+            select(blobs)
+            .where(
+                blobs.c.count > 0,
+                or_(blobs.c.state == BlobState.MISSING, blobs.c.problem.is_not(None)),
+            )
+            .order_by(blobs.c.digest)
+        )
+        return [BlobRow(**row._mapping) for row in self.connection.execute(query)]
 
     def count_problems(self) -> int:
         query = (
