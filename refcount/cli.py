@@ -883,8 +883,9 @@ def watch(
     ] = None,
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
-    reconcile fully)."""
-    from refcount.watch import DeepSlice, WatchOptions, run_daemon
+    reconcile fully). With --root, one daemon per repository in this process, picking up
+    repositories created or removed while it runs."""
+    from refcount.watch import DeepSlice, WatchOptions, run_daemon, run_root_daemon
 
     settings = _settings(ctx)
     _configure_logging(log_format)
@@ -912,11 +913,14 @@ def watch(
     # count, never the daemon's REFCOUNT_STORE or REFCOUNT_DB.
     for name in ("REFCOUNT_STORE", "REFCOUNT_DB"):
         os.environ.pop(name, None)
-    run_daemon(
-        settings.open,
-        options,
-        lambda on_report: functools.partial(serve_request, on_report=on_report),
-    )
+
+    def serve(on_report: Callable[[object], None]) -> Callable[..., tuple[int, str, str]]:
+        return functools.partial(serve_request, on_report=on_report)
+
+    if settings.root is None:
+        run_daemon(settings.open, options, serve)
+        return
+    run_root_daemon(settings.root, lambda path: replace(settings, store=path).open, options, serve)
 
 
 @db_app.command("upgrade")
