@@ -124,6 +124,7 @@ class Settings:
     root: Path | None = None
     repositories: tuple[roots.Repository, ...] = ()
     """Under --root: what the command runs on (every repository, or the --repo one)."""
+    repo: str | None = None
 
     def open(self, progress: Progress | None = None) -> Refcounter:
         return open_store(
@@ -299,6 +300,7 @@ def configure(
         _positive(extractor_timeout, "--extractor-timeout"),
         root,
         chosen,
+        repo,
     )
 
 
@@ -380,7 +382,7 @@ def _held(ctx: typer.Context, refs: list[str]) -> dict[str, list[str]] | None:
 
     def holds(repository: roots.Repository) -> set[str]:
         with replace(settings, store=repository.path).open() as rc:
-            return {t.tag for t in rc.tags() if t.tag is not None}
+            return set(rc.tag_names())
 
     return roots.require_each(list(settings.repositories), refs, holds)
 
@@ -388,7 +390,7 @@ def _held(ctx: typer.Context, refs: list[str]) -> dict[str, list[str]] | None:
 def _one_store(ctx: typer.Context, command: str) -> None:
     """A command that works on one store: under --root it needs --repo."""
     settings = _settings(ctx)
-    if settings.root is not None and len(settings.repositories) != 1:
+    if settings.root is not None and settings.repo is None:
         raise typer.BadParameter(f"--root: {command} works on one repository: give --repo NAME")
 
 
