@@ -326,7 +326,7 @@ def _check_root(ctx: typer.Context, root: Path | None, repo: str | None) -> None
     command = ctx.invoked_subcommand
     if command == "watch" and repo is not None:
         raise typer.BadParameter("watch --root watches every repository: no --repo")
-    if repo is None and command not in ROOT_COMMANDS:
+    if repo is None and command not in ROOT_COMMANDS | {"plugins"}:  # plugins: no store
         raise typer.BadParameter(f"--root: {command} works on one repository: give --repo NAME")
 
 
