@@ -253,7 +253,8 @@ def test_watch_root_picks_up_a_repository_created_and_forgets_one_removed(
             assert {t["tag"] for t in new["report"]} == {"img-0", "img-1"}
             shutil.rmtree(root / "a")
             wait_until(lambda: "a: forgotten" in log_path.read_text(), "a forgotten")
-            assert cli_verify(root) == 0
+            verified = cli_verify(root)
+            assert verified.returncode == 0, verified.stderr
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log_path.read_text()
         finally:
@@ -264,17 +265,28 @@ def test_watch_root_picks_up_a_repository_created_and_forgets_one_removed(
 
 
 def _watching(proc: subprocess.Popen[bytes], log: Path, root: Path, names: list[str]) -> None:
-    """Wait until each repository's daemon serves its socket."""
+    """Wait until each repository's daemon serves its socket and the daemons have
+    applied `started` start-up reconciles (each daemon logs one; the socket is
+    served from the daemon's start, before its first reconcile is done)."""
     for name in names:
         sock = root / name / ".refcount" / "refcount.sock"
         wait_until(lambda s=sock: s.exists() or proc.poll() is not None, f"{name}'s socket")
         assert proc.poll() is None, log.read_text()
+    started = len(roots.find(root))
+    wait_until(
+        lambda: (
+            log.read_text().count("full reconcile (start)") >= started or proc.poll() is not None
+        ),
+        f"{started} start-up reconciles",
+    )
+    assert proc.poll() is None, log.read_text()
 
 
-def cli_verify(root: Path) -> int:
+def cli_verify(root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "refcount", "--root", str(root), "verify"],
         capture_output=True,
+        text=True,
         env=DIRECT,
         check=False,
-    ).returncode
+    )
