@@ -290,3 +290,35 @@ def cli_verify(root: Path) -> subprocess.CompletedProcess[str]:
         env=DIRECT,
         check=False,
     )
+
+
+def test_databases_upgraded_at_once_on_threads_of_one_process_each_get_the_whole_schema(
+    tmp_path: Path,
+) -> None:
+    """What `watch --root` does when it starts a daemon per fresh repository."""
+    import threading
+
+    from sqlalchemy import inspect
+
+    from refcount.db.engine import current_revision, make_engine, upgrade
+    from refcount.db.tables import SCHEMA_HEAD, metadata
+
+    engines = [make_engine(f"sqlite:///{tmp_path / f'db{i}.sqlite'}") for i in range(6)]
+    errors: list[BaseException] = []
+
+    def migrate(engine: Any) -> None:
+        try:
+            upgrade(engine)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    for engine in engines:
+        assert current_revision(engine) == SCHEMA_HEAD
+        assert set(metadata.tables) <= set(inspect(engine).get_table_names())
+        engine.dispose()
