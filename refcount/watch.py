@@ -17,6 +17,9 @@ How the pieces work together (each module's docstring says more):
   it renders are handed to the worker (`Daemon.report_served`), which counts
   them in the metrics and refreshes the gauges: the batch its file events
   cause finds the database already in step and changes nothing.
+- `run_root_daemon` is `watch --root`: the same daemon, one per repository
+  under a root (`refcount.roots`), in one process, started and stopped as
+  repositories appear and disappear.
 """
 
 from __future__ import annotations
