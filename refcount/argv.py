@@ -29,6 +29,8 @@ GLOBAL_VALUE_OPTIONS = frozenset(
         "--max-manifest",
         "--mass-free-threshold",
         "--extractor-timeout",
+        "--root",
+        "--repo",
     }
 )
 """The global options that take a value."""

@@ -25,17 +25,17 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from refcount import interrupts
+from refcount import interrupts, roots
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
 from refcount.core import Progress, PrunePolicy, Refcounter, sync_log
 from refcount.core import open as open_store
@@ -55,6 +55,7 @@ from refcount.reports import (
     PluginsReport,
     PruneReport,
     PushReport,
+    RootReport,
     SyncReport,
     TagInfo,
     TouchReport,
@@ -102,6 +103,12 @@ app.add_typer(delete_app, name="delete")
 app.add_typer(db_app, name="db")
 
 
+ROOT_COMMANDS = frozenset(
+    {"init", "sync", "tags", "du", "verify", "gc", "prune", "delete", "watch"}
+)
+"""The commands that run across every repository under --root (the others take --repo)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     store: Path
@@ -114,6 +121,10 @@ class Settings:
     max_manifest: int
     mass_free_threshold: float
     extractor_timeout: timedelta
+    root: Path | None = None
+    repositories: tuple[roots.Repository, ...] = ()
+    """Under --root: what the command runs on (every repository, or the --repo one)."""
+    repo: str | None = None
 
     def open(self, progress: Progress | None = None) -> Refcounter:
         return open_store(
@@ -246,8 +257,23 @@ def configure(
             "treated as damaged.",
         ),
     ] = "10s",
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="A directory of OCI layouts, one per repository (nested names such as "
+            "library/nginx): run the command on each (instead of --store).",
+        ),
+    ] = None,
+    repo: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME", help="With --root: only the repository NAME (e.g. library/nginx)."
+        ),
+    ] = None,
 ) -> None:
     """Reference counts for an OCI image layout."""
+    _check_root(ctx, root, repo)
     level = logging.WARNING - 10 * min(verbose, 2)
     request_log = _REQUEST_LOG.get()
     if request_log is None:
@@ -256,6 +282,11 @@ def configure(
         request_log.setLevel(level)
         if ctx.invoked_subcommand not in SERVED_COMMANDS:
             raise NotServed(f"{ctx.invoked_subcommand}: not run by the daemon; run it directly")
+    chosen: tuple[roots.Repository, ...] = ()
+    if root is not None and ctx.invoked_subcommand != "watch":
+        chosen = tuple(roots.select(root, repo))
+        if repo is not None:
+            store = chosen[0].path
     ctx.obj = Settings(
         store,
         db,
@@ -267,7 +298,36 @@ def configure(
         max_manifest,
         mass_free_threshold,
         _positive(extractor_timeout, "--extractor-timeout"),
+        root,
+        chosen,
+        repo,
     )
+
+
+def _given(ctx: typer.Context, option: str, *sources: str) -> bool:
+    """Whether `option` came from one of `sources` (names of Click's ParameterSource)."""
+    return getattr(ctx.get_parameter_source(option), "name", None) in sources
+
+
+def _check_root(ctx: typer.Context, root: Path | None, repo: str | None) -> None:
+    """--root's companions: --repo only with it; neither --store nor --db beside it
+    (each repository counts in its own STORE/.refcount/refcount.db); a command that
+    works on one store needs --repo; `watch --root` watches them all."""
+    if root is None:
+        if repo is not None:
+            raise typer.BadParameter("--repo NAME names a repository under --root DIR")
+        return
+    if _given(ctx, "store", "COMMANDLINE"):
+        raise typer.BadParameter("--root and --store: give one (--root DIR --repo NAME for one)")
+    if _given(ctx, "db", "COMMANDLINE", "ENVIRONMENT"):
+        raise typer.BadParameter(
+            "--db with --root: each repository counts in its own .refcount/refcount.db"
+        )
+    command = ctx.invoked_subcommand
+    if command == "watch" and repo is not None:
+        raise typer.BadParameter("watch --root watches every repository: no --repo")
+    if repo is None and command not in ROOT_COMMANDS | {"plugins"}:  # plugins: no store
+        raise typer.BadParameter(f"--root: {command} works on one repository: give --repo NAME")
 
 
 def _positive(text: str, option: str) -> timedelta:
@@ -283,6 +343,57 @@ def _settings(ctx: typer.Context) -> Settings:
     return settings
 
 
+def _across(
+    ctx: typer.Context,
+    run: Callable[[Refcounter, str], object],
+    text: Callable[[Any], list[str]] | None = None,
+    *,
+    only: Collection[str] | None = None,
+) -> None:
+    """Render `run(refcounter, repository name)` on the store, or under --root on
+    each chosen repository (those named in `only`, when given) as one RootReport:
+    a repository's error is its result (a line on stderr here) and the others
+    still run; the exit code is the worst of them."""
+    settings = _settings(ctx)
+    if settings.root is None:
+        with settings.counter() as rc:
+            report = run(rc, "")
+        render(ctx, report, text)
+        return
+
+    def one(repository: roots.Repository) -> object:
+        with replace(settings, store=repository.path).open() as rc:
+            return run(rc, repository.name)
+
+    chosen = [r for r in settings.repositories if only is None or r.name in only]
+    report = roots.each(settings.root, chosen, one)
+    for result in report.results:
+        if result.error is not None:
+            typer.echo(f"refcount: error: {result.repo}: {result.error}", err=True)
+    render(ctx, report, None if text is None else functools.partial(_root_text, text=text))
+
+
+def _held(ctx: typer.Context, refs: list[str]) -> dict[str, list[str]] | None:
+    """Under --root, the tags of `refs` each repository holds (NotFound for one
+    no repository holds, before anything runs); None for a single store."""
+    settings = _settings(ctx)
+    if settings.root is None:
+        return None
+
+    def holds(repository: roots.Repository) -> set[str]:
+        with replace(settings, store=repository.path).open() as rc:
+            return set(rc.tag_names())
+
+    return roots.require_each(list(settings.repositories), refs, holds)
+
+
+def _one_store(ctx: typer.Context, command: str) -> None:
+    """A command that works on one store: under --root it needs --repo."""
+    settings = _settings(ctx)
+    if settings.root is not None and settings.repo is None:
+        raise typer.BadParameter(f"--root: {command} works on one repository: give --repo NAME")
+
+
 @app.command()
 def init(ctx: typer.Context) -> None:
     """Create or upgrade the database and index the store (idempotent).
@@ -291,16 +402,14 @@ def init(ctx: typer.Context) -> None:
     Example:
         refcount --store /srv/oci init
     """
-    with _settings(ctx).counter() as rc:
-        render(ctx, rc.init())
+    _across(ctx, lambda rc, _repo: rc.init())
 
 
 @app.command(short_help="Reconcile the database with the disk once.")
 def sync(ctx: typer.Context) -> None:
     """Reconcile the database with the disk once, applying only the differences; exit 1
     when it finds referenced blobs missing."""
-    with _settings(ctx).counter() as rc:
-        render(ctx, rc.sync())
+    _across(ctx, lambda rc, _repo: rc.sync())
 
 
 @delete_app.command("tag", short_help="Remove the entries tagged REF...; free what reaches zero.")
@@ -319,8 +428,12 @@ def delete_tag(
         refcount delete tag app:1.0 --dry-run
         refcount delete tag app:1.0 app:1.1 app:1.2
     """
-    with _settings(ctx).counter() as rc:
-        render(ctx, rc.delete_tags(refs, dry_run=dry_run))
+    held = _held(ctx, refs)
+    _across(
+        ctx,
+        lambda rc, repo: rc.delete_tags(refs if held is None else held[repo], dry_run=dry_run),
+        only=held,
+    )
 
 
 @delete_app.command(
@@ -332,6 +445,7 @@ def delete_manifest(
     dry_run: DryRun = False,
 ) -> None:
     """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
+    _one_store(ctx, "delete manifest")
     with _settings(ctx).counter() as rc:
         render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
 
@@ -382,17 +496,14 @@ def verify(
     """
     if last and (deep or repair or max_blobs is not None or max_duration is not None):
         raise typer.BadParameter("--last runs nothing: it takes no other verify option")
-    with _settings(ctx).counter() as rc:
+    duration = None if max_duration is None else parse_duration(max_duration)
+
+    def run(rc: Refcounter, _repo: str) -> object:
         if last:
-            render(ctx, rc.verify_status())
-            return
-        report = rc.verify(
-            deep=deep,
-            repair=repair,
-            max_blobs=max_blobs,
-            max_duration=None if max_duration is None else parse_duration(max_duration),
-        )
-    render(ctx, report)
+            return rc.verify_status()
+        return rc.verify(deep=deep, repair=repair, max_blobs=max_blobs, max_duration=duration)
+
+    _across(ctx, run)
 
 
 @app.command()
@@ -405,8 +516,8 @@ def gc(
     ] = None,
 ) -> None:
     """Sweep orphans older than the grace period; purge expired trash."""
-    with _settings(ctx).counter() as rc:
-        render(ctx, rc.gc(dry_run=dry_run, grace=None if grace is None else parse_duration(grace)))
+    age = None if grace is None else parse_duration(grace)
+    _across(ctx, lambda rc, _repo: rc.gc(dry_run=dry_run, grace=age))
 
 
 @app.command()
@@ -426,8 +537,11 @@ def tags(
     Example:
         refcount tags --all
     """
-    with _settings(ctx).counter() as rc:
-        render(ctx, rc.tags(include_untagged=everything), _roots_text if everything else None)
+    _across(
+        ctx,
+        lambda rc, _repo: rc.tags(include_untagged=everything),
+        _roots_text if everything else _tags_text,
+    )
 
 
 @app.command()
@@ -459,11 +573,17 @@ def du(
         refcount --json du latest
         refcount du --html du.html
     """
-    with _settings(ctx).counter() as rc:
-        report = rc.du(refs or None)
+    if html is not None:
+        _one_store(ctx, "du --html")
+    held = _held(ctx, refs) if refs else None
+
+    def run(rc: Refcounter, repo: str) -> object:
+        report = rc.du((refs if held is None else held[repo]) or None)
         if html is not None:
             typer.echo(f"refcount: wrote {rc.write_du_html(report, html)}", err=True)
-        render(ctx, report)
+        return report
+
+    _across(ctx, run, only=held)
 
 
 @app.command()
@@ -621,7 +741,11 @@ def prune(
         "max_size": max_size,
         "min_free": min_free,
     }
-    with _settings(ctx).counter() as rc:
+    settings = _settings(ctx)
+    if settings.root is not None:
+        _prune_root(ctx, values, dry_run=dry_run, yes=yes)
+        return
+    with settings.counter() as rc:
         rules, where = _prune_rules(rc, values)
         if dry_run or yes or not sys.stdin.isatty():
             render(ctx, rc.prune(rules, dry_run=dry_run, policy_file=where))
@@ -637,6 +761,29 @@ def prune(
             raise typer.Exit(ExitCode.PROBLEM)
         keys = [c.tag if c.tag is not None else c.digest for c in plan.chosen]
         render(ctx, rc.prune(rules, expect=keys, policy_file=where))
+
+
+def _prune_root(
+    ctx: typer.Context, values: Mapping[str, object], *, dry_run: bool, yes: bool
+) -> None:
+    """`prune` across a root: the flags' rules in every repository, or without flags
+    each repository's own policy file (repositories without one are left alone)."""
+    if not (dry_run or yes or not sys.stdin.isatty()):
+        raise typer.BadParameter("prune across --root on a terminal: give --yes or --dry-run")
+    only = None
+    if all(v is None for v in values.values()):
+        only = {r.name for r in _settings(ctx).repositories if policy_path(r.path).is_file()}
+        if not only:
+            raise InvalidPolicy(
+                "no policy: give --keep-last, --older-than, --untagged, --max-size or "
+                "--min-free, or write REPO/.refcount/policy.toml in a repository"
+            )
+
+    def run(rc: Refcounter, _repo: str) -> object:
+        rules, where = _prune_rules(rc, values)
+        return rc.prune(rules, dry_run=dry_run, policy_file=where)
+
+    _across(ctx, run, only=only)
 
 
 def _prune_rules(rc: Refcounter, values: Mapping[str, object]) -> tuple[PrunePolicy, str | None]:
@@ -738,8 +885,9 @@ def watch(
     ] = None,
 ) -> None:
     """Run as a daemon beside the store: watch, reconcile, free (SIGTERM to stop, SIGHUP to
-    reconcile fully)."""
-    from refcount.watch import DeepSlice, WatchOptions, run_daemon
+    reconcile fully). With --root, one daemon per repository in this process, picking up
+    repositories created or removed while it runs."""
+    from refcount.watch import DeepSlice, WatchOptions, run_daemon, run_root_daemon
 
     settings = _settings(ctx)
     _configure_logging(log_format)
@@ -767,11 +915,14 @@ def watch(
     # count, never the daemon's REFCOUNT_STORE or REFCOUNT_DB.
     for name in ("REFCOUNT_STORE", "REFCOUNT_DB"):
         os.environ.pop(name, None)
-    run_daemon(
-        settings.open,
-        options,
-        lambda on_report: functools.partial(serve_request, on_report=on_report),
-    )
+
+    def serve(on_report: Callable[[object], None]) -> Callable[..., tuple[int, str, str]]:
+        return functools.partial(serve_request, on_report=on_report)
+
+    if settings.root is None:
+        run_daemon(settings.open, options, serve)
+        return
+    run_root_daemon(settings.root, lambda path: replace(settings, store=path).open, options, serve)
 
 
 @db_app.command("upgrade")
@@ -1056,10 +1207,34 @@ def _mass_free_text(event: MassFree) -> str:
 
 
 def _tags_text(tags: list[TagInfo]) -> list[str]:
-    return _columns(
-        [["TAG", "DIGEST", "SIZE"]]
-        + [[t.tag or "(untagged)", t.digest, _size(t.size)] for t in tags]
-    )
+    return _columns(_tags_rows(tags))
+
+
+def _tags_rows(tags: list[TagInfo]) -> list[list[str]]:
+    return [["TAG", "DIGEST", "SIZE"]] + [
+        [t.tag or "(untagged)", t.digest, _size(t.size)] for t in tags
+    ]
+
+
+def _root_text(report: RootReport, text: Callable[[Any], list[str]] | None = None) -> list[str]:
+    """A command across --root: tags as one table with a REPO column; any other
+    report as its own lines, each led by the repository's name (a column too).
+    A repository that failed has its line on stderr (see `_across`)."""
+    done = [r for r in report.results if r.error is None]
+    table = _TABLES.get(text) if text is not None else None
+    if table is not None:
+        rows = [table(r.report) for r in done]
+        head = rows[0][0] if rows else table([])[0]
+        return _columns(
+            [["REPO", *head]]
+            + [[r.repo, *row] for r, own in zip(done, rows, strict=True) for row in own[1:]]
+        )
+    width = max((len(r.repo) for r in done), default=0)
+    return [
+        f"{r.repo.ljust(width)}  {line}".rstrip()
+        for r in done
+        for line in (text or _RENDERERS[type(r.report)])(r.report)
+    ]
 
 
 def _du_text(report: DuReport) -> list[str]:
@@ -1106,12 +1281,22 @@ def _plugins_text(report: PluginsReport) -> list[str]:
     return _columns(rows)
 
 
-def _roots_text(roots: list[TagInfo]) -> list[str]:
+def _roots_text(entries: list[TagInfo]) -> list[str]:
     """`tags --all`: every entry, and what relates it to the tagged images."""
-    return _columns(
-        [["TAG", "DIGEST", "SIZE", "RELATION"]]
-        + [[t.tag or "(untagged)", t.digest, _size(t.size), _relation(t)] for t in roots]
-    )
+    return _columns(_entries_rows(entries))
+
+
+def _entries_rows(entries: list[TagInfo]) -> list[list[str]]:
+    return [["TAG", "DIGEST", "SIZE", "RELATION"]] + [
+        [t.tag or "(untagged)", t.digest, _size(t.size), _relation(t)] for t in entries
+    ]
+
+
+_TABLES: dict[Callable[[Any], list[str]], Callable[[Any], list[list[str]]]] = {
+    _tags_text: _tags_rows,
+    _roots_text: _entries_rows,
+}
+"""The renderers whose reports are one table: merged across --root with a REPO column."""
 
 
 def _relation(t: TagInfo) -> str:
@@ -1137,6 +1322,7 @@ _RENDERERS: dict[type, Callable[[Any], list[str]]] = {
     PushReport: _push_text,
     TouchReport: _touch_text,
     PruneReport: _prune_text,
+    RootReport: _root_text,
     list: _tags_text,
 }
 """The text of each report type (`tags` answers a list of TagInfo)."""

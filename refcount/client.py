@@ -130,6 +130,8 @@ def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None
         return None
     argv = normalise(argv)
     store: str | None = None
+    root: str | None = None
+    repo: str | None = None
     db: str | None = None
     rest: list[str] = []
     i = 0
@@ -144,6 +146,10 @@ def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None
                 value = argv[i]
             if name == "--store":
                 store = value
+            elif name == "--root":
+                root = value
+            elif name == "--repo":
+                repo = value
             else:
                 if name == "--db":
                     db = value
@@ -167,9 +173,21 @@ def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None
         rest.append(f"--db={db}")
     if db is not None and _relative_sqlite(db):
         return None
+    if root is not None:  # one repository's daemon serves it; across the root, run here
+        if repo is None or store is not None or ".." in repo.split("/"):
+            return None
+        return ["--root", os.path.abspath(root), "--repo", repo, *rest, *command]
+    if repo is not None:
+        return None
     if store is None:
         store = environ.get("REFCOUNT_STORE") or "."
     return ["--store", os.path.abspath(store), *rest, *command]
+
+
+def _socket_of(request: list[str]) -> str:
+    """The socket of the store a `daemon_argv` request is for (`--root R --repo N`: R/N)."""
+    store = os.path.join(request[1], request[3]) if request[0] == "--root" else request[1]
+    return os.path.join(store, STATE_DIR, SOCKET)
 
 
 def _relative_sqlite(url: str) -> bool:
@@ -235,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     request = daemon_argv(args, os.environ)
     if request is None:
         return _direct(args)
-    socket_path = os.path.join(request[1], STATE_DIR, SOCKET)
+    socket_path = _socket_of(request)
     if not os.path.exists(socket_path):
         return _direct(args)
     try:

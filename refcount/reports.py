@@ -433,10 +433,54 @@ class PluginsReport:
         return ExitCode.PROBLEM if any(e.error for e in self.extractors) else ExitCode.OK
 
 
+@dataclass(frozen=True)
+class RepoResult:
+    """One repository's part of a command run across a root (`refcount --root`):
+    its report, or the error that stopped it there."""
+
+    repo: str
+    report: Any
+    error: str | None = None
+    error_code: ExitCode = ExitCode.OK
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.error is not None:
+            return self.error_code
+        return ExitCode(getattr(self.report, "exit_code", ExitCode.OK))
+
+
+@dataclass(frozen=True)
+class RootReport:
+    """A command run on each repository under a root, in name order."""
+
+    root: str
+    results: tuple[RepoResult, ...]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The worst of the repositories' (0 < 1 < 2 < 3 < 4 < 130)."""
+        return max((r.exit_code for r in self.results), default=ExitCode.OK)
+
+
 def to_json(value: Any) -> Any:
     """A report as plain JSON data, including its derived properties."""
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
+    if isinstance(value, RootReport):
+        return {
+            "root": value.root,
+            "exit_code": int(value.exit_code),
+            "repositories": [
+                {
+                    "repo": r.repo,
+                    "exit_code": int(r.exit_code),
+                    "error": r.error,
+                    "report": None if r.report is None else to_json(r.report),
+                }
+                for r in value.results
+            ],
+        }
     data = asdict(value)
     for name in ("ok", "freed_bytes", "copied_bytes"):
         if hasattr(type(value), name):

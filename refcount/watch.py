@@ -17,22 +17,27 @@ How the pieces work together (each module's docstring says more):
   it renders are handed to the worker (`Daemon.report_served`), which counts
   them in the metrics and refreshes the gauges: the batch its file events
   cause finds the database already in step and changes nothing.
+- `run_root_daemon` is `watch --root`: the same daemon, one per repository
+  under a root (`refcount.roots`), in one process, started and stopped as
+  repositories appear and disappear.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
+from refcount import roots
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
-from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy
+from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy, RefcountError
 from refcount.layout import SOCKET, policy_path, state_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
@@ -41,7 +46,18 @@ from refcount.verifier import DeepSlice, PeriodicVerify, Verifier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CannotWatch", "DeepSlice", "InvalidOption", "ReportSink", "WatchOptions", "run_daemon"]
+__all__ = [
+    "CannotWatch",
+    "DeepSlice",
+    "InvalidOption",
+    "ReportSink",
+    "WatchOptions",
+    "run_daemon",
+    "run_root_daemon",
+]
+
+ROOT_RESCAN = 1.0
+"""Seconds between walks of a --root for repositories created or removed."""
 
 ReportSink = Callable[[object], None]
 """Takes each report a served command renders; called on the serving thread."""
@@ -102,19 +118,42 @@ class WatchOptions:
         )
 
 
+class _Daemons:
+    """The daemons the signals reach: a stop asked for before one is added
+    reaches it when it is added (a signal can come while a daemon starts)."""
+
+    def __init__(self) -> None:
+        self.stopping: str | None = None
+        self.running: dict[Path, Daemon] = {}
+
+    def add(self, key: Path, daemon: Daemon) -> None:
+        self.running[key] = daemon
+        if self.stopping is not None:
+            daemon.request_stop(self.stopping)
+
+    def stop(self, reason: str) -> None:
+        self.stopping = reason
+        for daemon in list(self.running.values()):
+            daemon.request_stop(reason)
+
+    def resync(self, reason: str) -> None:
+        for daemon in list(self.running.values()):
+            daemon.request_full(reason)
+
+
 @contextmanager
-def _signals(daemon: Daemon) -> Iterator[None]:
+def _signals(on_stop: Callable[[str], None], on_resync: Callable[[str], None]) -> Iterator[None]:
     """SIGTERM/SIGINT stop after the batch in hand; SIGHUP asks for a full reconcile.
 
     Handlers run in the main thread between bytecodes; they only set flags
-    under the daemon's condition, which the main thread never holds.
+    (under a daemon's condition, which the main thread never holds).
     """
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        daemon.request_stop(signal.Signals(signum).name)
+        on_stop(signal.Signals(signum).name)
 
     def resync(_signum: int, _frame: FrameType | None) -> None:
-        daemon.request_full("SIGHUP")
+        on_resync("SIGHUP")
 
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
@@ -150,6 +189,109 @@ def run_daemon(
     that cannot be made is logged, and the daemon watches without it. Returns
     normally after a clean stop.
     """
+    daemons = _Daemons()
+    with (
+        _signals(daemons.stop, daemons.resync),
+        _running(open_refcounter, options, serve, metrics=True) as daemon,
+    ):
+        daemons.add(Path(), daemon)
+        # Wake up now and then: a signal handler runs only between bytecodes.
+        while not daemon.join(0.5):
+            pass
+    log.info("stopped")
+
+
+def run_root_daemon(
+    root: Path,
+    open_store: Callable[[Path], Callable[[], Refcounter]],
+    options: WatchOptions,
+    serve: Callable[[ReportSink], Handler] | None = None,
+    *,
+    rescan: float = ROOT_RESCAN,
+) -> None:
+    """`watch --root`: one daemon per repository under `root`, all in this process,
+    until SIGTERM or SIGINT (SIGHUP reaches every one).
+
+    Each repository's daemon is `run_daemon`'s, on the Refcounter
+    `open_store(path)` opens: its own daemon lock, socket
+    (`REPO/.refcount/refcount.sock`, so `refcount --store REPO` and
+    `--root DIR --repo NAME` commands are served) and events. Every `rescan`
+    seconds the root is walked again (`refcount.roots.find`): a repository that
+    appeared gets a daemon (its first full reconcile indexes it), one that is
+    gone has its daemon stopped and is forgotten. A repository that cannot be
+    watched yet (a layout still being copied in, another daemon on it) is
+    logged once and tried again at every walk; a daemon that fails is stopped
+    and started again at the next walk. `--metrics-addr` is refused (one
+    server per repository would need one address each).
+    """
+    if options.metrics_addr:
+        raise InvalidOption("--metrics-addr with --root: metrics are served per store only")
+    daemons = _Daemons()
+    stacks: dict[str, tuple[Path, ExitStack]] = {}
+    refused: dict[str, str] = {}
+
+    def start(repository: roots.Repository) -> None:
+        stack = ExitStack()
+        try:
+            daemon = stack.enter_context(
+                _running(open_store(repository.path), options, serve, metrics=False)
+            )
+        except RefcountError as exc:
+            stack.close()
+            if refused.get(repository.name) != str(exc):
+                log.warning(
+                    "%s: not watched (tried again in %g s): %s", repository.name, rescan, exc
+                )
+            refused[repository.name] = str(exc)
+            return
+        refused.pop(repository.name, None)
+        stacks[repository.name] = (repository.path, stack)
+        daemons.add(repository.path, daemon)
+
+    def stop(name: str, reason: str) -> None:
+        path, stack = stacks.pop(name)
+        daemons.running.pop(path).request_stop(reason)
+        try:
+            stack.close()
+        except (RefcountError, OSError) as exc:
+            log.warning("%s: stopped: %s", name, exc)
+        log.info("%s: %s", name, reason)
+
+    log.info("watching the repositories under %s (walked every %g s)", root, rescan)
+    with _signals(daemons.stop, daemons.resync):
+        try:
+            while daemons.stopping is None:
+                wanted = {r.name: r for r in roots.find(root)}
+                for name in sorted(stacks.keys() - wanted.keys()):
+                    stop(name, "forgotten: the repository is gone")
+                for name in sorted(stacks.keys() & wanted.keys()):
+                    if daemons.running[stacks[name][0]].join(0):
+                        stop(name, "its daemon stopped; starting it again")
+                for name in sorted(wanted.keys() - stacks.keys()):
+                    start(wanted[name])
+                for name in refused.keys() - wanted.keys():
+                    del refused[name]
+                deadline = time.monotonic() + rescan
+                while daemons.stopping is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        finally:
+            daemons.stop(daemons.stopping or "stopping")
+            for name in sorted(stacks):
+                stop(name, "stopped")
+    log.info("stopped")
+
+
+@contextmanager
+def _running(
+    open_refcounter: Callable[[], Refcounter],
+    options: WatchOptions,
+    serve: Callable[[ReportSink], Handler] | None,
+    *,
+    metrics: bool,
+) -> Iterator[Daemon]:
+    """One store's daemon, started, holding the store's daemon lock, with its
+    command socket (and, with `metrics`, its metrics server); stopped and its
+    lock given back on leaving, re-raising what made the daemon fail."""
     with open_refcounter() as rc:
         # The one place that looks inside the Refcounter: what the rest is given.
         store = rc.store
@@ -160,8 +302,11 @@ def run_daemon(
         lock = store.hold_daemon_lock()
         try:
             # The periodic verifies run on a thread and a Refcounter of their own.
-            with open_refcounter() if options.verifies else nullcontext() as verifier:
-                _serve(rc, store.path, rc.policy, options, serve, verifier)
+            with (
+                open_refcounter() if options.verifies else nullcontext() as verifier,
+                _serve(rc, store.path, rc.policy, options, serve, verifier, metrics) as d,
+            ):
+                yield d
         finally:
             store.release_daemon_lock(lock)
 
@@ -175,6 +320,7 @@ def _duration(value: timedelta) -> str:
     return f"{seconds:g}s" if seconds else "0"
 
 
+@contextmanager
 def _serve(
     collector: Collector,
     store: Path,
@@ -182,15 +328,16 @@ def _serve(
     options: WatchOptions,
     serve: Callable[[ReportSink], Handler] | None,
     verifier: Verifier | None = None,
-) -> None:
-    """Run the daemon on `collector` with its servers until it stops; the caller
-    holds the store's daemon lock. `policy` is only reported."""
+    metrics_server: bool = True,
+) -> Iterator[Daemon]:
+    """The daemon on `collector` with its servers, running until the caller
+    leaves; the caller holds the store's daemon lock. `policy` is only reported."""
     metrics = Metrics()
     periodic = None if verifier is None else PeriodicVerify(verifier, metrics, options.deep_slice)
     daemon = Daemon(collector, store, options.timing(), metrics, verify=periodic)
     server = (
         MetricsServer(options.metrics_addr, metrics, daemon.health)
-        if options.metrics_addr
+        if options.metrics_addr and metrics_server
         else None
     )
     commands = (
@@ -216,17 +363,14 @@ def _serve(
             options.deep_slice.describe(),
         )
     try:
-        with _signals(daemon):
-            daemon.start()
-            if commands is not None:
-                try:
-                    commands.start()
-                except CannotServe as exc:  # watching matters more than the shortcut
-                    log.warning("%s; refcount commands will run on their own", exc)
-                    commands = None
-            # Wake up now and then: a signal handler runs only between bytecodes.
-            while not daemon.join(0.5):
-                pass
+        daemon.start()
+        if commands is not None:
+            try:
+                commands.start()
+            except CannotServe as exc:  # watching matters more than the shortcut
+                log.warning("%s; refcount commands will run on their own", exc)
+                commands = None
+        yield daemon
     finally:
         if commands is not None:  # first: a request in hand finishes, none starts
             commands.close()
@@ -235,4 +379,3 @@ def _serve(
             server.close()
     if daemon.failed is not None:
         raise daemon.failed
-    log.info("stopped")

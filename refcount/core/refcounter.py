@@ -59,7 +59,7 @@ from refcount.domain import BlobState
 from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound, PlanChanged
 from refcount.extractors import installed
 from refcount.layout import policy_path
-from refcount.oci import Descriptor, Digest, usable_tag
+from refcount.oci import Descriptor, Digest, parse_index, usable_tag
 from refcount.reports import (
     BlobInfo,
     BlobRef,
@@ -693,6 +693,12 @@ class Refcounter:
         if self.opening.mode is Mode.WRITE:
             self.sync_roots()
         return engine
+
+    def tag_names(self) -> frozenset[str]:
+        """The tags index.json holds now, read from the file (the database is not
+        asked: a store never indexed has them too)."""
+        index = parse_index(self.store.read_index().data, str(self.store.index_path))
+        return frozenset(root.tag for root in index.roots if root.tag is not None)
 
     def tags(self, *, include_untagged: bool = False) -> list[TagInfo]:
         """Every tag in index.json order, with the bytes of its whole image (see

@@ -14,6 +14,7 @@ Alembic only when an upgrade is actually needed, which keeps start-up cheap.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -162,11 +163,19 @@ def ensure_schema(engine: Engine) -> None:
     upgrade(engine)
 
 
+_MIGRATING = threading.Lock()
+"""Alembic's `context` and `op` are module-level proxies to the migration that
+runs: two at once in one process (the daemons of `watch --root`, one per
+repository, each upgrading its own database on its first reconcile) would run
+each other's statements on the wrong database. One migration at a time."""
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     try:
-        with deferred(), engine.begin() as connection:  # a migration is done or not done
+        # A migration is done or not done.
+        with _MIGRATING, deferred(), engine.begin() as connection:
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
