@@ -137,7 +137,7 @@ class Pruned:
     digest: str
     created: datetime  # when its image was made (see `created_from`)
     created_from: str  # "annotation", "config", or "first-seen" (when refcount first saw it)
-    reason: str  # the rule that chose it: keep-last, older-than, max-size, min-free, untagged
+    reason: str  # the rule: keep-last, older-than, unused-for, max-size, min-free, untagged
 
 
 @dataclass(frozen=True)
