@@ -1099,7 +1099,8 @@ def _du_text(report: DuReport) -> list[str]:
     problems = [
         f"problem {u.tag}: {d.kind} {d.digest}: {d.reason}" for u in report.tags for d in u.problems
     ]
-    totals_text = _columns([[f"{name}:", _size(n)] for name, n in totals])
+    # `du REF...` leaves out the totals that need every image (None).
+    totals_text = _columns([[f"{name}:", _size(n)] for name, n in totals if n is not None])
     return [*lines, *problems, "", *totals_text]
 
 

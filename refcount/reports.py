@@ -364,8 +364,9 @@ class DuReport:
 
     tags: tuple[TagUsage, ...]
     live: int  # bytes of the live blobs
-    shared: int  # bytes of the referenced blobs that two or more tags' images hold
-    untagged: int  # referenced bytes neither exclusive to a tag nor shared by two
+    shared: int | None  # bytes of the referenced blobs that two or more tags' images hold
+    untagged: int | None  # referenced bytes neither exclusive to a tag nor shared by two
+    # (shared and untagged need every image: None, not computed, for `du REF...`)
     quarantined: int  # bytes in .refcount/trash/
     orphaned: int  # bytes of blobs nothing has referenced
     reclaimable: int  # what gc would free now: orphans past the grace, trash past its TTL
