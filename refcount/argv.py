@@ -44,6 +44,7 @@ COMMAND_VALUE_OPTIONS = frozenset(
         "--prune-every",
         "--keep-last",
         "--older-than",
+        "--unused-for",
         "--match",
         "--exclude",
         "--max-size",

@@ -687,6 +687,14 @@ def prune(
         str | None,
         typer.Option(metavar="DURATION", help="Delete tags whose image was made before now - D."),
     ] = None,
+    unused_for: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Delete tags not used (refcount touch, a push) for D; a tag never "
+            "touched was last used when refcount first saw it.",
+        ),
+    ] = None,
     match: Annotated[
         list[str] | None,
         typer.Option(metavar="GLOB", help="Only tags matching a GLOB may be deleted (repeatable)."),
@@ -730,11 +738,13 @@ def prune(
     Example:
         refcount prune --keep-last 3 --match 'web:*' --dry-run
         refcount prune --older-than 30d --exclude '*:stable' --yes
+        refcount prune --unused-for 90d --keep-last 1
         refcount prune --max-size 50G
     """
     values = {
         "keep_last": keep_last,
         "older_than": older_than,
+        "unused_for": unused_for,
         "match": match or None,
         "exclude": exclude or None,
         "untagged": untagged or None,
@@ -795,14 +805,14 @@ def _prune_rules(rc: Refcounter, values: Mapping[str, object]) -> tuple[PrunePol
         found = rc.policy_rules()
         if found is None:
             raise InvalidPolicy(
-                f"no policy: give --keep-last, --older-than, --untagged, --max-size or "
-                f"--min-free, or write {policy_path(rc.store.path)}"
+                "no policy: give --keep-last, --older-than, --unused-for, --untagged, "
+                f"--max-size or --min-free, or write {policy_path(rc.store.path)}"
             )
         rules, where = found
     if not rules.selects:
         raise InvalidPolicy(
             f"{where or '--match/--exclude'}: nothing selects tags: --match and --exclude only "
-            "limit --keep-last, --older-than, --max-size and --min-free"
+            "limit --keep-last, --older-than, --unused-for, --max-size and --min-free"
         )
     return rules, where
 
@@ -1264,7 +1274,8 @@ def _du_text(report: DuReport) -> list[str]:
     problems = [
         f"problem {u.tag}: {d.kind} {d.digest}: {d.reason}" for u in report.tags for d in u.problems
     ]
-    totals_text = _columns([[f"{name}:", _size(n)] for name, n in totals])
+    # `du REF...` leaves out the totals that need every image (None).
+    totals_text = _columns([[f"{name}:", _size(n)] for name, n in totals if n is not None])
     return [*lines, *problems, "", *totals_text]
 
 

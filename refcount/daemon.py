@@ -357,13 +357,14 @@ class Daemon:
         # did not already bring: what it does find is drift.
         drift = full and not job.paths and not {"start", "SIGHUP"} & set(job.reasons)
         self._applied_ok(job)
-        self.metrics.record_sync(report, seconds, full=full, drift=drift)
         # A batch that names index.json but changes nothing follows another
         # refcount process's delete, which the database already holds: the
         # gauges must show it too. (The events of the daemon's own frees name
         # only blob files, and are not worth the queries.)
-        if full or report.changed or job.paths.index:
-            self._refresh_stats()
+        self._record(
+            lambda: self.metrics.record_sync(report, seconds, full=full, drift=drift),
+            refresh=full or report.changed or job.paths.index,
+        )
         # After the figures: whoever reads the line, or sees /healthz turn ok on
         # the first success, finds this reconcile in /metrics.
         self._log_batch(job, report, seconds)
@@ -429,10 +430,11 @@ class Daemon:
             self.metrics.record_failure("error")
             return
         seconds = self._clock() - started
-        self.metrics.record_gc(report, seconds)
+        self._record(
+            lambda: self.metrics.record_gc(report, seconds),
+            refresh=bool(report.swept or report.purged),
+        )
         self._log_gc(report, seconds)
-        if report.swept or report.purged:
-            self._refresh_stats()
 
     def _run_prune(self) -> None:
         """Apply the policy file; a file that went bad since the start is logged and
@@ -452,27 +454,32 @@ class Daemon:
         if report is None:
             log.warning("prune skipped: the policy file is gone")
             return
-        self.metrics.record_prune(report, seconds)
+        self._record(
+            lambda: self.metrics.record_prune(report, seconds), refresh=bool(report.removed)
+        )
         self._log_prune(report, seconds)
-        if report.removed:
-            self._refresh_stats()
 
     def _record_served(self, reports: tuple[object, ...]) -> None:
         """Count what commands served for clients did, then refresh the gauges once.
         Dry runs and reading commands changed nothing and are not counted."""
+        counted: list[DeleteReport | GcReport | SyncReport] = []
         changed = False
         for report in reports:
             if isinstance(report, DeleteReport | GcReport) and not report.dry_run:
-                self.metrics.record_served(report)
+                counted.append(report)
                 changed = True
             elif isinstance(report, SyncReport):  # sync, init
-                self.metrics.record_served(report)
+                counted.append(report)
                 self._log_found(report)
                 changed = changed or report.changed
             elif isinstance(report, VerifyReport) and report.repaired:
                 changed = True
-        if changed:
-            self._refresh_stats()
+
+        def count() -> None:
+            for report in counted:
+                self.metrics.record_served(report)
+
+        self._record(count, refresh=changed)
 
     def _flush_on_stop(self, job: Job) -> None:
         """SIGTERM: apply what was already seen, once, without waiting for quiet.
@@ -480,11 +487,20 @@ class Daemon:
         if job.paths:
             self._reconcile(job)
 
-    def _refresh_stats(self) -> None:
-        try:
-            self.metrics.record_stats(self.collector.stats())
-        except Exception:
-            log.exception("watch: could not read figures for the metrics")
+    def _record(self, count: Callable[[], None], *, refresh: bool) -> None:
+        """Count what a job did and, when `refresh`, set the gauges from the store's
+        figures read now: one update of the metrics, so that no scrape shows the
+        counters of a job beside gauges from before it (`Metrics.together`)."""
+        stats = None
+        if refresh:
+            try:
+                stats = self.collector.stats()
+            except Exception:
+                log.exception("watch: could not read figures for the metrics")
+        with self.metrics.together():
+            count()
+            if stats is not None:
+                self.metrics.record_stats(stats)
 
     def _check_events(self, job: Job) -> None:
         """The health check: rebuild the observer when events were lost (the job

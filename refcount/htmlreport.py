@@ -153,6 +153,10 @@ def _size_cell(size: int) -> str:
     return f'<td title="{size} bytes">{_text(human_size(size))}</td>'
 
 
+NOT_COMPUTED = "not computed for a selection"
+"""What a total that needs every image says on the page of `du REF...`."""
+
+
 def _totals(report: DuReport) -> str:
     cards = [
         ("live", report.live, "bytes of the blobs the store's tags and entries hold"),
@@ -165,6 +169,9 @@ def _totals(report: DuReport) -> str:
     return "\n".join(
         f'<div class="card" title="{_text(why)}: {size} bytes"><span>{_text(name)}</span>'
         f"<b>{_text(human_size(size))}</b></div>"
+        if size is not None
+        else f'<div class="card" title="{_text(why)}: {NOT_COMPUTED}">'
+        f"<span>{_text(name)}</span><b>{NOT_COMPUTED}</b></div>"
         for name, size, why in cards
     )
 

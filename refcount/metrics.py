@@ -19,7 +19,8 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -62,9 +63,15 @@ class Metrics:
 
     Gauges describe the store now (from `Stats`); counters accumulate what the
     daemon did since it started (from reports). Every method is thread-safe.
+
+    A job's counters and the gauges it changes are one update: the daemon makes
+    them inside `together()`, and a scrape (`exposition`) waits for the block to
+    end, so it never shows the blobs a batch freed counted while the gauges
+    still describe the store before it.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.RLock()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.roots = Gauge("refcount_roots", "Entries of index.json (roots).", registry=r)
@@ -309,9 +316,16 @@ class Metrics:
             self.verify_lap.set(lap)
         self.verify_hashed.inc(hashed)
 
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Make the updates inside the block visible to a scrape all at once."""
+        with self._lock:
+            yield
+
     def exposition(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)
+        """The registry in Prometheus text format, between two `together()` blocks."""
+        with self._lock:
+            return generate_latest(self.registry)
 
 
 def _change_count(report: SyncReport) -> int:

@@ -137,7 +137,7 @@ class Pruned:
     digest: str
     created: datetime  # when its image was made (see `created_from`)
     created_from: str  # "annotation", "config", or "first-seen" (when refcount first saw it)
-    reason: str  # the rule that chose it: keep-last, older-than, max-size, min-free, untagged
+    reason: str  # the rule: keep-last, older-than, unused-for, max-size, min-free, untagged
 
 
 @dataclass(frozen=True)
@@ -364,8 +364,9 @@ class DuReport:
 
     tags: tuple[TagUsage, ...]
     live: int  # bytes of the live blobs
-    shared: int  # bytes of the referenced blobs that two or more tags' images hold
-    untagged: int  # referenced bytes neither exclusive to a tag nor shared by two
+    shared: int | None  # bytes of the referenced blobs that two or more tags' images hold
+    untagged: int | None  # referenced bytes neither exclusive to a tag nor shared by two
+    # (shared and untagged need every image: None, not computed, for `du REF...`)
     quarantined: int  # bytes in .refcount/trash/
     orphaned: int  # bytes of blobs nothing has referenced
     reclaimable: int  # what gc would free now: orphans past the grace, trash past its TTL

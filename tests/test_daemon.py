@@ -518,3 +518,20 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_batchs_counters_and_the_gauges_after_it_reach_the_metrics_in_one_update() -> None:
+    r = rig()
+    released = ("refcount_freed_blobs_total", {"reason": "released"})
+    seen: list[float | None] = []
+    # While the daemon reads the store's figures for the gauges, a scrape must not
+    # show the batch's frees already counted beside the gauges from before it.
+    r.collector.during_stats = lambda: seen.append(
+        r.daemon.metrics.registry.get_sample_value(*released)
+    )
+    r.collector.syncs = [FREED]
+    r.watch.on_paths(PathSet(index=True))
+    assert r.at(0.25) == 1
+    assert seen == [0.0]
+    assert r.value("refcount_freed_blobs_total", reason="released") == 1
+    assert r.value("refcount_roots") == STATS.roots

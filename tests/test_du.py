@@ -31,6 +31,7 @@ from storekit import (
 
 import refcount
 from refcount.core import refcounter
+from refcount.core.replay import Graph
 
 BASE = b"B" * 1000  # in a, b and c
 AB = b"S" * 2000  # in a and b
@@ -136,6 +137,63 @@ def test_named_tags_only_and_an_unknown_one(cli: Cli, three: tuple[Path, dict[st
     assert "nope: no such tag in" in missing.err
 
 
+def same_alone(cli: Cli, store: Path) -> dict[str, Any]:
+    """`du` of all tags, once each tag's `du TAG` is known to give it the same figures,
+    the same store totals but `shared` and `untagged` (not computed: null), and to
+    change nothing."""
+    every = cli("--store", store, "--json", "du").json()
+    before = listing(store)
+    for usage in every["tags"]:
+        alone = cli("--store", store, "--json", "du", usage["tag"]).json()
+        assert alone["tags"] == [usage]
+        assert (alone["shared"], alone["untagged"]) == (None, None)
+        for total in ("live", "quarantined", "orphaned", "reclaimable"):
+            assert alone[total] == every[total], total
+    assert listing(store) == before
+    return every
+
+
+def test_du_ref_gives_each_tag_the_figures_du_of_all_gives_it(
+    cli: Cli, three: tuple[Path, dict[str, Any]]
+) -> None:
+    store, _ = three
+    cli("--store", store, "init")
+    every = same_alone(cli, store)
+    pair = cli("--store", store, "--json", "du", "a", "b").json()
+    assert pair["tags"] == [t for t in every["tags"] if t["tag"] in ("a", "b")]
+    assert cli("--store", store, "delete", "tag", "b").code == 0  # quarantined bytes now
+    same_alone(cli, store)
+
+
+def test_du_ref_never_reads_the_whole_graph(
+    three: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = three
+    with refcount.open(store) as rc:
+        rc.init()
+        expected = {u.tag: u for u in rc.du().tags}
+
+        def whole_graph(repo: object) -> None:
+            raise AssertionError("du REF loaded the whole graph")
+
+        monkeypatch.setattr(Graph, "load", whole_graph)
+        assert rc.du(["a"]).tags == (expected["a"],)
+        with pytest.raises(AssertionError):
+            rc.du()
+
+
+def test_du_ref_in_text_leaves_out_the_totals_it_does_not_compute(
+    cli: Cli, three: tuple[Path, dict[str, Any]]
+) -> None:
+    store, _ = three
+    cli("--store", store, "init")
+    names = [line.split(":")[0] for line in cli("--store", store, "du", "a").out.splitlines()]
+    assert "live" in names and "orphaned" in names
+    assert "shared by 2+ tags" not in names and "held by untagged entries only" not in names
+    every = [line.split(":")[0] for line in cli("--store", store, "du").out.splitlines()]
+    assert "shared by 2+ tags" in every and "held by untagged entries only" in every
+
+
 def test_text_has_human_sizes(cli: Cli, three: tuple[Path, dict[str, Any]]) -> None:
     store, _ = three
     cli("--store", store, "init")
@@ -175,6 +233,9 @@ def test_shares_with_counts_tags_across_large_and_small_holder_sets(cli: Cli, st
     assert {t: shares[t] for t in expected} == expected
     assert (shares["t0"], shares["t60"], shares["t100"], shares["t200"]) == (70, 119, 69, 1)
     assert shares["lonely"] == 0
+    for name in ("t0", "t60", "t100", "t200", "lonely"):
+        alone = cli("--store", store, "--json", "du", name).json()["tags"]
+        assert [t["shares_with"] for t in alone] == [shares[name]]
 
 
 def test_untagged_children_and_referrers_follow_delete(cli: Cli, store: Path) -> None:
@@ -196,6 +257,7 @@ def test_untagged_children_and_referrers_follow_delete(cli: Cli, store: Path) ->
     assert tags["amd"]["exclusive"] == 0  # multi still lists it
     total = sum(t["exclusive"] for t in report["tags"]) + report["shared"] + report["untagged"]
     assert total == report["live"]
+    assert same_alone(cli, store) == report
 
 
 LAYERS = [bytes([65 + i]) * (10 * (i + 1) ** 2) for i in range(6)]
@@ -261,6 +323,9 @@ def test_totals_add_up_and_exclusive_is_what_delete_frees(
                 assert usage.total >= max(s or 0 for s in sizes[usage.tag])
                 assert usage.exclusive + usage.shared >= usage.total
                 assert usage.exclusive == rc.delete_tag(usage.tag, dry_run=True).freed_bytes
+                alone = rc.du([usage.tag])  # its own images only: the same figures
+                assert alone.tags == (usage,)
+                assert (alone.shared, alone.untagged) == (None, None)
             assert [t.exclusive for t in report.tags] == sorted(
                 (t.exclusive for t in report.tags), reverse=True
             )

@@ -262,9 +262,12 @@ def test_the_page_says_when_it_was_made_and_what_the_totals_are(
     made = text.split('<time datetime="')[1].split('"')[0]
     assert before <= datetime.strptime(made, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert f"Disk use of {images}" in text
-    report = cli("--store", images, "--json", "du").json()
-    for name in ("live", "shared", "untagged", "quarantined", "orphaned", "reclaimable"):
+    report = cli("--store", images, "--json", "du", "web:1.0").json()
+    for name in ("live", "quarantined", "orphaned", "reclaimable"):
         assert f'{report[name]} bytes"' in text, name
+    # the totals that need every image are not computed for a selection
+    assert (report["shared"], report["untagged"]) == (None, None)
+    assert text.count("<b>not computed for a selection</b>") == 2
     elements = parse(text)
     rows = [value for name, value in elements.attributes if name == "scope" and value == "row"]
     assert len(rows) == 1  # only the tag asked for
@@ -390,6 +393,13 @@ def test_problems_are_flagged_in_text_json_and_html(cli: Cli, store: Path, tmp_p
     assert f"damaged <code>{broken['digest']}</code>" in html
     assert listing(store) == before  # du reads: nothing in the store changed
     assert cli("--store", store, "du", "fine").code == 0  # a sound image alone is no problem
+    # named, each damaged image has the figures and problems `du` of all gives it
+    every = {t["tag"]: t for t in report.json()["tags"]}
+    for name in ("holed", "broken"):
+        alone = cli("--store", store, "--json", "du", name)
+        assert alone.code == 1
+        assert alone.json()["tags"] == [every[name]]
+    assert listing(store) == before
 
 
 def test_a_store_without_tags_gets_a_page_without_a_chart() -> None:

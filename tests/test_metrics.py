@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -406,3 +407,18 @@ def test_anything_else_is_an_invalid_metrics_address(text: str) -> None:
     with pytest.raises(InvalidAddress, match="invalid metrics address") as caught:
         parse_addr(text)
     assert caught.value.exit_code == 2 and repr(text) in str(caught.value)
+
+
+def test_a_scrape_waits_for_an_update_made_together_and_then_shows_all_of_it() -> None:
+    metrics = Metrics()
+    scraped: list[Figures] = []
+    scraper = threading.Thread(target=lambda: scraped.append(figures(metrics)))
+    with metrics.together():
+        metrics.freed_blobs.labels("released").inc(2)
+        scraper.start()
+        scraper.join(0.2)
+        assert scraper.is_alive()  # blocked: it would see the counter without the gauge
+        metrics.roots.set(3)
+    scraper.join()
+    assert scraped[0][freed("released")] == 2
+    assert scraped[0][one("refcount_roots")] == 3

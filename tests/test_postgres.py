@@ -422,3 +422,25 @@ def test_a_push_on_postgresql_is_leased_against_a_delete_landing_mid_push(
         assert rc.verify().ok
         assert rc.show(shared).leases == ()
     assert sk.closure(src, app["digest"]) <= sk.blob_files(store)
+
+
+def test_du_ref_on_postgresql_gives_each_tag_the_figures_du_of_all_gives_it(
+    shared_store: tuple[Path, dict[str, str]],
+    pg_url: str,
+    refcount_cli: Callable[..., Ran],
+) -> None:
+    store, n = shared_store
+    assert refcount_cli("--store", store, "--db", pg_url, "init").code == 0
+    every = refcount_cli("--store", store, "--db", pg_url, "--json", "du").json()
+    before = sk.listing(store)
+    for usage in every["tags"]:
+        alone = refcount_cli("--store", store, "--db", pg_url, "--json", "du", usage["tag"])
+        assert (alone.code, alone.err) == (0, "")
+        assert alone.json()["tags"] == [usage]
+        assert alone.json()["shared"] is None
+        dry = refcount_cli(
+            "--store", store, "--db", pg_url, "--json", "delete", "tag", usage["tag"], "--dry-run"
+        )
+        assert usage["exclusive"] == dry.json()["freed_bytes"]
+    assert sk.listing(store) == before
+    assert counts(store, pg_url, set(n.values())) == sk.expected_counts(store)

@@ -93,6 +93,16 @@ def plan(cli: Cli, store: Path, *args: str) -> dict[str, Any]:
     return data
 
 
+def dry_run_chooses(cli: Cli, store: Path, args: list[str], expected: set[str]) -> dict[str, Any]:
+    """The dry run's plan, once it is known to choose `expected` and change nothing."""
+    before = sk.listing(store)
+    report = plan(cli, store, *args)
+    assert chosen(report) == expected
+    assert report["dry_run"] is True
+    assert sk.listing(store) == before
+    return report
+
+
 def chosen(report: dict[str, Any]) -> set[str]:
     return {c["tag"] for c in report["chosen"]}
 
@@ -135,11 +145,7 @@ def blob_bytes(store: Path) -> int:
 def test_each_policy_dry_run_lists_exactly_the_tags_worked_out_by_hand(
     cli: Cli, two_repos: Path, args: list[str], expected: set[str]
 ) -> None:
-    before = sk.listing(two_repos)
-    report = plan(cli, two_repos, *args)
-    assert chosen(report) == expected
-    assert report["dry_run"] is True
-    assert sk.listing(two_repos) == before
+    dry_run_chooses(cli, two_repos, args, expected)
 
 
 def test_creation_times_come_from_the_annotation_the_config_or_the_first_sighting(
@@ -251,6 +257,116 @@ def test_a_second_prune_reads_no_manifest_for_creation_times(
     assert second["chosen"] == first["chosen"]
 
 
+# --- unused for: the last use, or the first sighting of a tag never used ----------------
+# tag -> days since its last use (`refcount touch`, written through the library);
+# None: never touched, so used when refcount first saw it (at init, now).
+USED: dict[str, int | None] = {
+    "web:1.0": 2,
+    "web:1.1": 40,
+    "web:2.0": None,
+    "web:stable": 100,
+    "api:1": None,
+    "api:2": 45,
+    "api:3": 1,
+    "tools": 60,
+}
+
+
+def touch_at(store: Path, used: dict[str, datetime]) -> None:
+    """Record each tag's last use at the given time, as `refcount touch` does."""
+    with refcount.open(store) as rc, transaction(rc.engine) as repo:
+        for name, at in used.items():
+            repo.touch([name], at)
+
+
+@pytest.fixture
+def used(two_repos: Path) -> Path:
+    touch_at(two_repos, {t: NOW - timedelta(days=d) for t, d in USED.items() if d is not None})
+    return two_repos
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--unused-for", "30d"], {"web:1.1", "web:stable", "api:2", "tools"}),
+        (["--unused-for", "50d"], {"web:stable", "tools"}),
+        (["--unused-for", "1000d"], set()),
+        # keep-last keeps the newest by creation: web:stable, api:3, tools
+        (["--unused-for", "30d", "--keep-last", "1"], {"web:1.1", "api:2"}),
+        (["--unused-for", "30d", "--exclude", "web:*"], {"api:2", "tools"}),
+        # web:stable excluded takes no slot: web:2.0 is web's newest eligible, kept
+        (
+            ["--unused-for", "30d", "--keep-last", "1", "--exclude", "web:stable"],
+            {"web:1.1", "api:2"},
+        ),
+        (["--unused-for", "30d", "--match", "web:*"], {"web:1.1", "web:stable"}),
+    ],
+)
+def test_unused_for_selects_the_tags_whose_last_use_is_older_worked_out_by_hand(
+    cli: Cli, used: Path, args: list[str], expected: set[str]
+) -> None:
+    report = dry_run_chooses(cli, used, args, expected)
+    assert {c["reason"] for c in report["chosen"]} <= {"unused-for"}
+
+
+def test_unused_for_and_older_than_together_each_name_the_rule_that_chose(
+    cli: Cli, used: Path
+) -> None:
+    report = plan(cli, used, "--unused-for", "30d", "--older-than", "60d")
+    reasons = {c["tag"]: c["reason"] for c in report["chosen"]}
+    # older than 60 d: web:1.0, web:1.1, api:1; unused for 30 d: web:1.1, web:stable, api:2, tools
+    assert reasons == {
+        "web:1.0": "older-than",
+        "web:1.1": "older-than",
+        "api:1": "older-than",
+        "web:stable": "unused-for",
+        "api:2": "unused-for",
+        "tools": "unused-for",
+    }
+
+
+def test_a_tag_never_touched_counts_as_used_when_refcount_first_saw_it(
+    cli: Cli, two_repos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later = NOW + timedelta(days=200)  # refcount first saw every root at init, about NOW
+    touch_at(
+        two_repos,
+        {"web:stable": NOW - timedelta(days=100), "api:3": later - timedelta(days=10)},
+    )
+    monkeypatch.setattr("refcount.core.refcounter.now", lambda: later)
+    # first seen 200 days before `later`: unused for 100 d, not for 250 d
+    assert chosen(plan(cli, two_repos, "--unused-for", "100d")) == set(AGES) - {"api:3"}
+    assert chosen(plan(cli, two_repos, "--unused-for", "250d")) == {"web:stable"}
+
+
+def test_a_real_prune_by_unused_for_removes_exactly_the_planned_set(cli: Cli, used: Path) -> None:
+    args = ["--unused-for", "30d", "--keep-last", "1"]
+    dry = plan(cli, used, *args)
+    on_disk = blob_bytes(used)
+    ran = cli("--store", used, "--trash-ttl", "0", "--json", "prune", *args)
+    assert ran.code == 0, ran
+    real = ran.json()
+    assert chosen(real) == chosen(dry) == {"web:1.1", "api:2"}
+    assert {b["digest"] for b in real["freed"]} == {b["digest"] for b in dry["freed"]}
+    assert on_disk - blob_bytes(used) == real["freed_bytes"] > 0
+    tags = {t["tag"] for t in cli("--store", used, "--json", "tags").json()}
+    assert tags == set(AGES) - {"web:1.1", "api:2"}
+    with refcount.open(used) as rc:
+        assert set(rc.last_used(AGES)) == {t for t, d in USED.items() if d is not None} - {
+            "web:1.1",
+            "api:2",
+        }
+    assert cli("--store", used, "verify").code == 0
+
+
+def test_the_policy_files_unused_for_means_what_the_flag_means(cli: Cli, used: Path) -> None:
+    path = write_policy(used, 'unused_for = "30d"\nkeep_last = 1\n')
+    report = plan(cli, used)
+    assert report["policy_file"] == str(path)
+    assert chosen(report) == chosen(plan(cli, used, "--unused-for", "30d", "--keep-last", "1"))
+    assert chosen(report) == {"web:1.1", "api:2"}
+
+
 # --- budgets ---------------------------------------------------------------------------
 def oldest_first(store: Path, cli: Cli) -> list[tuple[str, int]]:
     du = {u["tag"]: u["exclusive"] for u in cli("--store", store, "--json", "du").json()["tags"]}
@@ -355,12 +471,13 @@ def test_prune_without_flags_applies_the_policy_file_and_flags_replace_it(
 
 def test_every_key_of_the_policy_file_means_what_its_flag_means() -> None:
     text = (
-        'keep_last = 2\nolder_than = "30d"\nmatch = ["a:*", "b"]\nexclude = "a:keep"\n'
+        'keep_last = 2\nolder_than = "30d"\nunused_for = "90d"\nmatch = ["a:*", "b"]\nexclude = "a:keep"\n'
         'untagged = true\nmax_size = "10G"\nmin_free = "15%"\n'
     )
     assert parse_policy(text.encode(), "p.toml") == PrunePolicy(
         keep_last=2,
         older_than=timedelta(days=30),
+        unused_for=timedelta(days=90),
         match=("a:*", "b"),
         exclude=("a:keep",),
         untagged=True,
@@ -378,6 +495,8 @@ def test_every_key_of_the_policy_file_means_what_its_flag_means() -> None:
         ("keep_last = 1\nkeep_lats = 2\n", ":2: keep_lats: unknown key"),
         ("keep_last = 1\nolder_than = 30d\n", ":2: not TOML: "),
         ('older_than = "-3d"\n', ":1: older_than '-3d': invalid duration"),
+        ('keep_last = 1\nunused_for = "soon"\n', ":2: unused_for 'soon': invalid duration"),
+        ("unused_for = 30\n", ":1: unused_for: 30: not a string"),
         ('max_size = "lots"\n', ":1: max_size 'lots': invalid size"),
         ("keep_last = -1\n", ":1: keep_last: -1: not a whole number"),
         ('untagged = "yes"\n', ":1: untagged: 'yes': not true or false"),
@@ -425,6 +544,8 @@ def test_a_glob_that_matches_nothing_is_nothing_to_prune(cli: Cli, two_repos: Pa
         (["--min-free", "-5%"], "--min-free '-5%': invalid percentage"),
         (["--min-free", "150%"], "--min-free '150%': invalid percentage"),
         (["--older-than", "-30d"], "--older-than '-30d': invalid duration"),
+        (["--unused-for", "-30d"], "--unused-for '-30d': invalid duration"),
+        (["--unused-for", "3 weeks"], "--unused-for '3 weeks': invalid duration"),
         (["--older-than", "a month"], "--older-than 'a month': invalid duration"),
         (["--keep-last", "-1"], "--keep-last: -1: not a whole number"),
         (["--keep-last", "two"], "Invalid value for '--keep-last'"),

@@ -43,7 +43,13 @@ class Select:
         return "tag" if self.tag is not None else "manifest"
 
 
-def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list[RootRow]:
+def plan(
+    ledger: Ledger,
+    selects: list[Select],
+    snapshot: IndexSnapshot | None,
+    *,
+    refuse: bool = True,
+) -> list[RootRow]:
     """Release the entries the `selects` name, the untagged children only they reach
     and (cascading) the untagged referrers of what is freed; journal the frees.
     Returns the entries to cut out of index.json, in file order: several deletes
@@ -51,7 +57,10 @@ def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list
 
     Every select must name an entry (NotFound naming each that does not: nothing
     is deleted). Refuses (DeleteRefused) an image holding a damaged blob, and any
-    free while a live manifest could not be read at all (what it needs is unknown).
+    free while a live manifest could not be read at all (what it needs is unknown);
+    with `refuse` False (`du`, which reports those images' problems instead, and
+    rolls the plan back) it plans them all the same. `snapshot` (None: the caller
+    checked that every select names an entry) explains a select that names none.
     """
     repo, policy = ledger.repo, ledger.policy
     removed: dict[int, RootRow] = {}
@@ -64,9 +73,10 @@ def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list
         )
         if not named:
             unknown.append(select)
-        refuse_damaged(repo, {r.digest for r in named}, select.what)
+        if refuse:
+            refuse_damaged(repo, {r.digest for r in named}, select.what)
         removed.update((r.position, r) for r in named)
-    if len(unknown) == 1:
+    if len(unknown) == 1 and snapshot is not None:
         explain_not_found(ledger.store, snapshot, unknown[0])
     if unknown:
         names = ", ".join(ascii(s.tag) if s.tag is not None else s.what for s in unknown)
@@ -84,7 +94,7 @@ def plan(ledger: Ledger, selects: list[Select], snapshot: IndexSnapshot) -> list
         removed.update((r.position, r) for r in referrers)
         freed = ledger.release(r.digest for r in referrers)
     ledger.dispose()  # refcount's own deletes are never a mass free
-    blind = repo.blind_manifests() if ledger.freed else []
+    blind = repo.blind_manifests() if ledger.freed and refuse else []
     if blind:
         raise DeleteRefused(
             f"{what}: not deleted: live manifests {', '.join(blind)} could not be read, "

@@ -4,6 +4,7 @@ Both go through `build`, so a value means the same wherever it is written:
 
     keep_last  = 3                   # an integer, 0 or more
     older_than = "30d"               # a duration (refcount.durations)
+    unused_for = "90d"               # a duration: not touched nor pushed for that long
     match      = ["web:*"]           # a glob or a list of globs
     exclude    = "web:stable"
     untagged   = true
@@ -26,7 +27,16 @@ from refcount.durations import parse_duration
 from refcount.errors import InvalidDuration, InvalidPolicy, InvalidSize
 from refcount.units import parse_percent, parse_size
 
-KEYS = ("keep_last", "older_than", "match", "exclude", "untagged", "max_size", "min_free")
+KEYS = (
+    "keep_last",
+    "older_than",
+    "unused_for",
+    "match",
+    "exclude",
+    "untagged",
+    "max_size",
+    "min_free",
+)
 
 
 def _count(value: object, name: str) -> int:
@@ -81,6 +91,7 @@ def _bool(value: object, name: str) -> bool:
 _PARSE: dict[str, Callable[[object, str], object]] = {
     "keep_last": _count,
     "older_than": _duration,
+    "unused_for": _duration,
     "match": _globs,
     "exclude": _globs,
     "untagged": _bool,

@@ -10,6 +10,10 @@ When an image was made: its root manifest's (or index's)
 else when refcount first saw the root manifest (`blobs.first_seen`). A tag
 with several entries is as new as its newest. Untagged entries are aged by
 when refcount first saw them (the grace period guards pushes in progress).
+
+When a tag was last used (`unused_for`): its `last_used` row (`refcount touch`,
+or the push that made it); a tag never touched counts as used when refcount
+first saw its root (the newest sighting, for a tag of several entries).
 """
 
 from __future__ import annotations
@@ -96,11 +100,18 @@ def candidates(repo: Repo, recorded: Graph, rules: PrunePolicy, at: datetime) ->
         when, source = created.get(digest, (None, NONE))
         return (when, source) if when is not None else (first_seen[digest], "first-seen")
 
+    eligible = {tag: rows for tag, rows in recorded.by_tag.items() if rules.eligible(tag)}
+    used = repo.last_used(eligible) if rules.unused_for is not None else {}
+
+    def last_use(tag: str) -> datetime | None:
+        if rules.unused_for is None:
+            return None
+        return used.get(tag) or max(first_seen[r.digest] for r in eligible[tag])
+
     found = []
-    for tag, rows in recorded.by_tag.items():
-        if rules.eligible(tag):
-            when, source = max(dated(r.digest) for r in rows)
-            found.append(Candidate(tag, rows[0].digest, when, source))
+    for tag, rows in eligible.items():
+        when, source = max(dated(r.digest) for r in rows)
+        found.append(Candidate(tag, rows[0].digest, when, source, used=last_use(tag)))
     if rules.untagged:
         needed = needed_untagged(recorded)
         found += [

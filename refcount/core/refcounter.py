@@ -708,8 +708,19 @@ class Refcounter:
 
     def du(self, refs: list[str] | None = None) -> DuReport:
         """Each tag's total, exclusive and shared bytes, and the store's totals (see
-        `reading.du`); `refs` names the tags to list (all when None or empty)."""
-        with transaction(self._current(), write=False) as repo:
+        `reading.du`); `refs` names the tags to list (all when None or empty).
+
+        Named tags cost their images only (`reading.du_selected`: each one's
+        `delete tag --dry-run` plan, rolled back), and the report's `shared` and
+        `untagged` totals are None. On a store this process may not write, a plan
+        cannot be made: named tags are then measured on the whole graph, as all."""
+        engine = self._current()
+        if refs and self.opening.mode is Mode.WRITE:
+            with transaction(engine) as repo:
+                report = reading.du_selected(repo, self.store, refs, now(), self.policy)
+                repo.rollback()
+                return report
+        with transaction(engine, write=False) as repo:
             return reading.du(repo, self.store, refs or None, now(), self.policy)
 
     def write_du_html(self, report: DuReport, path: str | Path) -> Path:

@@ -15,7 +15,9 @@ The rule (README, "prune"):
   part of the tag before its last `:`; a tag without one is its own
   repository).
 - A tag is deleted when a *selecting* rule selects it and it is eligible and
-  not kept. The selecting rules: `older_than D` (made before now - D); the
+  not kept. The selecting rules: `older_than D` (made before now - D);
+  `unused_for D` (last used before now - D: `refcount touch` or a push, else
+  when refcount first saw its root); the
   budgets `max_size` (live bytes at most SIZE) and `min_free` (the store's
   filesystem has at least SIZE, or PCT% of its size, free), which take the
   oldest remaining tags one by one, after the other rules' choices, and stop at
@@ -45,6 +47,7 @@ class Reason(StrEnum):
 
     KEEP_LAST = "keep-last"
     OLDER_THAN = "older-than"
+    UNUSED_FOR = "unused-for"
     MAX_SIZE = "max-size"
     MIN_FREE = "min-free"
     UNTAGGED = "untagged"
@@ -71,6 +74,8 @@ class PrunePolicy:
     """Keep the N newest eligible tags of each repository."""
     older_than: timedelta | None = None
     """Select the tags whose image was made longer ago than this."""
+    unused_for: timedelta | None = None
+    """Select the tags last used (touched or pushed) longer ago than this."""
     match: tuple[str, ...] = ()
     """Globs: only the tags matching one may be deleted (every tag when empty)."""
     exclude: tuple[str, ...] = ()
@@ -87,6 +92,8 @@ class PrunePolicy:
             raise InvalidPolicy(f"keep-last {self.keep_last}: must be 0 or more")
         if self.older_than is not None and self.older_than < timedelta(0):
             raise InvalidPolicy(f"older-than {self.older_than}: must not be negative")
+        if self.unused_for is not None and self.unused_for < timedelta(0):
+            raise InvalidPolicy(f"unused-for {self.unused_for}: must not be negative")
         if self.max_size is not None and self.max_size < 0:
             raise InvalidPolicy(f"max-size {self.max_size}: must not be negative")
 
@@ -123,6 +130,9 @@ class Candidate:
     created: datetime
     created_from: str  # "annotation", "config", or "first-seen"
     needed: bool = False  # an untagged entry some tagged image still needs
+    used: datetime | None = None
+    """When the tag was last used (touched or pushed; never: when its root was first
+    seen). Filled for tags when `unused_for` is given; None is never selected by it."""
 
     @property
     def key(self) -> str:
@@ -164,11 +174,18 @@ def _older_than(policy: PrunePolicy, c: Candidate, at: datetime) -> bool:
     return c.created < at - policy.older_than
 
 
+def _unused_for(policy: PrunePolicy, c: Candidate, at: datetime) -> bool:
+    assert policy.unused_for is not None
+    return c.used is not None and c.used < at - policy.unused_for
+
+
 AGE_RULES: tuple[AgeRule, ...] = (
     AgeRule(Reason.OLDER_THAN, lambda p: p.older_than is not None, _older_than),
+    AgeRule(Reason.UNUSED_FOR, lambda p: p.unused_for is not None, _unused_for),
 )
-"""The selecting rules of the per-tag kind. One more (e.g. `unused_for`, from when a tag
-was last used) is a PrunePolicy field, a Candidate field, a Reason and a row here."""
+"""The selecting rules of the per-tag kind. One more is a PrunePolicy field, a
+Candidate field, a Reason and a row here. A tag two rows select is reported with
+the first row's reason."""
 
 
 def repository(tag: str) -> str:
@@ -218,9 +235,9 @@ def choose(
         chosen.update((c.key, Choice(c, Reason.KEEP_LAST)) for c in deletable)
     for rule in AGE_RULES:
         if rule.given(policy):
-            chosen.update(
-                (c.key, Choice(c, rule.reason)) for c in deletable if rule.selects(policy, c, at)
-            )
+            for c in deletable:
+                if c.key not in chosen and rule.selects(policy, c, at):
+                    chosen[c.key] = Choice(c, rule.reason)
     if policy.untagged:
         chosen.update(
             (c.key, Choice(c, Reason.UNTAGGED))
