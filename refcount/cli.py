@@ -784,10 +784,11 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Print the database's schema revision."""
-    from refcount.db.engine import current_revision, default_url, make_engine
+    from refcount.db.engine import current_revision, default_url, environment_url, make_engine
 
     settings = _settings(ctx)
-    engine = make_engine(settings.db or default_url(settings.store.absolute()))
+    url = settings.db or environment_url() or default_url(settings.store.absolute())
+    engine = make_engine(url)
     try:
         revision = current_revision(engine)
     finally:

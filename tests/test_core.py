@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from storekit import (
     add_entry,
     add_image,
@@ -339,7 +340,7 @@ def test_verify_finds_a_tampered_count_and_repair_fixes_it(store: Path) -> None:
         rc.init()
         layer = rc.show("a").children[1].digest
         with rc.engine.begin() as connection:
-            connection.exec_driver_sql("UPDATE blobs SET count = 7 WHERE digest = ?", (layer,))
+            connection.execute(text("UPDATE blobs SET count = 7 WHERE digest = :d"), {"d": layer})
         report = rc.verify()
         assert not report.ok
         assert [(d.digest, d.expected, d.recorded) for d in report.drift] == [(layer, 2, 7)]

@@ -36,14 +36,20 @@ def recover(engine: Engine, store: Store, catch_up: Callable[[Repo], object]) ->
 
 
 def settle(engine: Engine, store: Store) -> None:
-    """Carry out the file actions committed transactions decided; idempotent."""
+    """Carry out the file actions committed transactions decided; idempotent.
+
+    The rows are claimed (`FOR UPDATE SKIP LOCKED`) and the blob rows they name
+    locked, so a worker never carries out an action another is carrying out, and
+    no transaction re-references a blob between the re-check and the unlink.
+    """
     with transaction(engine) as repo:
-        actions = repo.pending_actions()
+        actions = repo.pending_actions(claim=True)
         if not actions:
             return
-        rows = repo.blobs_in(a.digest for a in actions)
+        rows = repo.blobs_in((a.digest for a in actions), lock=True)
         for action in actions:
             if still_wanted(action.action, rows.get(action.digest)):
+                repo.confirm_store_lock()
                 _carry_out(store, action.action, action.digest)
             crash_point("settle-between-actions")
         repo.finish_actions(a.id for a in actions)
