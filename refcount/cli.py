@@ -728,6 +728,15 @@ def watch(
             help="Interval between deep verifies, each one slice of the lap (default off).",
         ),
     ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            envvar="REFCOUNT_RUN_DIR",
+            help="This sidecar's directory for watch.pid and the command socket "
+            "(default STORE/.refcount): one per host when hosts share the store.",
+        ),
+    ] = None,
     deep_slice: Annotated[
         str | None,
         typer.Option(
@@ -761,6 +770,7 @@ def watch(
             max_duration=amount if isinstance(amount, timedelta) else None,
         ),
         prune_every=None if prune_every is None else parse_duration(prune_every),
+        run_dir=run_dir,
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may

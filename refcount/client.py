@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     request = daemon_argv(args, os.environ)
     if request is None:
         return _direct(args)
-    socket_path = os.path.join(request[1], STATE_DIR, SOCKET)
+    run_dir = os.environ.get("REFCOUNT_RUN_DIR") or os.path.join(request[1], STATE_DIR)
+    socket_path = os.path.join(run_dir, SOCKET)
     if not os.path.exists(socket_path):
         return _direct(args)
     try:

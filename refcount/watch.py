@@ -33,7 +33,7 @@ from types import FrameType
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
 from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy
-from refcount.layout import SOCKET, policy_path, state_path
+from refcount.layout import policy_path, socket_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
 from refcount.serve import CommandServer, Handler
@@ -67,6 +67,9 @@ class WatchOptions:
     """How much one deep run hashes (every blob when unlimited)."""
     prune_every: timedelta | None = None
     """Interval between prunes by STORE/.refcount/policy.toml; None never prunes."""
+    run_dir: Path | None = None
+    """This sidecar's own directory for its lock (`watch.pid`) and command socket;
+    None: STORE/.refcount. Sidecars on several hosts sharing one store each need one."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin on full reconciles.
@@ -82,6 +85,8 @@ class WatchOptions:
         ):
             if value is not None and value <= timedelta(0):
                 raise InvalidOption(f"{name} {_duration(value)}: must be longer than 0")
+        if self.run_dir is not None and not self.run_dir.is_dir():
+            raise InvalidOption(f"--run-dir {self.run_dir}: not a directory")
         if self.deep_slice.max_blobs is not None and self.deep_slice.max_blobs < 1:
             raise InvalidOption(f"--deep-slice {self.deep_slice.max_blobs}: must be 1 or more")
 
@@ -157,13 +162,13 @@ def run_daemon(
             raise InvalidPolicy(
                 f"--prune-every: {policy_path(store.path)}: no such file; write the policy first"
             )
-        lock = store.hold_daemon_lock()
+        lock = store.hold_daemon_lock(options.run_dir)
         try:
             # The periodic verifies run on a thread and a Refcounter of their own.
             with open_refcounter() if options.verifies else nullcontext() as verifier:
                 _serve(rc, store.path, rc.policy, options, serve, verifier)
         finally:
-            store.release_daemon_lock(lock)
+            store.release_daemon_lock(lock, options.run_dir)
 
 
 def _duration(value: timedelta) -> str:
@@ -196,7 +201,7 @@ def _serve(
     commands = (
         None
         if serve is None
-        else CommandServer(state_path(store, SOCKET), serve(daemon.report_served))
+        else CommandServer(socket_path(store, options.run_dir), serve(daemon.report_served))
     )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",

@@ -64,11 +64,10 @@ def _run_template() -> Iterator[tuple[str, str] | None]:
 
 
 @pytest.fixture(autouse=True)
-def _database_of_the_test(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
+def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """On a PostgreSQL run, a database of the test's own for every store it opens
-    without naming one."""
+    without naming one. (A MonkeyPatch of its own: a test's `monkeypatch.undo()`
+    must not take the database away mid-test.)"""
     if not ON_POSTGRESQL or request.node.get_closest_marker("sqlite_only"):
         yield
         return
@@ -77,8 +76,8 @@ def _database_of_the_test(
     import pgkit
 
     user, name = template
-    with pgkit.fresh_database(user, template=name) as url:
-        monkeypatch.setenv(DEFAULT_DB_ENV, url)
+    with pgkit.fresh_database(user, template=name) as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DEFAULT_DB_ENV, url)
         yield
 
 

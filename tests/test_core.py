@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import SEVERAL_STORES
 from sqlalchemy import text
 from storekit import (
     add_entry,
@@ -69,6 +70,7 @@ def test_deleting_one_of_two_images_frees_exactly_its_own_blobs(store: Path) -> 
         consistent(rc, store)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_init_twice_is_idempotent_and_agrees_with_sync_built_counts(
     store: Path, tmp_path: Path
 ) -> None:
@@ -173,6 +175,7 @@ def test_keep_referrers_leaves_untagged_referrers(store: Path) -> None:
         consistent(rc, store)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_dry_run_reports_exactly_what_the_real_run_removes(store: Path, tmp_path: Path) -> None:
     two_images(store)
     amd = add_image(store, [b"amd64"], tag=None, index_entry=False)

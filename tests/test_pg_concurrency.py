@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +57,6 @@ def connect(url: str, *, autocommit: bool = True) -> Any:
     )
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def waiting_for_lock(url: str, locktype: str) -> bool:
     rows = pgkit.sql(
         url, "SELECT count(*) FROM pg_locks WHERE locktype = %s AND NOT granted", locktype
@@ -106,7 +98,7 @@ def test_a_delete_waits_while_another_host_holds_the_store_advisory_lock(
     worker = threading.Thread(target=delete)
     try:
         worker.start()
-        wait_until(lambda: waiting_for_lock(url, "advisory"), "the delete to wait for the lock")
+        sk.wait_until(lambda: waiting_for_lock(url, "advisory"), "the delete to wait for the lock")
         assert worker.is_alive()
         assert sk.listing(store) == before  # index.json untouched, nothing freed yet
     finally:
@@ -203,7 +195,7 @@ def test_a_real_deadlock_is_reported_as_contention(pg_url: str) -> None:
         ):
             repo.set_meta("y", "ours")
             blocked.start()
-            wait_until(lambda: waiting_for_lock(pg_url, "transactionid"), "the other side")
+            sk.wait_until(lambda: waiting_for_lock(pg_url, "transactionid"), "the other side")
             repo.set_meta("x", "ours")
         blocked.join(WAIT)
         other.commit()

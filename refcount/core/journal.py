@@ -9,6 +9,7 @@ finishes (SPEC §7).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from refcount import interrupts
@@ -16,6 +17,8 @@ from refcount.db.engine import Engine, transaction
 from refcount.db.repo import BlobRow, Repo
 from refcount.domain import BlobState, FileAction
 from refcount.store import Store, crash_point
+
+log = logging.getLogger(__name__)
 
 
 def recover(engine: Engine, store: Store, catch_up: Callable[[Repo], object]) -> None:
@@ -70,12 +73,16 @@ def still_wanted(action: FileAction, row: BlobRow | None) -> bool:
 
 
 def _carry_out(store: Store, action: FileAction, digest: str) -> None:
+    """One action; each file it moves or removes is logged (`-v`): the record that
+    several workers never freed one blob twice."""
     match action:
         case FileAction.QUARANTINE:
-            store.quarantine(digest)
+            done = store.quarantine(digest)
         case FileAction.UNLINK:
-            store.unlink_blob(digest)
+            done = store.unlink_blob(digest)
         case FileAction.RESTORE:
-            store.restore(digest)
+            done = store.restore(digest)
         case FileAction.PURGE:
-            store.purge(digest)
+            done = store.purge(digest)
+    if done:
+        log.info("journal: %s %s", action.value, digest)
