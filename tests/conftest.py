@@ -23,6 +23,10 @@ from storekit import make_layout
 from refcount.cli import main
 from refcount.db.engine import DEFAULT_DB_ENV
 
+SEVERAL_STORES = (
+    "counts several stores in one test; a PostgreSQL run gives a test one database, "
+    "and a database counts one store"
+)
 ON_POSTGRESQL = os.environ.get("REFCOUNT_TEST_DB", "sqlite") == "postgresql"
 
 # Timing health checks and deadlines measure the machine, not the code: on two
