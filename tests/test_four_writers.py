@@ -24,7 +24,7 @@ import storekit as sk
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
 ROUNDS = 4  # operations per script: bounded, so the whole test stays well under a minute
-GRACE, TRASH_TTL = 8, 2  # seconds; the grace period covers umoci's blobs before its index.json
+GRACE, TRASH_TTL = 5, 1  # seconds; the grace period covers umoci's blobs before its index.json
 DEADLINE = 60.0
 FREES = {"quarantine", "unlink"}
 JOURNAL_LINE = re.compile(r"journal: (quarantine|unlink|restore|purge) (sha256:[0-9a-f]{64})")
