@@ -34,10 +34,10 @@ python -m pytest -q "$@" || status=$?
 # every test a database of its own): every command, the daemon and the CLI through it,
 # migrations, concurrency and crash recovery. The `postgres`-marked tests already ran on it
 # above. Only for a whole run (no arguments), and only when the server answers.
+# (The daemon on PostgreSQL, and the CLI through it, are in test_four_writers.py above.)
 PG_PASS=(
     tests/test_core.py tests/test_cli.py tests/test_schema.py tests/test_crash.py
-    tests/test_concurrency.py tests/test_batch_delete.py tests/test_fastpath.py
-    tests/test_signals.py
+    tests/test_concurrency.py tests/test_batch_delete.py
 )
 if [ "$#" = 0 ] && command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
     started=$SECONDS

@@ -42,21 +42,25 @@ class Run:
     def argv(self, *args: str) -> list[str]:
         db = () if self.db is None else ("--db", self.db)
         timing = ("--grace", f"{GRACE}s", "--trash-ttl", f"{TRASH_TTL}s")
-        return [sys.executable, "-m", "refcount", "-v", "--store", str(self.store), *db, *timing]
+        return [sys.executable, "-m", "refcount", "-vv", "--store", str(self.store), *db, *timing]
 
     def _log(self) -> Path:
         with self.lock:
             self.count += 1
             return self.logs / f"{self.count:04d}.log"
 
-    def cli(self, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, ok: tuple[int, ...] = (0,), served_by: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`refcount ARGS`; `served_by` a daemon's run directory: that daemon runs it."""
+        env = self.env if served_by is None else {**self.env, "REFCOUNT_RUN_DIR": str(served_by)}
         with self._log().open("w") as err:
             ran = subprocess.run(
                 [*self.argv(), *args],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
-                env=self.env,
+                env=env,
                 timeout=DEADLINE,
                 check=False,
             )
@@ -89,17 +93,18 @@ class Run:
         ]
 
 
-def pusher(run: Run, sources: Path) -> None:
-    """`refcount push` an image, delete the previous one, gc now and then."""
+def pusher(run: Run, sources: Path, daemon: Path) -> None:
+    """`refcount push` an image, delete the previous one (served by `daemon`), gc now
+    and then."""
     for i in range(ROUNDS):
         run.cli("push", f"{sources}:p{i}")
         if i:
-            run.cli("delete", "tag", f"p{i - 1}")
+            run.cli("delete", "tag", f"p{i - 1}", served_by=daemon)
         if i % 3 == 2:
-            run.cli("gc")
+            run.cli("gc", served_by=daemon)
 
 
-def builder(run: Run, store: Path, scratch: Path) -> None:
+def builder(run: Run, store: Path, scratch: Path, daemon: Path) -> None:
     """umoci builds an image in the store (an outside tool: no lock); prune deletes
     the one built two rounds before."""
     for i in range(ROUNDS):
@@ -110,7 +115,7 @@ def builder(run: Run, store: Path, scratch: Path) -> None:
         if i >= 2:
             run.cli("prune", "--match", f"u{i - 2}", "--older-than", "1s", "--yes")
         if i % 3 == 1:
-            run.cli("gc")
+            run.cli("gc", served_by=daemon)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -141,8 +146,8 @@ def test_two_daemons_and_two_scripts_on_one_store_leave_it_exact(
             "both daemons to hold their run directories",
         )
         scripts = [
-            threading.Thread(target=pusher, args=(run, sources)),
-            threading.Thread(target=builder, args=(run, store, tmp_path)),
+            threading.Thread(target=pusher, args=(run, sources, tmp_path / "host-a")),
+            threading.Thread(target=builder, args=(run, store, tmp_path, tmp_path / "host-b")),
         ]
         failures: list[BaseException] = []
         for script in scripts:

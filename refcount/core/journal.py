@@ -73,7 +73,7 @@ def still_wanted(action: FileAction, row: BlobRow | None) -> bool:
 
 
 def _carry_out(store: Store, action: FileAction, digest: str) -> None:
-    """One action; each file it moves or removes is logged (`-v`): the record that
+    """One action; each file it moves or removes is logged (`-vv`): the record that
     several workers never freed one blob twice."""
     match action:
         case FileAction.QUARANTINE:
@@ -85,4 +85,4 @@ def _carry_out(store: Store, action: FileAction, digest: str) -> None:
         case FileAction.PURGE:
             done = store.purge(digest)
     if done:
-        log.info("journal: %s %s", action.value, digest)
+        log.debug("journal: %s %s", action.value, digest)
