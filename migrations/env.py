@@ -32,8 +32,11 @@ def run_migrations_online() -> None:
         _run(connection)
         return
     engine = create_engine(config.get_main_option("sqlalchemy.url") or "")
-    with engine.begin() as connection:
-        _run(connection)
+    try:
+        with engine.begin() as connection:
+            _run(connection)
+    finally:
+        engine.dispose()  # the `alembic` command line: leave no connection open
 
 
 if context.is_offline_mode():

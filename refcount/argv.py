@@ -41,6 +41,7 @@ COMMAND_VALUE_OPTIONS = frozenset(
         *("--grace", "--debounce", "--resync", "--gc-interval", "--metrics-addr", "--log-format"),
         *("--tag", "--lease-ttl"),
         *("--slice", "--max-duration", "--verify-every", "--deep-every", "--deep-slice"),
+        "--run-dir",
         "--prune-every",
         "--keep-last",
         "--older-than",

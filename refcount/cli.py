@@ -885,6 +885,15 @@ def watch(
             help="Interval between deep verifies, each one slice of the lap (default off).",
         ),
     ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            envvar="REFCOUNT_RUN_DIR",
+            help="This sidecar's directory for watch.pid and the command socket "
+            "(default STORE/.refcount): one per host when hosts share the store.",
+        ),
+    ] = None,
     deep_slice: Annotated[
         str | None,
         typer.Option(
@@ -919,6 +928,7 @@ def watch(
             max_duration=amount if isinstance(amount, timedelta) else None,
         ),
         prune_every=None if prune_every is None else parse_duration(prune_every),
+        run_dir=run_dir,
     )
     # The daemon parses its clients' command lines in this process: only what a
     # client sent (it sends --store, and --db from its own environment) may
@@ -945,10 +955,11 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Print the database's schema revision."""
-    from refcount.db.engine import current_revision, default_url, make_engine
+    from refcount.db.engine import current_revision, default_url, environment_url, make_engine
 
     settings = _settings(ctx)
-    engine = make_engine(settings.db or default_url(settings.store.absolute()))
+    url = settings.db or environment_url() or default_url(settings.store.absolute())
+    engine = make_engine(url)
     try:
         revision = current_revision(engine)
     finally:

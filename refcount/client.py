@@ -185,9 +185,12 @@ def daemon_argv(argv: list[str], environ: Mapping[str, str]) -> list[str] | None
 
 
 def _socket_of(request: list[str]) -> str:
-    """The socket of the store a `daemon_argv` request is for (`--root R --repo N`: R/N)."""
-    store = os.path.join(request[1], request[3]) if request[0] == "--root" else request[1]
-    return os.path.join(store, STATE_DIR, SOCKET)
+    """The socket of the store a `daemon_argv` request is for (`--root R --repo N`: R/N;
+    a store's daemon may keep it in REFCOUNT_RUN_DIR, as `watch --run-dir` does)."""
+    if request[0] == "--root":
+        return os.path.join(request[1], request[3], STATE_DIR, SOCKET)
+    run_dir = os.environ.get("REFCOUNT_RUN_DIR") or os.path.join(request[1], STATE_DIR)
+    return os.path.join(run_dir, SOCKET)
 
 
 def _relative_sqlite(url: str) -> bool:

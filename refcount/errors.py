@@ -18,6 +18,7 @@ exit code (`exit_code` on the report types).
     ConcurrentChange         2  index.json kept changing under a rewrite
       PlanChanged            2    a prune's plan is no longer what was shown
     DatabaseError            2  the database cannot be opened, upgraded or written
+      DatabaseContention     2    a deadlock or serialization failure, still after retries
     ForeignDatabase          2  the database counts another store
     NotIndexed               2  a reading command on a store never indexed
     StoreNotWritable         2  a writing command on a store this process may not change
@@ -114,6 +115,11 @@ class PlanChanged(ConcurrentChange):
 
 class DatabaseError(RefcountError):
     """The database cannot be opened, upgraded or written."""
+
+
+class DatabaseContention(DatabaseError):
+    """The database aborted a transaction for a deadlock or a serialization failure
+    (PostgreSQL, several writers); the operation is retried a bounded number of times."""
 
 
 class NotIndexed(RefcountError):

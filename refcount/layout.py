@@ -152,13 +152,14 @@ def lock_path(store: Path) -> Path:
     return state_path(store, LOCK)
 
 
-def daemon_pid_path(store: Path) -> Path:
-    """The watch daemon's lock, which holds its pid."""
-    return state_path(store, DAEMON_PID)
+def daemon_pid_path(store: Path, run_dir: Path | None = None) -> Path:
+    """The watch daemon's lock, which holds its pid (in `run_dir` when it has one)."""
+    return run_dir / DAEMON_PID if run_dir is not None else state_path(store, DAEMON_PID)
 
 
-def socket_path(store: Path) -> Path:
-    return state_path(store, SOCKET)
+def socket_path(store: Path, run_dir: Path | None = None) -> Path:
+    """The daemon's command socket (in `run_dir` when it has one)."""
+    return run_dir / SOCKET if run_dir is not None else state_path(store, SOCKET)
 
 
 def directories_to(store: Path, path: Path) -> tuple[Path, ...]:

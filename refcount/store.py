@@ -689,10 +689,11 @@ class Store:
         finally:
             os.close(fd)
 
-    def hold_daemon_lock(self) -> int:
+    def hold_daemon_lock(self, run_dir: Path | None = None) -> int:
         """Take the daemon's lock for the life of the process, or raise StoreBusy.
 
-        The lock is an flock on `.refcount/watch.pid`, which then holds this
+        The lock is an flock on `.refcount/watch.pid` (or `run_dir/watch.pid`: a
+        sidecar's own directory, when several hosts share the store), which then holds this
         process's pid; give it back with `release_daemon_lock`, which removes
         the file. A daemon that stops between our open() and our flock() has
         removed the file we opened, so locking it proves nothing: after the
@@ -700,7 +701,7 @@ class Store:
         the file there now.
         """
         self.ensure_state_dir()
-        path = self._daemon_lock_path
+        path = layout.daemon_pid_path(self.path, run_dir)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
@@ -717,7 +718,7 @@ class Store:
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
 
-    def release_daemon_lock(self, fd: int) -> None:
+    def release_daemon_lock(self, fd: int, run_dir: Path | None = None) -> None:
         """Remove `watch.pid` and give the daemon's lock back (a clean stop).
 
         The file is unlinked while the lock is still held, then closed: a daemon
@@ -726,15 +727,11 @@ class Store:
         file this lock is on is removed, never one another daemon made.
         """
         try:
-            path = self._daemon_lock_path
+            path = layout.daemon_pid_path(self.path, run_dir)
             if _names(path, fd):
                 path.unlink()
         finally:
             os.close(fd)
-
-    @property
-    def _daemon_lock_path(self) -> Path:
-        return layout.daemon_pid_path(self.path)
 
 
 def _names(path: Path, fd: int) -> bool:

@@ -38,7 +38,7 @@ from refcount import roots
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
 from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy, RefcountError
-from refcount.layout import SOCKET, policy_path, state_path
+from refcount.layout import policy_path, socket_path
 from refcount.metrics import Metrics, MetricsServer
 from refcount.scheduler import Timing
 from refcount.serve import CommandServer, Handler
@@ -83,6 +83,9 @@ class WatchOptions:
     """How much one deep run hashes (every blob when unlimited)."""
     prune_every: timedelta | None = None
     """Interval between prunes by STORE/.refcount/policy.toml; None never prunes."""
+    run_dir: Path | None = None
+    """This sidecar's own directory for its lock (`watch.pid`) and command socket;
+    None: STORE/.refcount. Sidecars on several hosts sharing one store each need one."""
 
     def __post_init__(self) -> None:
         # A zero interval would make the worker spin on full reconciles.
@@ -98,6 +101,8 @@ class WatchOptions:
         ):
             if value is not None and value <= timedelta(0):
                 raise InvalidOption(f"{name} {_duration(value)}: must be longer than 0")
+        if self.run_dir is not None and not self.run_dir.is_dir():
+            raise InvalidOption(f"--run-dir {self.run_dir}: not a directory")
         if self.deep_slice.max_blobs is not None and self.deep_slice.max_blobs < 1:
             raise InvalidOption(f"--deep-slice {self.deep_slice.max_blobs}: must be 1 or more")
 
@@ -221,11 +226,14 @@ def run_root_daemon(
     gone has its daemon stopped and is forgotten. A repository that cannot be
     watched yet (a layout still being copied in, another daemon on it) is
     logged once and tried again at every walk; a daemon that fails is stopped
-    and started again at the next walk. `--metrics-addr` is refused (one
-    server per repository would need one address each).
+    and started again at the next walk. `--metrics-addr` and `--run-dir` are
+    refused (one server or one socket per repository would need one address or
+    one directory each).
     """
     if options.metrics_addr:
         raise InvalidOption("--metrics-addr with --root: metrics are served per store only")
+    if options.run_dir is not None:
+        raise InvalidOption("--run-dir with --root: each repository's socket is in its .refcount/")
     daemons = _Daemons()
     stacks: dict[str, tuple[Path, ExitStack]] = {}
     refused: dict[str, str] = {}
@@ -299,7 +307,7 @@ def _running(
             raise InvalidPolicy(
                 f"--prune-every: {policy_path(store.path)}: no such file; write the policy first"
             )
-        lock = store.hold_daemon_lock()
+        lock = store.hold_daemon_lock(options.run_dir)
         try:
             # The periodic verifies run on a thread and a Refcounter of their own.
             with (
@@ -308,7 +316,7 @@ def _running(
             ):
                 yield d
         finally:
-            store.release_daemon_lock(lock)
+            store.release_daemon_lock(lock, options.run_dir)
 
 
 def _duration(value: timedelta) -> str:
@@ -343,7 +351,7 @@ def _serve(
     commands = (
         None
         if serve is None
-        else CommandServer(state_path(store, SOCKET), serve(daemon.report_served))
+        else CommandServer(socket_path(store, options.run_dir), serve(daemon.report_served))
     )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",

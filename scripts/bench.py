@@ -750,7 +750,126 @@ def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> 
     row["ratio_umoci_vs_daemon"] = ratio(
         row["umoci_rm_gc_median_s"], row["delete_proc_daemon_median_s"]
     )
+    if args.postgres:
+        row.update(bench_postgres(n, pristine, work, args))
     forget(base)
+    return row
+
+
+WRITERS = 4
+"""Processes deleting at once in the writers' throughput row."""
+WRITER = """
+import sys, time
+from pathlib import Path
+import refcount
+store, db, go, *tags = sys.argv[1:]
+with refcount.open(store, db or None) as rc:
+    rc.tags()  # opened and caught up: only the deletes are timed
+    print("ready", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.005)
+    for tag in tags:
+        rc.delete_tag(tag)
+"""
+
+
+def measure_writers(store: Path, tags: list[str], db: str | None) -> float:
+    """Deletes per second of WRITERS processes deleting disjoint tags of one store at
+    once (each opened and ready before the clock starts)."""
+    go = store.parent / f"{store.name}.go"
+    shares = [tags[i::WRITERS] for i in range(WRITERS)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(store), db or "", str(go), *share],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env_for(daemon=False),
+        )
+        for share in shares
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a writer did not start: exit {proc.wait()}")
+    start = time.perf_counter()
+    go.touch()
+    codes = [proc.wait() for proc in procs]
+    wall = time.perf_counter() - start
+    go.unlink()
+    if any(codes):
+        raise RuntimeError(f"a writer failed: exit codes {codes}")
+    return len(tags) / wall
+
+
+@contextmanager
+def postgres_database(admin: str) -> Iterator[str]:
+    """A new database on the server `admin` (a psycopg URL to a maintenance database);
+    yields its SQLAlchemy URL, dropped afterwards."""
+    import psycopg
+
+    name = f"refcount_bench_{os.getpid()}_{random.randrange(1 << 30)}"
+    plain = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield plain.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def database_env(url: str) -> Iterator[None]:
+    """Every refcount this process or its children open uses `url` (the CLI through
+    REFCOUNT_DB, the library through REFCOUNT_DEFAULT_DB)."""
+    saved = {k: os.environ.get(k) for k in ("REFCOUNT_DB", "REFCOUNT_DEFAULT_DB")}
+    os.environ.update(REFCOUNT_DB=url, REFCOUNT_DEFAULT_DB=url)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def bench_postgres(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> Row:
+    """init, delete latency (library; process served by the daemon) with the counts in
+    PostgreSQL, and the writers' throughput on both backends, same store, same tags."""
+    rng = random.Random(f"bench-pg:{n}")
+    tags = tags_of(pristine)
+    picked = rng.sample(tags, min(args.deletes + args.process_deletes, len(tags)))
+    lib, proc = picked[: args.deletes], picked[args.deletes :]
+    row: Row = {}
+    with (
+        postgres_database(args.postgres) as url,
+        database_env(url),
+        scratch(pristine, work / "pg") as copy,
+    ):
+        row["pg_init_s"] = measure_init(copy)["init_s"]
+        found = measure_library_deletes(copy, lib, n)
+        row["pg_delete_lib_median_ms"] = found["delete_lib_median_ms"]
+        row["pg_delete_lib_p99_ms"] = found["delete_lib_p99_ms"]
+        if not args.skip_daemon and proc:
+            served = measure_daemon(copy, proc, n, work / f"watch-pg-{n}.log")
+            row["pg_delete_proc_daemon_median_s"] = served.get("delete_proc_daemon_median_s")
+    writes = rng.sample(tags, min(WRITERS * 25, len(tags)))
+    with scratch(pristine, work / "w-sqlite") as copy:
+        run(refcount_cmd(copy, "init"), env=env_for(daemon=False))
+        row["writers_sqlite_per_s"] = measure_writers(copy, writes, None)
+    with postgres_database(args.postgres) as url, scratch(pristine, work / "w-pg") as copy:
+        run(refcount_cmd(copy, "--db", url, "init"), env=env_for(daemon=False))
+        row["writers_pg_per_s"] = measure_writers(copy, writes, url)
+    row["ratio_writers_pg_vs_sqlite"] = ratio(row["writers_pg_per_s"], row["writers_sqlite_per_s"])
+    say(
+        f"[{label(n)}] PostgreSQL: init {row['pg_init_s']:.2f} s; delete tag (library) median "
+        f"{row['pg_delete_lib_median_ms']:.1f} ms, p99 {row['pg_delete_lib_p99_ms']:.1f} ms; "
+        f"process with daemon {_fmt(row.get('pg_delete_proc_daemon_median_s'), 's')}; "
+        f"{WRITERS} writers: {row['writers_pg_per_s']:.1f} deletes/s "
+        f"(SQLite {row['writers_sqlite_per_s']:.1f}/s, "
+        f"{_fmt(row['ratio_writers_pg_vs_sqlite'], 'x')})"
+    )
     return row
 
 
@@ -846,6 +965,13 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("refcount delete tag, process, no daemon", "delete_proc_direct_median_s", "s"),
     ("refcount delete tag, process, no daemon, CPU", "delete_proc_direct_cpu_median_s", "s"),
     ("refcount delete tag, process, daemon", "delete_proc_daemon_median_s", "s"),
+    ("PostgreSQL: init (process)", "pg_init_s", "s"),
+    ("PostgreSQL: delete tag, library, median", "pg_delete_lib_median_ms", "ms"),
+    ("PostgreSQL: delete tag, library, p99", "pg_delete_lib_p99_ms", "ms"),
+    ("PostgreSQL: refcount delete tag, process, daemon", "pg_delete_proc_daemon_median_s", "s"),
+    (f"{WRITERS} writers, deletes/s, SQLite", "writers_sqlite_per_s", "files/s"),
+    (f"{WRITERS} writers, deletes/s, PostgreSQL", "writers_pg_per_s", "files/s"),
+    (f"{WRITERS} writers, PostgreSQL / SQLite", "ratio_writers_pg_vs_sqlite", "x"),
     ("refcount delete tag, process, daemon, client CPU", "delete_proc_daemon_cpu_median_s", "s"),
     ("daemon idle RSS", "daemon_idle_rss_mb", "MB"),
     ("daemon start-up reconcile", "daemon_ready_s", "s"),
@@ -990,6 +1116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deletes", type=int, default=200, help="library deletes per size")
     p.add_argument(
         "--process-deletes", type=int, default=20, help="whole-process deletes per size, per path"
+    )
+    p.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="also measure with the counts in PostgreSQL: a psycopg URL of a maintenance "
+        "database (e.g. postgresql://root@127.0.0.1:5432/test) where benchmark databases "
+        "are created and dropped",
     )
     p.add_argument("--skip-umoci", action="store_true", help="do not run umoci")
     p.add_argument("--skip-daemon", action="store_true", help="do not start refcount watch")

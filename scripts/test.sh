@@ -29,4 +29,22 @@ status=0
 python -m pytest -q "$@" || status=$?
 # pytest's 5 means "no tests collected" (e.g. a -k that matches nothing): not a failure.
 [ "$status" = 5 ] && status=0
+
+# The database-backed part once more, on PostgreSQL (tests/conftest.py: REFCOUNT_TEST_DB gives
+# every test a database of its own): every command, the daemon and the CLI through it,
+# migrations, concurrency and crash recovery. The `postgres`-marked tests already ran on it
+# above. Only for a whole run (no arguments), and only when the server answers.
+# (The daemon on PostgreSQL, and the CLI through it, are in test_four_writers.py above.)
+PG_PASS=(
+    tests/test_core.py tests/test_cli.py tests/test_schema.py tests/test_crash.py
+    tests/test_concurrency.py tests/test_batch_delete.py
+)
+if [ "$#" = 0 ] && command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    started=$SECONDS
+    pg_status=0
+    REFCOUNT_TEST_DB=postgresql python -m pytest -q -m "not postgres" "${PG_PASS[@]}" \
+        || pg_status=$?
+    echo "PostgreSQL pass: $((SECONDS - started)) s"
+    [ "$status" = 0 ] && status=$pg_status
+fi
 exit "$status"

@@ -1,10 +1,17 @@
-"""Shared fixtures: a fresh OCI layout, and the CLI run in-process through its error boundary."""
+"""Shared fixtures: a fresh OCI layout, and the CLI run in-process through its error boundary.
+
+`REFCOUNT_TEST_DB=postgresql` runs every test on the local PostgreSQL server: each
+test gets a database of its own (a copy of one migrated to head for the run,
+dropped afterwards), named to the library, the CLI and every subprocess through
+`REFCOUNT_DEFAULT_DB`. Tests marked `sqlite_only` are skipped then (each says why).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +21,88 @@ from hypothesis import HealthCheck, settings
 from storekit import make_layout
 
 from refcount.cli import main
+from refcount.db.engine import DEFAULT_DB_ENV
+
+SEVERAL_STORES = (
+    "counts several stores in one test; a PostgreSQL run gives a test one database, "
+    "and a database counts one store"
+)
+ON_POSTGRESQL = os.environ.get("REFCOUNT_TEST_DB", "sqlite") == "postgresql"
 
 # Timing health checks and deadlines measure the machine, not the code: on two
 # busy cores they fail at random. Property tests judge behaviour only.
 settings.register_profile("refcount", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("refcount")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not ON_POSTGRESQL:
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "SQLite-specific"
+            item.add_marker(pytest.mark.skip(reason=f"sqlite_only: {why}"))
+
+
+@pytest.fixture(scope="session")
+def _run_template() -> Iterator[tuple[str, str] | None]:
+    """On a PostgreSQL run: (user, name) of a database migrated to head, for copies."""
+    if not ON_POSTGRESQL:
+        yield None
+        return
+    import pgkit
+
+    from refcount.db.engine import make_engine, upgrade
+
+    user, why = pgkit.reachable_user()
+    if user is None:
+        pytest.exit(f"REFCOUNT_TEST_DB=postgresql, but the server is unreachable ({why})", 2)
+    with pgkit.fresh_database(user) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()  # a template must have no connections
+        yield user, url.rsplit("/", 1)[1]
+
+
+@pytest.fixture(autouse=True)
+def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On a PostgreSQL run, a database of the test's own for every store it opens
+    without naming one. (A MonkeyPatch of its own: a test's `monkeypatch.undo()`
+    must not take the database away mid-test.)"""
+    if not ON_POSTGRESQL or request.node.get_closest_marker("sqlite_only"):
+        yield
+        return
+    template = request.getfixturevalue("_run_template")
+    assert template is not None
+    import pgkit
+
+    user, name = template
+    with pgkit.fresh_database(user, template=name) as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DEFAULT_DB_ENV, url)
+        yield
+
+
+@pytest.fixture(scope="session")
+def pg_user() -> str:
+    """A user of the local PostgreSQL server (skips the test when it is unreachable)."""
+    import pgkit
+
+    user, why = pgkit.reachable_user()
+    if user is None:
+        pytest.skip(f"PostgreSQL is not reachable at {pgkit.HOST}:{pgkit.PORT} ({why})")
+    return user
+
+
+@pytest.fixture
+def pg_url(pg_user: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    import pgkit
+
+    with pgkit.fresh_database(pg_user) as url:
+        yield url
 
 
 @dataclass(frozen=True)

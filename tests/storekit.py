@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -620,3 +621,12 @@ def oci_validate(store: Path | str) -> None:
             run(["oci-image-tool", "validate", "--type", "image", str(view)])
         except ToolError as err:
             raise AssertionError(f"oci-image-tool rejected {store}:\n{err}") from err
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds
+    (a bound on waiting for other processes, never an expected duration)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

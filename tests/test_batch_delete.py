@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import storekit as sk
-from conftest import Cli
+from conftest import SEVERAL_STORES, Cli
 
 from refcount.store import Store
 
@@ -45,6 +45,7 @@ def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_deleting_three_tags_rewrites_index_json_once_and_frees_what_they_alone_held(
     cli: Cli, store: Path, tmp_path: Path, rewrites: list[int]
 ) -> None:

@@ -88,6 +88,7 @@ def test_verify_exits_1_and_names_a_missing_blob(cli: Cli, images: Path) -> None
     assert f"missing {layer}" in result.out and "FAILED" in result.out
 
 
+@pytest.mark.sqlite_only("tampers with the SQLite file through sqlite3")
 def test_verify_repair_brings_a_tampered_database_back(cli: Cli, images: Path) -> None:
     import sqlite3
 
@@ -721,6 +722,7 @@ def test_sync_with_v_says_what_it_did_and_with_vv_which_blobs(cli: Cli, images: 
     ]
 
 
+@pytest.mark.sqlite_only("removes .refcount/ and the SQLite database in it")
 def test_sync_and_init_exit_1_when_they_find_referenced_blobs_missing(
     cli: Cli, images: Path
 ) -> None:

@@ -8,6 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import SEVERAL_STORES
+from sqlalchemy import text
 from storekit import (
     add_entry,
     add_image,
@@ -68,6 +70,7 @@ def test_deleting_one_of_two_images_frees_exactly_its_own_blobs(store: Path) -> 
         consistent(rc, store)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_init_twice_is_idempotent_and_agrees_with_sync_built_counts(
     store: Path, tmp_path: Path
 ) -> None:
@@ -172,6 +175,7 @@ def test_keep_referrers_leaves_untagged_referrers(store: Path) -> None:
         consistent(rc, store)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_dry_run_reports_exactly_what_the_real_run_removes(store: Path, tmp_path: Path) -> None:
     two_images(store)
     amd = add_image(store, [b"amd64"], tag=None, index_entry=False)
@@ -339,7 +343,7 @@ def test_verify_finds_a_tampered_count_and_repair_fixes_it(store: Path) -> None:
         rc.init()
         layer = rc.show("a").children[1].digest
         with rc.engine.begin() as connection:
-            connection.exec_driver_sql("UPDATE blobs SET count = 7 WHERE digest = ?", (layer,))
+            connection.execute(text("UPDATE blobs SET count = 7 WHERE digest = :d"), {"d": layer})
         report = rc.verify()
         assert not report.ok
         assert [(d.digest, d.expected, d.recorded) for d in report.drift] == [(layer, 2, 7)]

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SEVERAL_STORES
 from storekit import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -412,6 +413,7 @@ def kill_sequence(
     return steps, body
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_sigkill_at_random_moments_never_loses_a_referenced_blob(
     templates: dict[str, Built], tmp_path: Path
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli
+from conftest import SEVERAL_STORES, Cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from storekit import (
@@ -293,6 +293,7 @@ def random_store(
     return store
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 @settings(max_examples=30)
 @given(
     images=st.lists(image, min_size=1, max_size=5),

@@ -10,15 +10,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import pgkit
 import pytest
 import storekit as sk
 from alembic.autogenerate import compare_metadata
@@ -34,64 +32,6 @@ from refcount.db.models import SCHEMA_HEAD, Base
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install psycopg)")
 
 pytestmark = pytest.mark.postgres
-
-HOST, PORT, MAINTENANCE_DB = "127.0.0.1", 5432, "test"
-USERS = ("postgres", "root")
-
-
-def _connect(user: str, dbname: str = MAINTENANCE_DB) -> Any:
-    return psycopg.connect(
-        host=HOST, port=PORT, user=user, dbname=dbname, autocommit=True, connect_timeout=3
-    )
-
-
-def _find_user() -> tuple[str | None, str]:
-    errors = []
-    for user in USERS:
-        try:
-            with _connect(user):
-                return user, ""
-        except psycopg.Error as exc:
-            errors.append(f"{user}: {str(exc).strip().splitlines()[0]}")
-    return None, "; ".join(errors)
-
-
-def _start_server() -> None:
-    """One attempt to start the local cluster (no systemd in containers)."""
-    pg_ctlcluster = shutil.which("pg_ctlcluster")
-    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    if pg_ctlcluster is None or not versions:
-        return
-    subprocess.run(
-        [pg_ctlcluster, "--skip-systemctl-redirect", versions[-1], "main", "start"],
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-
-
-@pytest.fixture(scope="module")
-def pg_user() -> str:
-    user, why = _find_user()
-    if user is None:
-        _start_server()
-        user, why = _find_user()
-    if user is None:
-        pytest.skip(f"PostgreSQL is not reachable at {HOST}:{PORT} ({why})")
-    return user
-
-
-@pytest.fixture
-def pg_url(pg_user: str) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
-    name = f"refcount_t_{secrets.token_hex(6)}"
-    with _connect(pg_user) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://{pg_user}@{HOST}:{PORT}/{name}"
-    finally:
-        with _connect(pg_user) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _leaked_connections() -> list[str]:
@@ -111,12 +51,6 @@ def _no_leaked_connections() -> Iterator[None]:
     yield
     leaked = _leaked_connections()
     assert not leaked, f"connections left open: {leaked}"
-
-
-def _sql(url: str, statement: str, *params: object) -> None:
-    """Run one statement on the test database behind refcount's back."""
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        conn.execute(statement, params)
 
 
 @pytest.fixture
@@ -222,8 +156,8 @@ def test_verify_repair_on_postgresql_restores_tampered_counts_without_deleting_c
     store, n = shared_store
     assert refcount_cli("--store", store, "--db", pg_url, "init").code == 0
     before = sk.listing(store)
-    _sql(pg_url, "UPDATE blobs SET count = 7 WHERE digest = %s", n["L0"])
-    _sql(pg_url, "DELETE FROM blobs WHERE digest = %s", n["L2"])
+    pgkit.sql(pg_url, "UPDATE blobs SET count = 7 WHERE digest = %s", n["L0"])
+    pgkit.sql(pg_url, "DELETE FROM blobs WHERE digest = %s", n["L2"])
 
     found = refcount_cli("--store", store, "--db", pg_url, "verify")
     assert found.code == 1
@@ -305,7 +239,7 @@ def test_verify_repair_on_postgresql_keeps_the_quarantine_purgeable(
     base = ("--store", store, "--db", pg_url)
     assert refcount_cli(*base, "init").code == 0
     assert refcount_cli(*base, "delete", "tag", "a").code == 0
-    _sql(pg_url, "UPDATE blobs SET count = count + 1 WHERE digest = %s", n["Mb"])
+    pgkit.sql(pg_url, "UPDATE blobs SET count = count + 1 WHERE digest = %s", n["Mb"])
 
     assert refcount_cli(*base, "verify").code == 1
     assert refcount_cli(*base, "verify", "--repair").code == 0
@@ -444,3 +378,22 @@ def test_du_ref_on_postgresql_gives_each_tag_the_figures_du_of_all_gives_it(
         assert usage["exclusive"] == dry.json()["freed_bytes"]
     assert sk.listing(store) == before
     assert counts(store, pg_url, set(n.values())) == sk.expected_counts(store)
+
+
+def test_a_missing_postgresql_driver_is_exit_2_with_the_install_hint(
+    shared_store: tuple[Path, dict[str, str]],
+    refcount_cli: Callable[..., Ran],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, _ = shared_store
+    before = sk.listing(store, include_refcount=True)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` fails
+
+    for command in (["init"], ["tags"], ["delete", "tag", "a"]):
+        ran = refcount_cli("--store", store, "--db", "postgresql+psycopg://u@127.0.0.1/x", *command)
+
+        assert ran.code == 2, ran
+        assert len(ran.err.splitlines()) == 1, ran.err
+        assert "driver is not installed" in ran.err
+        assert ran.err.rstrip().endswith("pip install 'refcount[postgres]'")
+    assert sk.listing(store, include_refcount=True) == before

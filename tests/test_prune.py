@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import storekit as sk
-from conftest import Cli
+from conftest import SEVERAL_STORES, Cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_du import TAGS as DU_TAGS
@@ -753,6 +753,7 @@ def test_on_a_terminal_under_json_the_plan_goes_to_stderr_and_stdout_is_one_docu
     assert "would prune 5 entries" in ran.stderr
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 @settings(max_examples=25)
 @given(
     images=st.lists(du_image, min_size=1, max_size=5),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import storekit as sk
-from conftest import Cli
+from conftest import SEVERAL_STORES, Cli
 
 import refcount
 from refcount.store import CRASH_ENV, at_point
@@ -192,6 +192,7 @@ def test_a_push_appends_its_entry_keeping_every_other_byte_of_index_json(
     assert_counted(store)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_an_index_brings_every_platform_manifest_and_its_referrer_unless_told_not_to(
     tmp_path: Path,
 ) -> None:

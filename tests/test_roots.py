@@ -169,6 +169,8 @@ def test_a_damaged_repository_gives_its_error_and_the_worst_exit_code_and_the_re
         (["--store", "{root}/a", "tags"], "--root and --store: give one"),
         (["--repo", "nothing", "tags"], "--repo 'nothing': no such repository"),
         (["--repo", "a", "watch"], "watch --root watches every repository"),
+        (["watch", "--metrics-addr", "127.0.0.1:0"], "--metrics-addr with --root"),
+        (["watch", "--run-dir", "{root}"], "--run-dir with --root"),
         (["--db", "sqlite:////tmp/x.db", "tags"], "--db with --root"),
         (["show", "img-0"], "show works on one repository: give --repo NAME"),
         (["delete", "manifest", "sha256:" + "0" * 64], "delete manifest works on one repo"),

@@ -9,6 +9,7 @@ finishes (SPEC §7).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from refcount import interrupts
@@ -16,6 +17,8 @@ from refcount.db.engine import Engine, transaction
 from refcount.db.repo import BlobRow, Repo
 from refcount.domain import BlobState, FileAction
 from refcount.store import Store, crash_point
+
+log = logging.getLogger(__name__)
 
 
 def recover(engine: Engine, store: Store, catch_up: Callable[[Repo], object]) -> None:
@@ -36,14 +39,20 @@ def recover(engine: Engine, store: Store, catch_up: Callable[[Repo], object]) ->
 
 
 def settle(engine: Engine, store: Store) -> None:
-    """Carry out the file actions committed transactions decided; idempotent."""
+    """Carry out the file actions committed transactions decided; idempotent.
+
+    The rows are claimed (`FOR UPDATE SKIP LOCKED`) and the blob rows they name
+    locked, so a worker never carries out an action another is carrying out, and
+    no transaction re-references a blob between the re-check and the unlink.
+    """
     with transaction(engine) as repo:
-        actions = repo.pending_actions()
+        actions = repo.pending_actions(claim=True)
         if not actions:
             return
-        rows = repo.blobs_in(a.digest for a in actions)
+        rows = repo.blobs_in((a.digest for a in actions), lock=True)
         for action in actions:
             if still_wanted(action.action, rows.get(action.digest)):
+                repo.confirm_store_lock()
                 _carry_out(store, action.action, action.digest)
             crash_point("settle-between-actions")
         repo.finish_actions(a.id for a in actions)
@@ -64,12 +73,16 @@ def still_wanted(action: FileAction, row: BlobRow | None) -> bool:
 
 
 def _carry_out(store: Store, action: FileAction, digest: str) -> None:
+    """One action; each file it moves or removes is logged (`-vv`): the record that
+    several workers never freed one blob twice."""
     match action:
         case FileAction.QUARANTINE:
-            store.quarantine(digest)
+            done = store.quarantine(digest)
         case FileAction.UNLINK:
-            store.unlink_blob(digest)
+            done = store.unlink_blob(digest)
         case FileAction.RESTORE:
-            store.restore(digest)
+            done = store.restore(digest)
         case FileAction.PURGE:
-            store.purge(digest)
+            done = store.purge(digest)
+    if done:
+        log.debug("journal: %s %s", action.value, digest)

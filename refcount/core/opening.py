@@ -28,6 +28,7 @@ from refcount.db.engine import (
     redact_url,
     sqlite_file,
     transaction,
+    with_store_lock,
 )
 from refcount.db.tables import SCHEMA_HEAD
 from refcount.errors import DatabaseError, ForeignDatabase, NotIndexed
@@ -72,6 +73,9 @@ class Opening:
         ensure_schema(engine)
         if claim:
             self._claim_identity(engine)
+        identity = self.store.read_identity()
+        if identity is not None:  # PostgreSQL: the lock that holds across hosts
+            self.engine = engine = with_store_lock(engine, identity)
         self.mode = Mode.WRITE
         return engine
 

@@ -169,6 +169,7 @@ def rewrite_index(
             for i, (e, span) in enumerate(zip(appended, spans, strict=True))
         ]
     crash_point("delete-before-index")
+    repo.confirm_store_lock()
     new_hash = store.replace_index(data, snapshot.hash)
     repo.delete_roots(r.position for r in removed)
     for start, end in ranges:  # highest first, so lower offsets stay valid

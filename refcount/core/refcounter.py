@@ -33,8 +33,9 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import wraps
 from pathlib import Path
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from refcount import htmlreport, interrupts
 from refcount.core import journal, planner, policyfile, pruning, reading, reconcile, verifying
@@ -53,7 +54,14 @@ from refcount.core.policy import (
 )
 from refcount.core.retention import PrunePolicy
 from refcount.core.sweep import collect
-from refcount.db.engine import Engine, current_revision, default_url, transaction
+from refcount.db.engine import (
+    Engine,
+    current_revision,
+    default_url,
+    environment_url,
+    retry_contention,
+    transaction,
+)
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
 from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound, PlanChanged
@@ -84,6 +92,23 @@ from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
 
 log = logging.getLogger("refcount.core")
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _retried(
+    operation: Callable[Concatenate[Refcounter, P], T],
+) -> Callable[Concatenate[Refcounter, P], T]:
+    """Run a writing operation again when PostgreSQL aborted it for a deadlock or a
+    serialization failure (bounded and logged: `engine.retry_contention`). Each
+    attempt is a whole operation: nothing of a failed one was committed."""
+
+    @wraps(operation)
+    def retrying(self: Refcounter, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return retry_contention(
+            lambda: operation(self, *args, **kwargs), f"{self.store.path}: {operation.__name__}"
+        )
+
+    return retrying
 
 
 class Refcounter:
@@ -105,6 +130,7 @@ class Refcounter:
         self.store = store
         self.policy = policy or Policy()
         self.progress: Progress = progress or no_progress
+        db_url = db_url or environment_url()
         self.opening = Opening(store, db_url or default_url(store.path), own_db=db_url is None)
 
     @property
@@ -145,6 +171,7 @@ class Refcounter:
         journal.settle(self.engine, self.store)
 
     # --- reconcile ----------------------------------------------------------------------
+    @_retried
     def init(self) -> SyncReport:
         """Index the store: a bulk build on an empty database, else a full sync."""
         with self._writing() as engine:
@@ -167,6 +194,7 @@ class Refcounter:
             reconcile.log_sync("init", report)
             return report
 
+    @_retried
     def sync(self, changes: Changes | None = None) -> SyncReport:
         """Apply what changed on disk since the database last looked.
 
@@ -220,6 +248,7 @@ class Refcounter:
         wanted = str(Digest.parse(digest))
         return self._delete([planner.Select(f"manifest {wanted}", digest=wanted)], dry_run)
 
+    @_retried
     def _delete(self, selects: list[planner.Select], dry_run: bool) -> DeleteReport:
         what = ", ".join(s.what for s in selects)
         with self._writing():
@@ -290,6 +319,7 @@ class Refcounter:
         return report, chosen, what
 
     # --- prune --------------------------------------------------------------------------
+    @_retried
     def prune(
         self,
         rules: PrunePolicy,
@@ -361,6 +391,7 @@ class Refcounter:
         return self.prune(rules, dry_run=dry_run, policy_file=where)
 
     # --- gc -----------------------------------------------------------------------------
+    @_retried
     def gc(self, *, dry_run: bool = False, grace: timedelta | None = None) -> GcReport:
         """Sweep orphans older than the grace period; purge trash older than its TTL."""
         with self._writing() as engine, interrupts.deferred(None if dry_run else "gc"):
@@ -511,6 +542,7 @@ class Refcounter:
         raise ConcurrentChange(f"{self.store.index_path}: kept changing; {plan.source} not added")
 
     # --- last use -----------------------------------------------------------------------
+    @_retried
     def touch(self, ref: str) -> TouchReport:
         """Record that the image `ref` (a tag, or a digest: every tag pointing at it)
         was used now: what a runtime or a cache calls when it pulls from the store.
@@ -538,6 +570,7 @@ class Refcounter:
             return repo.last_used(tags)
 
     # --- verify -------------------------------------------------------------------------
+    @_retried
     def verify(
         self,
         *,

@@ -7,33 +7,90 @@ transaction starts, not halfway through, where it could deadlock with another.
 pysqlite would otherwise emit its own deferred BEGIN; the documented recipe
 below turns that off and emits ours.
 
+On PostgreSQL several hosts may write one store, so an flock beside the store
+does not serialize them: an engine made by `with_store_lock` takes the store's
+advisory lock (`pg_advisory_xact_lock`, keyed by the store's identity) as the
+first statement of every write transaction. Everything a writer does to
+`index.json` and to blob files happens inside such a transaction, and the
+server gives the lock back when the transaction ends, commits or not, or when
+its connection dies, so a lost sidecar never leaves the store locked.
+Deadlocks and serialization failures come out as `DatabaseContention`;
+`retry_contention` runs an operation again a bounded number of times.
+
 `ensure_schema` compares `alembic_version` with `SCHEMA_HEAD` and imports
 Alembic only when an upgrade is actually needed, which keeps start-up cheap.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from refcount.db.repo import Repo
 from refcount.db.tables import SCHEMA_HEAD
-from refcount.errors import DatabaseError
+from refcount.errors import DatabaseContention, DatabaseError
 from refcount.interrupts import deferred
 from refcount.layout import default_database
 
 BUSY_TIMEOUT_MS = 60_000
+STORE_LOCK = "refcount_store_lock"
+"""Execution option: the advisory-lock key every write transaction takes first."""
+CONTENTION_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+CONTENTION_ATTEMPTS = 5
+DEFAULT_DB_ENV = "REFCOUNT_DEFAULT_DB"
+"""The database of a store opened without one named (tests point a whole run at
+PostgreSQL through it); unset, each store has its SQLite file in `.refcount/`."""
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_url(store: Path) -> str:
     return f"sqlite:///{default_database(store)}"
+
+
+def environment_url() -> str | None:
+    """The database `REFCOUNT_DEFAULT_DB` names for stores opened without one."""
+    return os.environ.get(DEFAULT_DB_ENV) or None
+
+
+def store_lock_key(identity: str) -> int:
+    """The advisory-lock key of a store: its identity hashed to a signed 64-bit int."""
+    digest = hashlib.sha256(f"refcount-store:{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def with_store_lock(engine: Engine, identity: str) -> Engine:
+    """`engine`, whose write transactions on PostgreSQL first take the store's
+    advisory lock; on SQLite `engine` itself (one host: the flock serializes)."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    return engine.execution_options(**{STORE_LOCK: store_lock_key(identity)})
+
+
+def retry_contention(operation: Callable[[], T], what: str) -> T:
+    """Run `operation`; run it again (bounded, with jittered backoff, logged) when the
+    database aborted it for a deadlock or a serialization failure."""
+    for attempt in range(1, CONTENTION_ATTEMPTS + 1):
+        try:
+            return operation()
+        except DatabaseContention as exc:
+            if attempt == CONTENTION_ATTEMPTS:
+                raise
+            log.warning("%s: %s; retrying (%d of %d)", what, exc, attempt, CONTENTION_ATTEMPTS - 1)
+            time.sleep(min(0.05 * 2**attempt, 1.0) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
@@ -49,11 +106,24 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         if read_only and parsed.get_backend_name() == "sqlite" and parsed.database:
             parsed = _read_only_sqlite(parsed.database)
         engine = create_engine(parsed, future=True)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
+    except ImportError as exc:
+        raise DatabaseError(
+            f"{redact_url(url)}: cannot open database: its driver is not installed "
+            f"({exc.name or _one_line(exc)}){_install_hint(url)}"
+        ) from None
+    except (SQLAlchemyError, ValueError) as exc:
         raise DatabaseError(f"{redact_url(url)}: cannot open database: {_one_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, read_only=read_only)
     return engine
+
+
+def _install_hint(url: str) -> str:
+    try:
+        backend = make_url(url).get_backend_name()
+    except (SQLAlchemyError, ValueError):
+        return ""
+    return ": pip install 'refcount[postgres]'" if backend == "postgresql" else ""
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -130,7 +200,11 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
                 if not write and engine.dialect.name == "sqlite":
                     connection = connection.execution_options(refcount_begin="DEFERRED")
                 tx = stack.enter_context(connection.begin())
-            yield Repo(connection, tx)
+                repo = Repo(connection, tx)
+                key = connection.get_execution_options().get(STORE_LOCK)
+                if write and key is not None:
+                    repo.lock_store(key)
+            yield repo
         except BaseException as exc:
             with deferred():
                 if not stack.__exit__(type(exc), exc, exc.__traceback__):
@@ -139,7 +213,10 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Repo]:
             with deferred():
                 stack.close()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"{redact_url(str(engine.url))}: {_one_line(exc)}") from None
+        message = f"{redact_url(str(engine.url))}: {_one_line(exc)}"
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) in CONTENTION_STATES:
+            raise DatabaseContention(message) from None
+        raise DatabaseError(message) from None
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -208,10 +285,14 @@ __all__ = [
     "current_revision",
     "default_url",
     "ensure_schema",
+    "environment_url",
     "make_engine",
     "migrations_dir",
     "redact_url",
+    "retry_contention",
     "sqlite_file",
+    "store_lock_key",
     "transaction",
     "upgrade",
+    "with_store_lock",
 ]

@@ -101,6 +101,7 @@ class Repo:
     def __init__(self, connection: Connection, tx: RootTransaction) -> None:
         self.connection = connection
         self._tx = tx
+        self._store_lock: int | None = None
 
     def rollback(self) -> None:
         """Discard everything this transaction did (a dry run)."""
@@ -164,10 +165,15 @@ class Repo:
         row = self.connection.execute(select(blobs).where(blobs.c.digest == digest)).first()
         return None if row is None else BlobRow(**row._mapping)
 
-    def blobs_in(self, digests: Iterable[str]) -> dict[str, BlobRow]:
+    def blobs_in(self, digests: Iterable[str], *, lock: bool = False) -> dict[str, BlobRow]:
+        """The rows of `digests` that exist; `lock` holds them (`FOR UPDATE`) until the
+        transaction ends, so no other writer changes their counts meanwhile."""
         found: dict[str, BlobRow] = {}
         for chunk in _chunks(sorted(set(digests))):
-            for row in self.connection.execute(select(blobs).where(blobs.c.digest.in_(chunk))):
+            query = select(blobs).where(blobs.c.digest.in_(chunk))
+            if lock:
+                query = query.with_for_update()
+            for row in self.connection.execute(query):
                 found[row.digest] = BlobRow(**row._mapping)
         return found
 
@@ -632,8 +638,26 @@ class Repo:
         if rows:
             self.connection.execute(insert(journal), rows)
 
-    def pending_actions(self) -> list[Action]:
+    def lock_store(self, key: int) -> None:
+        """Wait for the store's advisory lock; held until this transaction ends
+        (PostgreSQL only: `engine.with_store_lock`)."""
+        self.connection.execute(select(func.pg_advisory_xact_lock(key)))
+        self._store_lock = key
+
+    def confirm_store_lock(self) -> None:
+        """Just before a change to the store's files: prove the session holding the
+        store's advisory lock is still alive (a lost connection gives the lock to
+        another host, so the change must not happen). A no-op without the lock."""
+        if self._store_lock is not None:
+            self.connection.execute(select(func.pg_advisory_xact_lock(self._store_lock)))
+
+    def pending_actions(self, *, claim: bool = False) -> list[Action]:
+        """The journal, oldest first. `claim` locks the rows taken and skips rows
+        another transaction holds (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so two
+        workers never carry out one action; SQLite has one writer and ignores it)."""
         query = select(journal.c.id, journal.c.action, journal.c.digest).order_by(journal.c.id)
+        if claim:
+            query = query.with_for_update(skip_locked=True)
         return [
             Action(row[0], FileAction(row[1]), row[2]) for row in self.connection.execute(query)
         ]
