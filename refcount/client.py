@@ -298,4 +298,22 @@ def run() -> None:
     except interrupts.Interrupted:
         print(interrupts.describe(), file=sys.stderr)
         code = interrupts.EXIT_CODE
-    sys.exit(code)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """End the process once its output is out, skipping the interpreter's teardown.
+
+    Every operation has finished or been rolled back by now (interruptions wait for
+    the end of a section), so teardown has nothing left to keep safe; but the
+    finalizers of libraries it runs (SQLAlchemy's weak-reference callbacks, for one)
+    can print an "Exception ignored ... Traceback" of their own when a signal left
+    objects half collected, and no traceback may reach a user.
+    """
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        logging.shutdown()  # whatever its handlers hold is written out
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed pipe (`| head`) has nothing to say
+            stream.flush()
+    os._exit(code)
