@@ -1404,6 +1404,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI in this process; returns the exit code."""
     _configure_logging("text", tracebacks=False)
     logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.NOTSET)  # a `watch` run in this process raised it to INFO
     try:
         return _run(argv)
     finally:
