@@ -235,26 +235,31 @@ def test_a_signal_during_the_import_of_the_cli_prints_one_line_and_exits_130(
 ) -> None:
     """Sent as soon as the handlers are in place, the signal lands in the import of the CLI
     (hundreds of milliseconds of Typer and SQLAlchemy); `-X importtime` shows that
-    import had begun (a cut import still gets its line)."""
+    import had begun (a cut import still gets its line). On a busy machine the signal
+    can land just before the import instead: every attempt must end in the one line,
+    and one of at most five must have landed in the import."""
     argv = ["-X", "importtime", "-m", "refcount", "--store", str(template.path), "tags"]
-    proc = subprocess.Popen(
-        [sys.executable, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **DIRECT},
-    )
-    wait_for_handlers(proc)
-    proc.send_signal(signum)
-    ran = finish(proc)
-    imported = {
-        line.rsplit("|", 1)[1].strip()
-        for line in ran.err.splitlines()
-        if line.startswith("import time:") and "imported package" not in line
-    }
-    said = [line for line in ran.err.splitlines() if not line.startswith("import time:")]
-    assert (ran.code, ran.out, said) == (130, "", [INTERRUPTED]), ran.err
-    assert "refcount.cli" in imported
+    for _attempt in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **DIRECT},
+        )
+        wait_for_handlers(proc)
+        proc.send_signal(signum)
+        ran = finish(proc)
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in ran.err.splitlines()
+            if line.startswith("import time:") and "imported package" not in line
+        }
+        said = [line for line in ran.err.splitlines() if not line.startswith("import time:")]
+        assert (ran.code, ran.out, said) == (130, "", [INTERRUPTED]), ran.err
+        if "refcount.cli" in imported:
+            return
+    pytest.fail("in five attempts the signal never landed in the import of refcount.cli")
 
 
 # --------------------------------------------------------------------------
