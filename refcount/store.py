@@ -28,7 +28,7 @@ import os
 import pwd
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,18 @@ def at_point(name: str, hook: Callable[[], None]) -> Iterator[None]:
 class BlobFile:
     size: int
     mtime: float
+
+
+@dataclass(frozen=True)
+class BlobListing:
+    """What `Store.compare_blobs` found in blobs/."""
+
+    known: set[str]
+    """The known digests that are regular files there."""
+    new: dict[str, BlobFile]
+    """Every other regular blob file, by digest."""
+    problems: list[Problem]
+    """The entries that are not blobs (ignored)."""
 
 
 @dataclass(frozen=True)
@@ -478,40 +490,47 @@ class Store:
 
     def list_blobs(self) -> tuple[dict[str, BlobFile], list[Problem]]:
         """Every regular blob file under blobs/, and the entries that are not blobs."""
-        found: dict[str, BlobFile] = {}
-        problems: list[Problem] = []
+        listing = self.compare_blobs(frozenset())
+        return listing.new, listing.problems
+
+    def compare_blobs(self, known: Container[str]) -> BlobListing:
+        """blobs/ against the digests in `known` (those the database holds): a name in
+        `known` is neither validated again nor stat'ed, so a no-op full reconcile
+        costs one directory read and a set lookup per file; every other name is
+        validated and stat'ed (see `BlobListing`)."""
+        listing = BlobListing(set(), {}, [])
         root = layout.blobs_dir(self.path)
         if not _real_directory(root):  # InvalidStore for a link (see check_blob_dirs)
-            return found, problems
+            return listing
         try:
-            return self._scan_blobs(root, found, problems)
+            self._scan_blobs(root, known, listing)
         except OSError as exc:
             raise InvalidStore(f"{exc.filename or root}: cannot list: {exc.strerror}") from None
+        return listing
 
     @staticmethod
-    def _scan_blobs(
-        root: Path, found: dict[str, BlobFile], problems: list[Problem]
-    ) -> tuple[dict[str, BlobFile], list[Problem]]:
+    def _scan_blobs(root: Path, known: Container[str], listing: BlobListing) -> None:
         with os.scandir(root) as listed:
             algorithms = list(listed)
         for algorithm in algorithms:
             if algorithm.name in layout.HEX_LENGTH:
                 _real_directory(Path(algorithm.path))  # InvalidStore for a link or a file
             elif not algorithm.is_dir(follow_symlinks=False):
-                problems.append(Problem(algorithm.path, "not a directory; ignored"))
+                listing.problems.append(Problem(algorithm.path, "not a directory; ignored"))
                 continue
             with os.scandir(algorithm.path) as entries:
                 for entry in entries:
                     name = f"{algorithm.name}:{entry.name}"
-                    if not layout.is_blob_name(algorithm.name, entry.name):  # a temp file, junk
-                        problems.append(Problem(entry.path, "not a blob name; ignored"))
+                    if name not in known and not layout.is_blob_name(algorithm.name, entry.name):
+                        listing.problems.append(Problem(entry.path, "not a blob name; ignored"))
                         continue
-                    if not entry.is_file(follow_symlinks=False):
-                        problems.append(Problem(entry.path, "not a regular file; ignored"))
-                        continue
-                    info = entry.stat(follow_symlinks=False)
-                    found[name] = BlobFile(info.st_size, info.st_mtime)
-        return found, problems
+                    if not entry.is_file(follow_symlinks=False):  # d_type: no system call
+                        listing.problems.append(Problem(entry.path, "not a regular file; ignored"))
+                    elif name in known:
+                        listing.known.add(name)
+                    else:
+                        info = entry.stat(follow_symlinks=False)
+                        listing.new[name] = BlobFile(info.st_size, info.st_mtime)
 
     def list_trash(self) -> dict[str, BlobFile]:
         found: dict[str, BlobFile] = {}

@@ -33,6 +33,8 @@ SIZE_KEYS = {
     "init_peak_rss_mb",
     "db_bytes",
     "sync_noop_median_s",
+    "sync_floor_median_s",
+    "ratio_sync_noop_vs_floor",
     "verify_s",
     "verify_files_per_s",
     "verify_ok",

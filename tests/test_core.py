@@ -16,6 +16,7 @@ from storekit import (
     add_index,
     add_referrer,
     blob_files,
+    blob_path,
     expected_counts,
     listing,
     make_layout,
@@ -440,3 +441,35 @@ def test_a_fresh_store_with_null_manifests_indexes_to_nothing(tmp_path: Path) ->
     with refcount.open(store) as rc:
         report = rc.init()
         assert report.roots_added == 0 and rc.verify().ok
+
+
+def test_a_full_sync_catches_every_kind_of_difference_between_blobs_and_rows_at_once(
+    store: Path,
+) -> None:
+    """The no-op path compares digest sets; each difference still gets its own work:
+    a live file gone or replaced by a directory is missing, a quarantined blob written
+    back and a file without a row are new orphans, junk is reported; the files stay."""
+    _a, b, _base = two_images(store)
+    with refcount.open(store) as rc:
+        rc.init()
+        freed = sorted(blob.digest for blob in rc.delete_tag("a").freed)
+        quarantined = store / ".refcount" / "trash" / "sha256" / freed[0].split(":")[1]
+        shutil.copyfile(quarantined, blob_path(store, freed[0]))
+        gone, replaced = sorted(expected_counts(store).keys() - {str(b["digest"])})[:2]
+        blob_path(store, gone).unlink()
+        blob_path(store, replaced).unlink()
+        blob_path(store, replaced).mkdir()
+        stray = write_blob(store, b"a file nothing references", "application/octet-stream")
+        junk = store / "blobs" / "sha256" / "oci-put-blob123"
+        junk.write_bytes(b"half a blob")
+        before = listing(store)
+        report = rc.sync()
+        assert listing(store) == before
+        assert report.missing == tuple(sorted([gone, replaced]))
+        assert report.orphans == tuple(sorted([freed[0], stray["digest"]]))
+        assert sorted(p.split(": ")[0] for p in report.problems) == sorted(
+            [str(blob_path(store, replaced)), str(junk)]
+        )
+        assert rc.show(freed[0]).state == "orphan"
+        again = rc.sync()
+        assert not again.changed and again.missing == () and again.orphans == ()

@@ -352,6 +352,27 @@ def test_list_blobs_lists_the_blobs_and_reports_everything_else_by_path(
     assert all(p.message.endswith("ignored") for p in problems)
 
 
+def test_compare_blobs_splits_known_digests_from_new_files_and_still_reports_junk(
+    store: Path,
+) -> None:
+    """A known digest is only looked up (no stat: no BlobFile); one that is not a regular
+    file is reported, not counted present; a known digest without a file is absent."""
+    s = Store(store)
+    known_file, new_file = blob(store, b"known"), blob(store, b"new")
+    known_dir = "sha256:" + "d" * 64
+    sk.blob_path(store, known_dir).mkdir()
+    known_gone = "sha256:" + "e" * 64
+    junk = store / "blobs" / "sha256" / "oci-put-blob9"
+    junk.write_text("partial")
+    listing = s.compare_blobs({known_file, known_dir, known_gone})
+    assert listing.known == {known_file}
+    assert listing.new.keys() == {new_file} and listing.new[new_file].size == 3
+    assert {p.where: p.message.split(";")[0] for p in listing.problems} == {
+        str(sk.blob_path(store, known_dir)): "not a regular file",
+        str(junk): "not a blob name",
+    }
+
+
 def test_an_unknown_algorithm_directory_is_reported_blob_by_blob(store: Path) -> None:
     (store / "blobs" / "md5").mkdir()
     (store / "blobs" / "md5" / ("0" * 32)).write_text("x")

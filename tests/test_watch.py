@@ -1006,8 +1006,13 @@ def test_the_gc_timer_sweeps_old_orphans_and_purges_expired_trash(
     wait_until(lambda: trash(store) == set() and not freed & sk.blob_files(store), "the purge")
     assert sk.blob_files(store) == sk.reachable(store)
     assert kept["digest"] in sk.blob_files(store)
-    purged = running.metrics.registry.get_sample_value("refcount_purged_blobs_total")
-    assert purged is not None and purged >= len(freed)
+
+    def purged() -> bool:
+        # The files go before gc's report reaches the metrics: wait for the count too.
+        value = running.metrics.registry.get_sample_value("refcount_purged_blobs_total")
+        return value is not None and value >= len(freed)
+
+    wait_until(purged, "refcount_purged_blobs_total to count the purge")
 
 
 def test_an_unparsable_index_is_retried_never_read_as_no_roots(

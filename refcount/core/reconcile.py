@@ -108,15 +108,26 @@ def store_roots(repo: Repo, roots: Iterable[Root]) -> None:
     repo.insert_roots([replace(r, position=base + i) for i, r in enumerate(new[same:])])
 
 
+_FILE_EXPECTED = frozenset({BlobState.LIVE, BlobState.ORPHAN})
+"""The states whose rows agree with a file in blobs/ (`Ledger.file_changed` leaves
+them alone when there is one); every other state agrees with no file."""
+
+
 def files_changed(ledger: Ledger, changes: Changes | None) -> None:
     """Compare blob files with their rows: those named in `changes`, or all of them."""
     repo, store = ledger.repo, ledger.store
     if changes is None:
-        files, problems = store.list_blobs()
-        ledger.problems.extend(str(p) for p in problems)
         states = repo.blob_states()
-        for digest in sorted(set(files) | set(states)):
-            ledger.file_changed(digest, states.get(digest), files.get(digest))
+        listing = store.compare_blobs(states)
+        ledger.problems.extend(str(p) for p in listing.problems)
+        expected = {d for d, state in states.items() if state in _FILE_EXPECTED}
+        # Per-digest work only where the disk and the rows disagree: rows whose
+        # file came or went, and files without a row.
+        for digest in sorted((expected ^ listing.known) | listing.new.keys()):
+            file = listing.new.get(digest)
+            if file is None and digest in listing.known:
+                file = store.blob_file(digest)  # its mtime, for a TRASH row; or gone since
+            ledger.file_changed(digest, states.get(digest), file)
         return
     rows = repo.blobs_in(changes.blobs)
     for digest in sorted(changes.blobs):

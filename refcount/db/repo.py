@@ -36,6 +36,8 @@ from refcount.reports import Finding, Lap, LeaseInfo, MassFree, VerifyRun
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
 PROBLEM_WIDTH = 1000  # blobs.problem
 INDEX_HASH = "index_hash"  # a meta key
+_STATES = {state.value: state for state in BlobState}
+"""A state column's value -> BlobState, without an enum call a row."""
 DEEP_CURSOR = "deep_cursor"  # a meta key: the last digest the deep lap hashed ("" at its start)
 DEEP_LAP_STARTED = "deep_lap_started"  # a meta key: ISO time of the lap's first slice
 FINDINGS_PER_RUN = 1000
@@ -180,7 +182,8 @@ class Repo:
     def blob_states(self) -> dict[str, BlobState]:
         """digest -> state for every row: the full reconcile compares this with the disk."""
         query = select(blobs.c.digest, blobs.c.state)
-        return {row[0]: BlobState(row[1]) for row in self.connection.execute(query)}
+        rows = self.connection.execute(query).all()  # one fetchall, not a fetch a row
+        return {digest: _STATES[state] for digest, state in rows}
 
     def blobs_with_state(self, state: BlobState) -> list[BlobRow]:
         """The rows in `state`, by digest. Sorted here: ORDER BY digest leads SQLite to
