@@ -7,11 +7,14 @@ with the database; `rebuild` replaces the database with it (no file is touched).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult
 
 from refcount import graph, interrupts
 from refcount.core.expansion import LEAF, Expansion, expand, known_size
@@ -22,7 +25,7 @@ from refcount.domain import BlobState, referenced_state
 from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.oci import Descriptor, Root, parse_index
 from refcount.reports import Aged, Corrupt, Drift, LeaseInfo, MassFree, VerifyReport
-from refcount.store import BlobFile, IndexSnapshot, Store
+from refcount.store import BlobFile, IndexSnapshot, Store, hash_files
 
 
 @dataclass
@@ -159,10 +162,6 @@ class Hashed:
     """Blobs gone from blobs/ since they were listed (freed meanwhile): never reported."""
 
 
-_GONE = Corrupt("", "gone")
-"""`check`'s answer for a blob whose file left blobs/ since it was listed."""
-
-
 def check_content(
     store: Store,
     found: Scan,
@@ -170,7 +169,7 @@ def check_content(
     *,
     digests: Sequence[str] | None = None,
     deadline: float | None = None,
-    workers: int = 4,
+    workers: int | None = None,
 ) -> Hashed:
     """Hash blob files (all those `found` lists, or `digests` of them) and compare
     sizes with descriptors (verify --deep).
@@ -178,80 +177,106 @@ def check_content(
     Needs no lock: a blob freed meanwhile (its file gone) is skipped, not reported.
     With `deadline` (time.monotonic()) no blob is started after it, but at least one
     is: the work in hand finishes, so the overshoot is one blob per worker.
+    `workers`: processes hashing (default: one per core this process may use).
     """
-
-    def check(digest: str) -> Corrupt | None:
-        actual = store.hash_blob(digest)
-        if actual is None:
-            return _GONE if store.blob_file(digest) is None else Corrupt(digest, "unreadable")
-        if actual != digest.split(":", 1)[1]:
-            return Corrupt(digest, f"content hashes to {actual}")
+    todo = sorted(found.files) if digests is None else list(digests)
+    hashes = _hash_all(store, todo, progress, workers or _cores(), deadline)
+    checked = tuple(todo[: len(hashes)])
+    corrupt: list[Corrupt] = []
+    skipped: list[str] = []
+    for digest, actual in zip(checked, hashes, strict=True):
         hint = found.hints.get(digest)
         size = found.files[digest].size
-        if hint is not None and hint.size is not None and hint.size != size:
-            return Corrupt(digest, f"size {size} differs from descriptor size {hint.size}")
-        return None
-
-    todo = sorted(found.files) if digests is None else list(digests)
-    outcomes = _in_threads(check, todo, progress, workers, deadline)
-    checked = tuple(todo[: len(outcomes)])
-    return Hashed(
-        checked=checked,
-        corrupt=tuple(o for o in outcomes if o is not None and o is not _GONE),
-        skipped=tuple(d for d, o in zip(checked, outcomes, strict=True) if o is _GONE),
-    )
+        if actual is None:
+            if store.blob_file(digest) is None:
+                skipped.append(digest)
+            else:
+                corrupt.append(Corrupt(digest, "unreadable"))
+        elif actual != digest.split(":", 1)[1]:
+            corrupt.append(Corrupt(digest, f"content hashes to {actual}"))
+        elif hint is not None and hint.size is not None and hint.size != size:
+            corrupt.append(Corrupt(digest, f"size {size} differs from descriptor size {hint.size}"))
+    return Hashed(checked=checked, corrupt=tuple(corrupt), skipped=tuple(skipped))
 
 
-def _in_threads(
-    check: Callable[[str], Corrupt | None],
+BATCH = 256
+"""Blobs per task of the hashing pool; a list of at most this many is hashed here."""
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _hash_all(
+    store: Store,
     digests: list[str],
     progress: Progress,
     workers: int,
     deadline: float | None,
-) -> list[Corrupt | None]:
-    """`check` digests in a pool, in order, until the deadline; their outcomes, in order.
+) -> list[str | None]:
+    """The hex digests of `digests`' files, in order, until the deadline (a prefix).
 
-    A few blobs are in the pool at a time (twice `workers`), so that stopping at
-    the deadline leaves no hashing started for nothing. A signal must not land
-    inside the pool's locks (one left held hangs the exit): the section takes it
-    at `section.check()`, between results. Then the blobs not started are
-    dropped, not hashed first; the workers finish the one in hand.
+    Batches of BATCH digests go to a pool of `workers` processes, two batches per
+    worker in hand at a time, so that stopping at the deadline leaves little
+    hashing started for nothing; each worker stops its batch at the deadline.
+    A list of one batch or less is hashed in this process. A signal must not
+    land inside the pool's locks (one left held hangs the exit): the section
+    takes it at `section.check()`, between results, and then the workers are
+    terminated, their batches dropped.
     """
-    outcomes: list[Corrupt | None] = []
+    if len(digests) <= BATCH:
+        alone = store.hash_batch(digests, deadline)
+        progress("hashing", len(alone), len(digests))
+        return alone
+    root = str(store.path)
+    batches = [digests[i : i + BATCH] for i in range(0, len(digests), BATCH)]
+    hashes: list[str | None] = []
     with interrupts.deferred() as section:
-        pool = ThreadPoolExecutor(max_workers=workers)
+        # fork: the workers need nothing imported again, and ignore SIGINT (the
+        # terminal sends it to the whole group): this process stops them.
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
         try:
-            in_hand: deque[Future[Corrupt | None]] = deque()
+            in_hand: deque[tuple[int, AsyncResult[list[str | None]]]] = deque()
             submitted = 0
             while True:
                 while (
                     len(in_hand) < 2 * workers
-                    and submitted < len(digests)
+                    and submitted < len(batches)
                     and (submitted == 0 or deadline is None or time.monotonic() < deadline)
                 ):
-                    in_hand.append(pool.submit(check, digests[submitted]))
+                    batch = batches[submitted]
+                    task = pool.apply_async(hash_files, (root, batch, deadline, submitted == 0))
+                    in_hand.append((len(batch), task))
                     submitted += 1
                 if not in_hand:
                     break
-                outcomes.append(_result(in_hand.popleft(), section))
-                if len(outcomes) % 512 == 0 or len(outcomes) == len(digests):
-                    progress("hashing", len(outcomes), len(digests))
+                size, task = in_hand.popleft()
+                done = _result(task, section)
+                hashes += done
+                progress("hashing", len(hashes), len(digests))
+                if len(done) < size:  # the deadline came: the rest is not a prefix
+                    break
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-    return outcomes
+            pool.terminate()
+    return hashes
+
+
+def _worker_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 POLL = 0.1
-"""Seconds between looks for an interruption while waiting on worker threads."""
+"""Seconds between looks for an interruption while waiting on the workers."""
 
 
-def _result(future: Future[Corrupt | None], section: interrupts.deferred) -> Corrupt | None:
-    """The future's result, looking for an interruption every POLL seconds meanwhile."""
+def _result(task: AsyncResult[list[str | None]], section: interrupts.deferred) -> list[str | None]:
+    """The task's result, looking for an interruption every POLL seconds meanwhile."""
     while True:
         section.check()
         try:
-            return future.result(timeout=POLL)
-        except TimeoutError:
+            return task.get(timeout=POLL)
+        except multiprocessing.TimeoutError:
             continue
 
 
