@@ -678,6 +678,9 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            # Unlocked before the close: a process forked meanwhile (verify --deep's
+            # hashing workers) shares the descriptor, and would keep the lock.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def hold_daemon_lock(self, run_dir: Path | None = None) -> int:
