@@ -28,7 +28,8 @@ import os
 import pwd
 import re
 import stat
-from collections.abc import Callable, Container, Iterable, Iterator
+import time
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,7 +472,12 @@ class Store:
         Raises InvalidBlob for a file that is a link, not regular, unreadable or
         larger than `max_manifest`.
         """
-        for path in (self._blob(digest), self._trashed(digest)):
+        parsed = Digest.parse(digest)
+        fast = _read_small_blob(str(self.path), parsed.algorithm, parsed.encoded, self.max_manifest)
+        if fast is not None:
+            return fast
+        for where in (self._blob, self._trashed):  # absent, refused or odd: look closely
+            path = where(digest)
             if path is None:
                 continue
             try:
@@ -608,24 +614,14 @@ class Store:
 
     def hash_blob(self, digest: str) -> str | None:
         """The hex digest of a blob's bytes under its own algorithm; None if unreadable."""
-        path = self._blob(digest)
-        if path is None:
-            return None
-        hasher = hashlib.new(Digest.parse(digest).algorithm)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None  # a directory (or worse) put in the blob's place meanwhile
-        with os.fdopen(fd, "rb") as handle:
-            try:
-                while chunk := handle.read(1 << 20):
-                    hasher.update(chunk)
-            except OSError:
-                return None
-        return hasher.hexdigest()
+        return hash_files(str(self.path), [digest], None, True)[0]
+
+    def hash_batch(
+        self, digests: Sequence[str], deadline: float | None = None, *, first: bool = True
+    ) -> list[str | None]:
+        """The hex digests of `digests`' blob files (see `hash_files`), done in this
+        process: the unit of work of `refcount.core.scan`'s pool of processes."""
+        return hash_files(str(self.path), list(digests), deadline, first)
 
     # --- staging (push) -------------------------------------------------------
     def stage_blob(
@@ -706,6 +702,9 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            # Unlocked before the close: a process forked meanwhile (verify --deep's
+            # hashing workers) shares the descriptor, and would keep the lock.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def hold_daemon_lock(self, run_dir: Path | None = None) -> int:
@@ -776,6 +775,107 @@ def _read_nofollow(path: Path, limit: int | None) -> bytes:
     if limit is not None and len(data) > limit:
         raise _TooLarge
     return data
+
+
+SMALL_BLOB = 1 << 20
+"""Blobs up to this size are hashed from one `os.read`; larger ones through
+`hashlib.file_digest`."""
+
+
+def hash_files(
+    store: str, digests: list[str], deadline: float | None, first: bool
+) -> list[str | None]:
+    """The hex digest of each blob file, in order, under its own algorithm; None for
+    one that is not a regular file in blobs/<algorithm>/ (gone, a link, unreadable).
+
+    Each digest is validated before it names a file; blobs/ and blobs/<algorithm>/
+    are opened once, without following a link, and each file relative to them with
+    O_NOFOLLOW. With `deadline` (time.monotonic()) no blob is started after it,
+    except the first one when `first`: the answer is then a prefix of `digests`.
+    Module-level and standard library only: a worker process runs it.
+    """
+    hashes: list[str | None] = []
+    dirs: dict[str, int | None] = {}
+    try:
+        for digest in digests:
+            if deadline is not None and (hashes or not first) and time.monotonic() >= deadline:
+                break
+            parsed = Digest.parse(digest)
+            if parsed.algorithm not in dirs:
+                dirs[parsed.algorithm] = _open_blob_dir(store, parsed.algorithm)
+            directory = dirs[parsed.algorithm]
+            hashes.append(
+                None if directory is None else _hash_at(directory, parsed.encoded, parsed.algorithm)
+            )
+    finally:
+        for fd in dirs.values():
+            if fd is not None:
+                os.close(fd)
+    return hashes
+
+
+def _open_blob_dir(store: str, algorithm: str) -> int | None:
+    """blobs/<algorithm>/ of `store`, opened as a directory without following a link."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        blobs = os.open(os.path.join(store, layout.BLOBS), flags)
+    except OSError:
+        return None
+    try:
+        return os.open(algorithm, flags, dir_fd=blobs)
+    except OSError:
+        return None
+    finally:
+        os.close(blobs)
+
+
+def _read_small_blob(store: str, algorithm: str, name: str, limit: int) -> bytes | None:
+    """The bytes of blobs/<algorithm>/<name> when it is a readable regular file of at
+    most `limit` bytes, each path component opened without following a link; None
+    otherwise (the caller then looks at why, path by path). Three opens instead of
+    the lstat of every directory on the way: the recount's cost per manifest."""
+    directory = _open_blob_dir(store, algorithm)
+    if directory is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError:
+        return None
+    finally:
+        os.close(directory)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = os.read(fd, info.st_size + 1)
+        return data if len(data) <= info.st_size else None  # else grown since the fstat
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _hash_at(directory: int, name: str, algorithm: str) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None  # a directory (or worse) put in the blob's place
+        if info.st_size <= SMALL_BLOB:
+            data = os.read(fd, info.st_size + 1)
+            if len(data) <= info.st_size:
+                return hashlib.new(algorithm, data).hexdigest()
+            # grown since the fstat: hash it whole below, from the start
+            os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return hashlib.file_digest(handle, algorithm).hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _write_small(path: Path, text: str) -> None:

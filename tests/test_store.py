@@ -16,15 +16,19 @@ test_hostile.py; crash points inside these methods are in test_crash.py.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import signal
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import storekit as sk
 
+from refcount import layout
 from refcount.errors import (
     BlobTooLarge,
     ConcurrentChange,
@@ -462,3 +466,23 @@ def test_a_daemon_that_locks_a_removed_watch_pid_retries_on_the_file_now_there(
         third.hold_daemon_lock()
     second.release_daemon_lock(lock)
     assert not pid_file.exists()
+
+
+def test_the_store_lock_is_free_once_released_though_a_forked_child_shares_it(
+    store: Path,
+) -> None:
+    s = opened(store)
+    with s.locked():
+        child = os.fork()  # as verify --deep's hashing workers are, during the recount
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+    try:
+        fd = os.open(layout.lock_path(store), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

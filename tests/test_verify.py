@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from conftest import Cli
 from storekit import add_image, blob_files, listing, sha256_digest, write_blob
 
 import refcount
-from refcount.core import Refcounter
+from refcount.core import Refcounter, scan
 from refcount.db.engine import transaction
 from refcount.reports import VerifyRun
 from refcount.store import Store
@@ -36,15 +38,19 @@ def images(store: Path) -> Path:
 
 @pytest.fixture
 def hashed(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every digest `Store.hash_blob` is asked for, counted."""
+    """Every digest `Store.hash_batch` hashes, counted (the stores here are smaller
+    than a batch: they are hashed in the test's process)."""
     calls: Counter[str] = Counter()
-    real = Store.hash_blob
+    real = Store.hash_batch
 
-    def spy(self: Store, digest: str) -> str | None:
-        calls[digest] += 1
-        return real(self, digest)
+    def spy(
+        self: Store, digests: Sequence[str], deadline: float | None = None, *, first: bool = True
+    ) -> list[str | None]:
+        hashes = real(self, digests, deadline, first=first)
+        calls.update(digests[: len(hashes)])
+        return hashes
 
-    monkeypatch.setattr(Store, "hash_blob", spy)
+    monkeypatch.setattr(Store, "hash_batch", spy)
     return calls
 
 
@@ -151,18 +157,20 @@ def test_a_blob_freed_while_a_slice_hashes_is_skipped_not_reported(
         own = {c.digest for c in rc.show("t0").children} | {rc.show("t0").digest}
         own.discard(sha256_digest(b"shared"))
     total = len(blob_files(images))
-    real = Store.hash_blob
+    real = Store.hash_batch
     deleted: list[int] = []
     once = threading.Lock()
 
-    def hash_after_a_delete(self: Store, digest: str) -> str | None:
+    def hash_after_a_delete(
+        self: Store, digests: Sequence[str], deadline: float | None = None, *, first: bool = True
+    ) -> list[str | None]:
         with once:
             if not deleted:  # another refcount process deletes t0 before anything is hashed
                 with refcount.open(images) as other:
                     deleted.append(len(other.delete_tag("t0").freed))
-        return real(self, digest)
+        return real(self, digests, deadline, first=first)
 
-    monkeypatch.setattr(Store, "hash_blob", hash_after_a_delete)
+    monkeypatch.setattr(Store, "hash_batch", hash_after_a_delete)
     with refcount.open(images) as rc:
         report = rc.verify(deep=True)
     assert deleted == [len(own)]
@@ -352,3 +360,32 @@ def test_a_verify_without_its_recount_must_be_deep(images: Path) -> None:
             rc.verify(recount=False)
         with pytest.raises(refcount.RefcountError, match="without --repair"):
             rc.verify(deep=True, repair=True, recount=False)
+
+
+def test_the_pool_of_processes_finds_what_one_process_finds_and_stops_at_the_deadline(
+    images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with refcount.open(images) as rc:
+        rc.init()
+    changed, longer = sha256_digest(b"layer 3"), sha256_digest(b"other 6")
+    blob_path(images, changed).write_bytes(b"layer 9")  # same size, other bytes
+    blob_path(images, longer).write_bytes(b"other 60")  # one byte longer
+    total = len(blob_files(images))
+    expected = sorted(
+        [
+            (changed, f"content hashes to {sha256_digest(b'layer 9').split(':')[1]}"),
+            (longer, f"content hashes to {sha256_digest(b'other 60').split(':')[1]}"),
+        ]
+    )
+    with refcount.open(images) as rc:
+        alone = rc.verify(deep=True)  # 33 blobs: one batch, hashed in this process
+        monkeypatch.setattr(scan, "BATCH", 2)  # 17 batches, to two worker processes
+        pooled = rc.verify(deep=True)
+        before = listing(images, include_refcount=False)
+        late = rc.verify(deep=True, max_duration=timedelta(microseconds=1))
+    for report in (alone, pooled):
+        assert report.checked == total and not report.ok
+        assert sorted((c.digest, c.reason) for c in report.corrupt) == expected
+    assert late.lap is not None and 1 <= late.checked < total
+    assert late.lap.done == late.checked  # the blobs hashed are the lap's first ones
+    assert listing(images, include_refcount=False) == before

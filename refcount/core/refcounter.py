@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import wraps
@@ -609,20 +609,32 @@ class Refcounter:
             self.opening.writer()
         else:
             self.opening.reader()
-        if not recount:
-            found, report = self._listing()
-        elif self.opening.mode is Mode.READ:
-            found, report = self._verify(repair=False)
-        else:
-            with self._writing():
-                if not repair:
-                    with interrupts.deferred():
-                        self._sync_locked(Changes(index=True))
-                found, report = self._verify(repair)
-        if deep:
-            sliced = max_blobs is not None or max_duration is not None
-            deadline = None if max_duration is None else started + max_duration.total_seconds()
-            report = self._hash(found, report, max_blobs, deadline, sliced, at)
+        sliced = max_blobs is not None or max_duration is not None
+        deadline = None if max_duration is None else started + max_duration.total_seconds()
+        with ExitStack() as stack:
+            planned: list[tuple[verifying.Slice, scanning.Hashing]] = []
+
+            def hash_meanwhile(files: Collection[str]) -> None:
+                """Start hashing as soon as the files are listed: the pool of
+                processes works while this one recounts."""
+                with transaction(self.engine, write=False) as repo:
+                    plan = verifying.plan_slice(repo if sliced else None, files, max_blobs, at)
+                hashing = scanning.hashing(self.store, plan.todo, deadline)
+                planned.append((plan, stack.enter_context(hashing)))
+
+            listed = hash_meanwhile if deep else None
+            if not recount:
+                found, report = self._listing(listed)
+            elif self.opening.mode is Mode.READ:
+                found, report = self._verify(repair=False, listed=listed)
+            else:
+                with self._writing():
+                    if not repair:
+                        with interrupts.deferred():
+                            self._sync_locked(Changes(index=True))
+                    found, report = self._verify(repair, listed)
+            if planned:
+                report = self._hash(found, report, *planned[0], sliced)
         if self.opening.mode is Mode.READ:
             return report
         with interrupts.deferred(), transaction(self.engine) as repo:
@@ -631,10 +643,15 @@ class Refcounter:
             run = verifying.record(repo, report, at, time.monotonic() - started)
         return replace(report, run=run)
 
-    def _verify(self, repair: bool) -> tuple[scanning.Scan, VerifyReport]:
-        """The shallow verify: recount and compare (callers hold the lock when writable)."""
+    def _verify(
+        self, repair: bool, listed: scanning.Listed | None = None
+    ) -> tuple[scanning.Scan, VerifyReport]:
+        """The shallow verify: recount and compare (callers hold the lock when writable).
+        `listed`: see `scanning.scan`."""
         snapshot = self.store.read_index()
-        found = scanning.scan(self.store, snapshot, self.progress, self.policy.timeout_seconds)
+        found = scanning.scan(
+            self.store, snapshot, self.progress, self.policy.timeout_seconds, listed
+        )
         with (
             interrupts.deferred("verify --repair") if repair else nullcontext(),
             transaction(self.engine, write=repair) as repo,
@@ -664,10 +681,12 @@ class Refcounter:
             needed = verifying.needed_by(repo, report.missing)
         return found, replace(report, needed_by=needed)
 
-    def _listing(self) -> tuple[scanning.Scan, VerifyReport]:
+    def _listing(self, listed: scanning.Listed | None) -> tuple[scanning.Scan, VerifyReport]:
         """What a deep run without its recount hashes: every file in blobs/, with the
         sizes the database holds for the live ones (no lock taken)."""
         files, _problems = self.store.list_blobs()  # reported by the recounting verifies
+        if listed is not None:
+            listed(files)
         with transaction(self.engine, write=False) as repo:
             sizes = repo.sizes()
             roots = repo.count_roots()
@@ -681,21 +700,13 @@ class Refcounter:
         self,
         found: scanning.Scan,
         report: VerifyReport,
-        limit: int | None,
-        deadline: float | None,
+        plan: verifying.Slice,
+        hashing: scanning.Hashing,
         sliced: bool,
-        at: datetime,
     ) -> VerifyReport:
-        """The deep part: hash every blob, or the lap's next slice (no lock held)."""
-        present = sorted(found.files)
-        cursor, lap_started = None, at
-        if sliced:
-            with transaction(self.engine, write=False) as repo:
-                cursor, lap_started = verifying.lap_position(repo, present, at)
-        todo = verifying.slice_of(present, cursor, limit)
-        hashed = scanning.check_content(
-            self.store, found, self.progress, digests=todo, deadline=deadline
-        )
+        """The deep part: the hashes of every blob, or of the lap's next slice,
+        started when the files were listed (no lock held)."""
+        hashed = scanning.check_content(self.store, found, self.progress, hashing)
         if hashed.skipped:
             log.debug("verify --deep: %d blobs freed meanwhile, skipped", len(hashed.skipped))
         with transaction(self.engine, write=False) as repo:
@@ -703,14 +714,15 @@ class Refcounter:
                 repo, [*report.missing, *(c.digest for c in hashed.corrupt)]
             )
         last = hashed.checked[-1] if hashed.checked else None
+        lap = verifying.lap_after(plan.present, plan.cursor, last, plan.started)
         return replace(
             report,
             deep=True,
             corrupt=hashed.corrupt,
             checked=len(hashed.checked) - len(hashed.skipped),
             sliced=sliced,
-            after=cursor,
-            lap=verifying.lap_after(present, cursor, last, lap_started) if sliced else None,
+            after=plan.cursor,
+            lap=lap if sliced else None,
             needed_by=needed,
         )
 

@@ -7,11 +7,15 @@ with the database; `rebuild` replaces the database with it (no file is touched).
 
 from __future__ import annotations
 
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult, Pool
 
 from refcount import graph, interrupts
 from refcount.core.expansion import LEAF, Expansion, expand, known_size
@@ -22,7 +26,10 @@ from refcount.domain import BlobState, referenced_state
 from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.oci import Descriptor, Root, parse_index
 from refcount.reports import Aged, Corrupt, Drift, LeaseInfo, MassFree, VerifyReport
-from refcount.store import BlobFile, IndexSnapshot, Store
+from refcount.store import BlobFile, IndexSnapshot, Store, hash_files
+
+Listed = Callable[[dict[str, BlobFile]], None]
+"""Called by `scan` with the blob files as soon as they are listed."""
 
 
 @dataclass
@@ -60,11 +67,16 @@ def scan(
     snapshot: IndexSnapshot,
     progress: Progress = no_progress,
     timeout: float = DEFAULT_TIMEOUT,
+    listed: Listed | None = None,
 ) -> Scan:
     """Count the store from scratch. Cost: every manifest reachable, once.
-    `timeout`: seconds each extractor plug-in call may take."""
+    `timeout`: seconds each extractor plug-in call may take. `listed` is called
+    with the blob files as soon as they are listed, before any manifest is read
+    (verify --deep starts hashing them)."""
     index = parse_index(snapshot.data, str(store.index_path))
     files, file_problems = store.list_blobs()
+    if listed is not None:
+        listed(files)
     result = Scan(index.roots, Counter(), files)
     result.problems = [str(p) for p in (*index.problems, *file_problems)]
     for root in index.roots:
@@ -159,99 +171,131 @@ class Hashed:
     """Blobs gone from blobs/ since they were listed (freed meanwhile): never reported."""
 
 
-_GONE = Corrupt("", "gone")
-"""`check`'s answer for a blob whose file left blobs/ since it was listed."""
+class Hashing:
+    """Blob files being hashed in the background (`hashing`): `digests`, in order,
+    in batches of BATCH, by a pool of processes (None: in this process, at `take`).
+
+    Every batch is handed to the pool at once; each worker stops its batch at the
+    deadline, so no blob is started after it, but the first one is: the overshoot
+    is one blob per worker. The caller goes on meanwhile (the recount), then
+    `take`s the hashes.
+    """
+
+    def __init__(
+        self, store: Store, digests: list[str], deadline: float | None, workers: int
+    ) -> None:
+        self.store, self.digests, self.deadline = store, digests, deadline
+        self.pool: Pool | None = None
+        self.tasks: list[tuple[int, AsyncResult[list[str | None]]]] = []
+        if len(digests) <= BATCH:
+            return  # forking would cost more than it saves
+        root = str(store.path)
+        with interrupts.deferred():  # not half-made: `close` must find it whole
+            # fork: the workers import nothing again, and ignore SIGINT (a terminal
+            # sends it to the whole group): this process stops them (`close`).
+            self.pool = multiprocessing.get_context("fork").Pool(
+                workers, _worker_start, (os.getpid(),)
+            )
+            for start in range(0, len(digests), BATCH):
+                batch = digests[start : start + BATCH]
+                task = self.pool.apply_async(hash_files, (root, batch, deadline, start == 0))
+                self.tasks.append((len(batch), task))
+
+    def take(self, progress: Progress) -> list[str | None]:
+        """The hex digests, in order, until the deadline (a prefix of `digests`).
+
+        A signal must not land inside the pool's locks (one left held hangs the
+        exit): the section takes it at `section.check()`, between results."""
+        if self.pool is None:
+            alone = self.store.hash_batch(self.digests, self.deadline)
+            progress("hashing", len(alone), len(self.digests))
+            return alone
+        hashes: list[str | None] = []
+        with interrupts.deferred() as section:
+            for size, task in self.tasks:
+                done = _result(task, section)
+                hashes += done
+                progress("hashing", len(hashes), len(self.digests))
+                if len(done) < size:  # the deadline came: what follows is no prefix
+                    break
+        return hashes
+
+    def close(self) -> None:
+        """Stop the workers, their batches dropped if not taken."""
+        if self.pool is not None:
+            with interrupts.deferred():
+                self.pool.terminate()
 
 
-def check_content(
-    store: Store,
-    found: Scan,
-    progress: Progress,
-    *,
-    digests: Sequence[str] | None = None,
-    deadline: float | None = None,
-    workers: int = 4,
-) -> Hashed:
-    """Hash blob files (all those `found` lists, or `digests` of them) and compare
+@contextmanager
+def hashing(
+    store: Store, digests: Sequence[str], deadline: float | None, workers: int | None = None
+) -> Iterator[Hashing]:
+    """Start hashing `digests` (see `Hashing`); the workers are stopped on the way out.
+    `workers`: processes (default: one per core this process may use)."""
+    started = Hashing(store, list(digests), deadline, workers or len(os.sched_getaffinity(0)))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def check_content(store: Store, found: Scan, progress: Progress, started: Hashing) -> Hashed:
+    """Compare the hashes `started` makes with the blobs' names, and their files'
     sizes with descriptors (verify --deep).
 
     Needs no lock: a blob freed meanwhile (its file gone) is skipped, not reported.
-    With `deadline` (time.monotonic()) no blob is started after it, but at least one
-    is: the work in hand finishes, so the overshoot is one blob per worker.
     """
-
-    def check(digest: str) -> Corrupt | None:
-        actual = store.hash_blob(digest)
-        if actual is None:
-            return _GONE if store.blob_file(digest) is None else Corrupt(digest, "unreadable")
-        if actual != digest.split(":", 1)[1]:
-            return Corrupt(digest, f"content hashes to {actual}")
+    hashes = started.take(progress)
+    checked = tuple(started.digests[: len(hashes)])
+    corrupt: list[Corrupt] = []
+    skipped: list[str] = []
+    for digest, actual in zip(checked, hashes, strict=True):
         hint = found.hints.get(digest)
-        size = found.files[digest].size
-        if hint is not None and hint.size is not None and hint.size != size:
-            return Corrupt(digest, f"size {size} differs from descriptor size {hint.size}")
-        return None
+        file = found.files.get(digest)
+        if actual is None:
+            if store.blob_file(digest) is None:
+                skipped.append(digest)
+            else:
+                corrupt.append(Corrupt(digest, "unreadable"))
+        elif actual != digest.split(":", 1)[1]:
+            corrupt.append(Corrupt(digest, f"content hashes to {actual}"))
+        elif hint is not None and hint.size is not None and file and hint.size != file.size:
+            corrupt.append(
+                Corrupt(digest, f"size {file.size} differs from descriptor size {hint.size}")
+            )
+    return Hashed(checked=checked, corrupt=tuple(corrupt), skipped=tuple(skipped))
 
-    todo = sorted(found.files) if digests is None else list(digests)
-    outcomes = _in_threads(check, todo, progress, workers, deadline)
-    checked = tuple(todo[: len(outcomes)])
-    return Hashed(
-        checked=checked,
-        corrupt=tuple(o for o in outcomes if o is not None and o is not _GONE),
-        skipped=tuple(d for d, o in zip(checked, outcomes, strict=True) if o is _GONE),
-    )
+
+BATCH = 256
+"""Blobs per task of the hashing pool; a list of at most this many is hashed here."""
 
 
-def _in_threads(
-    check: Callable[[str], Corrupt | None],
-    digests: list[str],
-    progress: Progress,
-    workers: int,
-    deadline: float | None,
-) -> list[Corrupt | None]:
-    """`check` digests in a pool, in order, until the deadline; their outcomes, in order.
+PR_SET_PDEATHSIG = 1
 
-    A few blobs are in the pool at a time (twice `workers`), so that stopping at
-    the deadline leaves no hashing started for nothing. A signal must not land
-    inside the pool's locks (one left held hangs the exit): the section takes it
-    at `section.check()`, between results. Then the blobs not started are
-    dropped, not hashed first; the workers finish the one in hand.
-    """
-    outcomes: list[Corrupt | None] = []
-    with interrupts.deferred() as section:
-        pool = ThreadPoolExecutor(max_workers=workers)
-        try:
-            in_hand: deque[Future[Corrupt | None]] = deque()
-            submitted = 0
-            while True:
-                while (
-                    len(in_hand) < 2 * workers
-                    and submitted < len(digests)
-                    and (submitted == 0 or deadline is None or time.monotonic() < deadline)
-                ):
-                    in_hand.append(pool.submit(check, digests[submitted]))
-                    submitted += 1
-                if not in_hand:
-                    break
-                outcomes.append(_result(in_hand.popleft(), section))
-                if len(outcomes) % 512 == 0 or len(outcomes) == len(digests):
-                    progress("hashing", len(outcomes), len(digests))
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-    return outcomes
+
+def _worker_start(parent: int) -> None:
+    """A hashing worker ignores SIGINT, dies of SIGTERM (`Pool.terminate`), and is
+    killed with its parent: the file descriptors it inherited (the store's lock
+    among them) never outlive the verify that forked it, even one killed -9."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
 
 
 POLL = 0.1
-"""Seconds between looks for an interruption while waiting on worker threads."""
+"""Seconds between looks for an interruption while waiting on the workers."""
 
 
-def _result(future: Future[Corrupt | None], section: interrupts.deferred) -> Corrupt | None:
-    """The future's result, looking for an interruption every POLL seconds meanwhile."""
+def _result(task: AsyncResult[list[str | None]], section: interrupts.deferred) -> list[str | None]:
+    """The task's result, looking for an interruption every POLL seconds meanwhile."""
     while True:
         section.check()
         try:
-            return future.result(timeout=POLL)
-        except TimeoutError:
+            return task.get(timeout=POLL)
+        except multiprocessing.TimeoutError:
             continue
 
 

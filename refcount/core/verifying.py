@@ -16,7 +16,8 @@ latest of each kind back for `verify --last`, nothing run.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from refcount.core.reconcile import tags_needing
@@ -64,6 +65,25 @@ def slice_of(present: Sequence[str], cursor: str | None, limit: int | None) -> l
     """The digests after `cursor` (all from the first when None), at most `limit`."""
     rest = present[bisect_right(present, cursor) if cursor is not None else 0 :]
     return list(rest if limit is None else rest[:limit])
+
+
+@dataclass(frozen=True)
+class Slice:
+    """What a deep run hashes: `todo`, of the digests `present` (sorted), from after
+    `cursor` (None: the first); `started`: when its lap started."""
+
+    present: list[str]
+    cursor: str | None
+    started: datetime
+    todo: list[str]
+
+
+def plan_slice(repo: Repo | None, files: Iterable[str], limit: int | None, at: datetime) -> Slice:
+    """The slice of the lap a run starting at `at` hashes; with no `repo` (not
+    sliced), every digest of `files` and the lap left alone."""
+    present = sorted(files)
+    cursor, started = (None, at) if repo is None else lap_position(repo, present, at)
+    return Slice(present, cursor, started, slice_of(present, cursor, limit))
 
 
 def lap_after(
