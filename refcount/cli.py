@@ -125,6 +125,27 @@ class Settings:
     repositories: tuple[roots.Repository, ...] = ()
     """Under --root: what the command runs on (every repository, or the --repo one)."""
     repo: str | None = None
+    one_database: bool = False
+    """Under --root: every repository in one PostgreSQL database, a schema each."""
+    db_schema: str | None = None
+    """The schema of the repository this names, when `one_database`."""
+
+    def of(self, repository: roots.Repository) -> Settings:
+        """The settings of one repository of the root: its store, and its schema
+        when the whole root shares one PostgreSQL database."""
+        schema = repository.schema if self.one_database else None
+        return replace(self, store=repository.path, db_schema=schema)
+
+    def forget(self, repository: roots.Repository) -> None:
+        """Drop the schema of a repository that is gone (`watch --root` on one
+        database): its rows describe files that no longer exist, and a repository
+        made again under that name would be refused by the old identity."""
+        from refcount.db.engine import drop_schema, environment_url
+
+        url = self.db or environment_url()
+        assert url is not None and self.one_database
+        if drop_schema(url, repository.schema):
+            log.info("%s: schema %s dropped", repository.name, repository.schema)
 
     def open(self, progress: Progress | None = None) -> Refcounter:
         return open_store(
@@ -138,6 +159,7 @@ class Settings:
             mass_free_threshold=self.mass_free_threshold,
             extractor_timeout=self.extractor_timeout,
             progress=progress,
+            schema=self.db_schema,
         )
 
     @contextmanager
@@ -273,7 +295,7 @@ def configure(
     ] = None,
 ) -> None:
     """Reference counts for an OCI image layout."""
-    _check_root(ctx, root, repo)
+    one_database = _check_root(ctx, root, repo, db)
     level = logging.WARNING - 10 * min(verbose, 2)
     request_log = _REQUEST_LOG.get()
     if request_log is None:
@@ -285,9 +307,7 @@ def configure(
     chosen: tuple[roots.Repository, ...] = ()
     if root is not None and ctx.invoked_subcommand != "watch":
         chosen = tuple(roots.select(root, repo))
-        if repo is not None:
-            store = chosen[0].path
-    ctx.obj = Settings(
+    settings = Settings(
         store,
         db,
         as_json,
@@ -301,7 +321,9 @@ def configure(
         root,
         chosen,
         repo,
+        one_database,
     )
+    ctx.obj = settings.of(chosen[0]) if repo is not None and chosen else settings
 
 
 def _given(ctx: typer.Context, option: str, *sources: str) -> bool:
@@ -309,25 +331,33 @@ def _given(ctx: typer.Context, option: str, *sources: str) -> bool:
     return getattr(ctx.get_parameter_source(option), "name", None) in sources
 
 
-def _check_root(ctx: typer.Context, root: Path | None, repo: str | None) -> None:
-    """--root's companions: --repo only with it; neither --store nor --db beside it
-    (each repository counts in its own STORE/.refcount/refcount.db); a command that
-    works on one store needs --repo; `watch --root` watches them all."""
+def _check_root(ctx: typer.Context, root: Path | None, repo: str | None, db: str | None) -> bool:
+    """--root's companions: --repo only with it; no --store beside it; a --db only
+    when it is PostgreSQL; a command that works on one store needs --repo;
+    `watch --root` watches them all. Returns whether the root's repositories share
+    one PostgreSQL database (a schema each; without --db each repository counts in
+    its own STORE/.refcount/refcount.db, unless REFCOUNT_DEFAULT_DB names PostgreSQL)."""
+    from refcount.db.engine import backend_name, environment_url
+
     if root is None:
         if repo is not None:
             raise typer.BadParameter("--repo NAME names a repository under --root DIR")
-        return
+        return False
     if _given(ctx, "store", "COMMANDLINE"):
         raise typer.BadParameter("--root and --store: give one (--root DIR --repo NAME for one)")
-    if _given(ctx, "db", "COMMANDLINE", "ENVIRONMENT"):
+    # A SQLite file counts one store: a shared one would refuse every repository
+    # but the first. PostgreSQL gives each repository a schema of its own.
+    if db is not None and backend_name(db) != "postgresql":
         raise typer.BadParameter(
-            "--db with --root: each repository counts in its own .refcount/refcount.db"
+            "--db with --root must be a PostgreSQL URL (one schema per repository); "
+            "without --db each repository counts in its own .refcount/refcount.db"
         )
     command = ctx.invoked_subcommand
     if command == "watch" and repo is not None:
         raise typer.BadParameter("watch --root watches every repository: no --repo")
     if repo is None and command not in ROOT_COMMANDS | {"plugins"}:  # plugins: no store
         raise typer.BadParameter(f"--root: {command} works on one repository: give --repo NAME")
+    return backend_name(db or environment_url() or "") == "postgresql"
 
 
 def _positive(text: str, option: str) -> timedelta:
@@ -362,7 +392,7 @@ def _across(
         return
 
     def one(repository: roots.Repository) -> object:
-        with replace(settings, store=repository.path).open() as rc:
+        with settings.of(repository).open() as rc:
             return run(rc, repository.name)
 
     chosen = [r for r in settings.repositories if only is None or r.name in only]
@@ -381,7 +411,7 @@ def _held(ctx: typer.Context, refs: list[str]) -> dict[str, list[str]] | None:
         return None
 
     def holds(repository: roots.Repository) -> set[str]:
-        with replace(settings, store=repository.path).open() as rc:
+        with settings.of(repository).open() as rc:
             return set(rc.tag_names())
 
     return roots.require_each(list(settings.repositories), refs, holds)
@@ -942,7 +972,13 @@ def watch(
     if settings.root is None:
         run_daemon(settings.open, options, serve)
         return
-    run_root_daemon(settings.root, lambda path: replace(settings, store=path).open, options, serve)
+    run_root_daemon(
+        settings.root,
+        lambda repository: settings.of(repository).open,
+        options,
+        serve,
+        forget=settings.forget if settings.one_database else None,
+    )
 
 
 @db_app.command("upgrade")
@@ -959,7 +995,7 @@ def db_current(ctx: typer.Context) -> None:
 
     settings = _settings(ctx)
     url = settings.db or environment_url() or default_url(settings.store.absolute())
-    engine = make_engine(url)
+    engine = make_engine(url, schema=settings.db_schema)
     try:
         revision = current_revision(engine)
     finally:

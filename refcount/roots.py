@@ -17,11 +17,24 @@ link to a directory is neither a repository nor walked into), never enters a
 and descends into a repository's other subdirectories too, so `a` and `a/b` may
 both be repositories. The root itself is never a repository: a layout at DIR is
 a `--store`. Names are the relative paths with `/`, sorted.
+
+Where the counts live: by default each repository's own SQLite file in its
+`.refcount/`. With a PostgreSQL `--db`, one database holds every repository of
+the root, each in a schema of its own named by `schema_name` (`rc_`, the name
+made readable, and 12 hex digits of the name's SHA-256: `library/nginx` is
+`rc_library_nginx_` + 12 hex digits). The hash keeps names that read alike
+apart (`a-b` and `a_b`, `App` and `app`) and the length within PostgreSQL's 63
+bytes; the readable part is for whoever lists the schemas. The schema is still
+a store's database in every other way: it records the repository's identity
+and refuses another store (a second root pointed at the same database, or a
+repository made again under a name whose schema outlived it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +49,10 @@ MAX_DEPTH = 8
 ROOT_STATE_DIR = ".refcount-root"
 """Reserved for what refcount may keep for the root as a whole; never walked."""
 _NEVER_WALKED = frozenset({STATE_DIR, ROOT_STATE_DIR})
+SCHEMA_PREFIX = "rc_"
+"""How every repository schema's name starts (`schema_name`)."""
+_READABLE_LENGTH = 40
+_HASH_DIGITS = 12
 
 
 class NoRepositories(InvalidStore):
@@ -51,6 +68,26 @@ class Repository:
     name: str
     """The path below the root, with `/` (`library/nginx`)."""
     path: Path
+
+    @property
+    def schema(self) -> str:
+        """Its schema in a PostgreSQL database shared by the whole root."""
+        return schema_name(self.name)
+
+    def still_there(self) -> bool:
+        """Whether it is a repository now (its `oci-layout` a regular file, not a link)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.path / OCI_LAYOUT).st_mode)
+        except OSError:
+            return False
+
+
+def schema_name(name: str) -> str:
+    """The PostgreSQL schema of the repository `name` (see the module docstring):
+    lowercase letters, digits and `_` only, so it is an identifier needing no quotes."""
+    readable = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:_READABLE_LENGTH].rstrip("_")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_DIGITS]
+    return f"{SCHEMA_PREFIX}{readable}_{digest}" if readable else f"{SCHEMA_PREFIX}{digest}"
 
 
 def find(root: Path, *, max_depth: int = MAX_DEPTH) -> list[Repository]:
@@ -148,11 +185,13 @@ def require_each(
 
 __all__ = [
     "MAX_DEPTH",
+    "SCHEMA_PREFIX",
     "NoRepositories",
     "NoSuchRepository",
     "Repository",
     "each",
     "find",
     "require_each",
+    "schema_name",
     "select",
 ]

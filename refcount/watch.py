@@ -208,22 +208,25 @@ def run_daemon(
 
 def run_root_daemon(
     root: Path,
-    open_store: Callable[[Path], Callable[[], Refcounter]],
+    open_store: Callable[[roots.Repository], Callable[[], Refcounter]],
     options: WatchOptions,
     serve: Callable[[ReportSink], Handler] | None = None,
     *,
     rescan: float = ROOT_RESCAN,
+    forget: Callable[[roots.Repository], None] | None = None,
 ) -> None:
     """`watch --root`: one daemon per repository under `root`, all in this process,
     until SIGTERM or SIGINT (SIGHUP reaches every one).
 
     Each repository's daemon is `run_daemon`'s, on the Refcounter
-    `open_store(path)` opens: its own daemon lock, socket
+    `open_store(repository)` opens: its own daemon lock, socket
     (`REPO/.refcount/refcount.sock`, so `refcount --store REPO` and
     `--root DIR --repo NAME` commands are served) and events. Every `rescan`
     seconds the root is walked again (`refcount.roots.find`): a repository that
     appeared gets a daemon (its first full reconcile indexes it), one that is
-    gone has its daemon stopped and is forgotten. A repository that cannot be
+    gone has its daemon stopped and is forgotten: `forget(repository)` is called
+    once its daemon has stopped, only if it is still gone (under a PostgreSQL
+    database shared by the root, the CLI drops its schema then). A repository that cannot be
     watched yet (a layout still being copied in, another daemon on it) is
     logged once and tried again at every walk; a daemon that fails is stopped
     and started again at the next walk. `--metrics-addr` and `--run-dir` are
@@ -235,14 +238,14 @@ def run_root_daemon(
     if options.run_dir is not None:
         raise InvalidOption("--run-dir with --root: each repository's socket is in its .refcount/")
     daemons = _Daemons()
-    stacks: dict[str, tuple[Path, ExitStack]] = {}
+    stacks: dict[str, tuple[roots.Repository, ExitStack]] = {}
     refused: dict[str, str] = {}
 
     def start(repository: roots.Repository) -> None:
         stack = ExitStack()
         try:
             daemon = stack.enter_context(
-                _running(open_store(repository.path), options, serve, metrics=False)
+                _running(open_store(repository), options, serve, metrics=False)
             )
         except RefcountError as exc:
             stack.close()
@@ -253,17 +256,28 @@ def run_root_daemon(
             refused[repository.name] = str(exc)
             return
         refused.pop(repository.name, None)
-        stacks[repository.name] = (repository.path, stack)
+        stacks[repository.name] = (repository, stack)
         daemons.add(repository.path, daemon)
 
-    def stop(name: str, reason: str) -> None:
-        path, stack = stacks.pop(name)
-        daemons.running.pop(path).request_stop(reason)
+    def stop(name: str, reason: str) -> roots.Repository:
+        repository, stack = stacks.pop(name)
+        daemons.running.pop(repository.path).request_stop(reason)
         try:
             stack.close()
         except (RefcountError, OSError) as exc:
             log.warning("%s: stopped: %s", name, exc)
         log.info("%s: %s", name, reason)
+        return repository
+
+    def forgotten(repository: roots.Repository) -> None:
+        # Checked again now that its daemon is gone: a repository made again under
+        # the same name in the meantime keeps what it has.
+        if forget is None or repository.still_there():
+            return
+        try:
+            forget(repository)
+        except RefcountError as exc:
+            log.warning("%s: not forgotten: %s", repository.name, exc)
 
     log.info("watching the repositories under %s (walked every %g s)", root, rescan)
     with _signals(daemons.stop, daemons.resync):
@@ -271,9 +285,9 @@ def run_root_daemon(
             while daemons.stopping is None:
                 wanted = {r.name: r for r in roots.find(root)}
                 for name in sorted(stacks.keys() - wanted.keys()):
-                    stop(name, "forgotten: the repository is gone")
+                    forgotten(stop(name, "forgotten: the repository is gone"))
                 for name in sorted(stacks.keys() & wanted.keys()):
-                    if daemons.running[stacks[name][0]].join(0):
+                    if daemons.running[stacks[name][0].path].join(0):
                         stop(name, "its daemon stopped; starting it again")
                 for name in sorted(wanted.keys() - stacks.keys()):
                     start(wanted[name])

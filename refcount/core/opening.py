@@ -44,10 +44,13 @@ class Mode(StrEnum):
 
 
 class Opening:
-    def __init__(self, store: Store, db_url: str, *, own_db: bool) -> None:
+    def __init__(
+        self, store: Store, db_url: str, *, own_db: bool, schema: str | None = None
+    ) -> None:
         self.store = store
         self.db_url = db_url
         self.own_db = own_db  # the default database, inside this store's .refcount/
+        self.schema = schema  # under --root on PostgreSQL: this repository's schema
         self.engine: Engine | None = None
         self.mode: Mode | None = None
 
@@ -58,7 +61,7 @@ class Opening:
 
     def _make_engine(self, *, read_only: bool) -> Engine:
         if self.engine is None:
-            self.engine = make_engine(self.db_url, read_only=read_only)
+            self.engine = make_engine(self.db_url, read_only=read_only, schema=self.schema)
         return self.engine
 
     def writer(self) -> Engine:
@@ -148,6 +151,13 @@ class Opening:
                 raise self._foreign(recorded, repo.get_meta(STORE_PATH))
 
     def _foreign(self, recorded: str, where: str | None) -> ForeignDatabase:
+        if self.schema is not None:
+            return ForeignDatabase(
+                f"{redact_url(self.db_url)}: schema {self.schema} already counts the "
+                f"repository at {where} (id {recorded}); refusing to count {self.store.path} "
+                "with it: give each root its own database, or, if that repository is gone, "
+                f"drop the schema (DROP SCHEMA {self.schema} CASCADE)"
+            )
         return ForeignDatabase(
             f"{redact_url(self.db_url)}: already counts the store at {where} "
             f"(id {recorded}); refusing to count {self.store.path} with it: "

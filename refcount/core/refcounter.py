@@ -126,12 +126,15 @@ class Refcounter:
         policy: Policy | None = None,
         *,
         progress: Progress | None = None,
+        schema: str | None = None,
     ):
         self.store = store
         self.policy = policy or Policy()
         self.progress: Progress = progress or no_progress
         db_url = db_url or environment_url()
-        self.opening = Opening(store, db_url or default_url(store.path), own_db=db_url is None)
+        self.opening = Opening(
+            store, db_url or default_url(store.path), own_db=db_url is None, schema=schema
+        )
 
     @property
     def engine(self) -> Engine:
@@ -808,9 +811,13 @@ def open(
     mass_free_threshold: float | None = None,
     extractor_timeout: timedelta | None = None,
     progress: Progress | None = None,
+    schema: str | None = None,
 ) -> Refcounter:
     """Open a store's reference counts; the database is created or upgraded by the
-    first operation that writes."""
+    first operation that writes.
+
+    `schema` keeps the counts in that schema of a PostgreSQL `db` (one database
+    for many repositories: `refcount.roots.Repository.schema`)."""
     defaults = Policy()
     policy = replace(
         defaults,
@@ -824,4 +831,6 @@ def open(
         else mass_free_threshold,
         extractor_timeout=extractor_timeout or defaults.extractor_timeout,
     )
-    return Refcounter(Store(store, max_manifest=max_manifest), db, policy, progress=progress)
+    return Refcounter(
+        Store(store, max_manifest=max_manifest), db, policy, progress=progress, schema=schema
+    )

@@ -19,6 +19,17 @@ Deadlocks and serialization failures come out as `DatabaseContention`;
 
 `ensure_schema` compares `alembic_version` with `SCHEMA_HEAD` and imports
 Alembic only when an upgrade is actually needed, which keeps start-up cheap.
+
+Under `--root` one PostgreSQL database counts every repository, each in a
+schema of its own (`make_engine(url, schema=...)`; the names come from
+`refcount.roots`). The schema is chosen once, when a connection is made: an
+engine event sets the session's `search_path` to that schema alone, before
+SQLAlchemy inspects the new connection, so every unqualified table, the
+queries, the migrations and Alembic's own `alembic_version` land there and a
+table of another schema is never visible. The schema itself is created by the
+first `upgrade`, under an advisory lock of its own (two `CREATE SCHEMA IF NOT
+EXISTS` at once can still collide in the catalog). Nothing else in the package
+knows that schemas exist.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +46,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy import URL, Engine, create_engine, event, func, inspect, make_url, select, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateSchema, DropSchema
 
 from refcount.db.repo import Repo
 from refcount.db.tables import SCHEMA_HEAD
@@ -46,6 +59,10 @@ from refcount.layout import default_database
 BUSY_TIMEOUT_MS = 60_000
 STORE_LOCK = "refcount_store_lock"
 """Execution option: the advisory-lock key every write transaction takes first."""
+SCHEMA = "refcount_schema"
+"""Execution option: the PostgreSQL schema of the engine's tables (None: the default)."""
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+"""The schema names accepted: PostgreSQL identifiers that need no quoting."""
 CONTENTION_STATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 CONTENTION_ATTEMPTS = 5
 DEFAULT_DB_ENV = "REFCOUNT_DEFAULT_DB"
@@ -93,19 +110,36 @@ def retry_contention(operation: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def make_engine(url: str, *, read_only: bool = False) -> Engine:
+def backend_name(url: str) -> str | None:
+    """The database a URL names (`sqlite`, `postgresql`), or None for no valid URL."""
+    try:
+        return make_url(url).get_backend_name()
+    except (SQLAlchemyError, ValueError):
+        return None
+
+
+def make_engine(url: str, *, read_only: bool = False, schema: str | None = None) -> Engine:
     """An engine for `url`; nothing is opened or created until first used.
 
     `read_only` opens a SQLite file without ever writing to it or beside it
     (for reading commands on a store this process cannot write): SQLite's
     `mode=ro`, and on a read-only file system also `immutable=1`, since a WAL
     database cannot otherwise be opened where its `-shm` file cannot be made.
+
+    `schema` (PostgreSQL only; a name matching SCHEMA_NAME) keeps every table of
+    the engine in that schema (see the module docstring); it is created by the
+    first `upgrade`. Such an engine keeps one idle connection instead of five:
+    `watch --root` holds an engine per repository, and the server's
+    `max_connections` bounds how many repositories one process can watch.
     """
+    if schema is not None:
+        _check_schema(url, schema)
     try:
         parsed = make_url(url)
         if read_only and parsed.get_backend_name() == "sqlite" and parsed.database:
             parsed = _read_only_sqlite(parsed.database)
-        engine = create_engine(parsed, future=True)
+        pooling = {} if schema is None else {"pool_size": 1}
+        engine = create_engine(parsed, future=True, **pooling)
     except ImportError as exc:
         raise DatabaseError(
             f"{redact_url(url)}: cannot open database: its driver is not installed "
@@ -115,15 +149,71 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         raise DatabaseError(f"{redact_url(url)}: cannot open database: {_one_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, read_only=read_only)
+    if schema is not None:
+        _search_only(engine, schema)
+        return engine.execution_options(**{SCHEMA: schema})
     return engine
 
 
-def _install_hint(url: str) -> str:
+def _check_schema(url: str, schema: str) -> None:
+    if backend_name(url) != "postgresql":
+        raise DatabaseError(
+            f"{redact_url(url)}: a schema per repository needs PostgreSQL; "
+            "on SQLite each repository keeps its own database"
+        )
+    if not SCHEMA_NAME.fullmatch(schema):
+        raise DatabaseError(f"schema {schema!r}: not a lowercase PostgreSQL identifier")
+
+
+def _search_only(engine: Engine, schema: str) -> None:
+    """Every connection of `engine` sees `schema` and nothing else (pg_catalog aside).
+
+    `insert=True` runs this before SQLAlchemy's own first-connect inspection, so
+    its idea of the default schema is this one. The setting is made outside any
+    transaction (autocommit): one made inside a transaction that is rolled back
+    would be undone with it. The name goes in as a bound parameter.
+    """
+
+    @event.listens_for(engine, "connect", insert=True)
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('search_path', %s, false)", (schema,))
+        finally:
+            dbapi_connection.autocommit = autocommit
+
+
+def schema_lock_key(schema: str) -> int:
+    """The advisory-lock key that serializes creating and dropping one schema."""
+    digest = hashlib.sha256(f"refcount-schema:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def drop_schema(url: str, schema: str) -> bool:
+    """Drop `schema` and everything in it, if it exists; whether it existed.
+
+    For the schema of a repository that is gone (`watch --root` forgets it): its
+    rows are derived from files that no longer exist. The caller makes sure the
+    repository is gone; this only refuses a name that is no repository schema.
+    """
+    _check_schema(url, schema)
+    engine = make_engine(url)
     try:
-        backend = make_url(url).get_backend_name()
-    except (SQLAlchemyError, ValueError):
-        return ""
-    return ": pip install 'refcount[postgres]'" if backend == "postgresql" else ""
+        with deferred(), engine.begin() as connection:
+            connection.execute(select(func.pg_advisory_xact_lock(schema_lock_key(schema))))
+            existed = inspect(connection).has_schema(schema)
+            connection.execute(DropSchema(schema, cascade=True, if_exists=True))
+        return existed
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"{redact_url(url)}: drop schema {schema}: {_one_line(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def _install_hint(url: str) -> str:
+    return ": pip install 'refcount[postgres]'" if backend_name(url) == "postgresql" else ""
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -253,6 +343,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         # A migration is done or not done.
         with _MIGRATING, deferred(), engine.begin() as connection:
+            schema = connection.get_execution_options().get(SCHEMA)
+            if schema is not None:  # its search_path names it; now it exists
+                connection.execute(select(func.pg_advisory_xact_lock(schema_lock_key(schema))))
+                connection.execute(CreateSchema(schema, if_not_exists=True))
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
@@ -282,14 +376,17 @@ def migrations_dir() -> Path:
 __all__ = [
     "Engine",
     "alembic_config",
+    "backend_name",
     "current_revision",
     "default_url",
+    "drop_schema",
     "ensure_schema",
     "environment_url",
     "make_engine",
     "migrations_dir",
     "redact_url",
     "retry_contention",
+    "schema_lock_key",
     "sqlite_file",
     "store_lock_key",
     "transaction",
