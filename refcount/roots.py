@@ -49,6 +49,9 @@ MAX_DEPTH = 8
 ROOT_STATE_DIR = ".refcount-root"
 """Reserved for what refcount may keep for the root as a whole; never walked."""
 _NEVER_WALKED = frozenset({STATE_DIR, ROOT_STATE_DIR})
+MASS_REMOVAL = 0.5
+"""The share of the watched repositories above which one walk that finds them
+gone is taken for a root unmounted or being restored (`may_forget`)."""
 SCHEMA_PREFIX = "rc_"
 """How every repository schema's name starts (`schema_name`)."""
 _READABLE_LENGTH = 40
@@ -80,6 +83,14 @@ class Repository:
             return stat.S_ISREG(os.lstat(self.path / OCI_LAYOUT).st_mode)
         except OSError:
             return False
+
+
+def may_forget(gone: int, watched: int) -> bool:
+    """Whether `watch --root` may forget the databases of `gone` repositories (drop
+    their schemas) that one walk no longer finds among `watched`. Not when more than
+    MASS_REMOVAL of them, or every one, vanished at once: an unmounted or half-restored
+    root looks like that, and its repositories come back to the counts they left."""
+    return 0 < gone < watched and gone <= watched * MASS_REMOVAL
 
 
 def schema_name(name: str) -> str:
@@ -184,6 +195,7 @@ def require_each(
 
 
 __all__ = [
+    "MASS_REMOVAL",
     "MAX_DEPTH",
     "SCHEMA_PREFIX",
     "NoRepositories",
@@ -191,6 +203,7 @@ __all__ = [
     "Repository",
     "each",
     "find",
+    "may_forget",
     "require_each",
     "schema_name",
     "select",

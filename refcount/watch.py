@@ -226,12 +226,13 @@ def run_root_daemon(
     appeared gets a daemon (its first full reconcile indexes it), one that is
     gone has its daemon stopped and is forgotten: `forget(repository)` is called
     once its daemon has stopped, only if it is still gone (under a PostgreSQL
-    database shared by the root, the CLI drops its schema then). A repository that cannot be
-    watched yet (a layout still being copied in, another daemon on it) is
-    logged once and tried again at every walk; a daemon that fails is stopped
-    and started again at the next walk. `--metrics-addr` and `--run-dir` are
-    refused (one server or one socket per repository would need one address or
-    one directory each).
+    database shared by the root, the CLI drops its schema then), and never when
+    one walk finds most of the repositories gone (`refcount.roots.may_forget`).
+    A repository that cannot be watched yet (a layout still being copied in,
+    another daemon on it) is logged once and tried again at every walk; a daemon
+    that fails is stopped and started again at the next walk. `--metrics-addr`
+    and `--run-dir` are refused (one server or one socket per repository would
+    need one address or one directory each).
     """
     if options.metrics_addr:
         raise InvalidOption("--metrics-addr with --root: metrics are served per store only")
@@ -284,8 +285,19 @@ def run_root_daemon(
         try:
             while daemons.stopping is None:
                 wanted = {r.name: r for r in roots.find(root)}
-                for name in sorted(stacks.keys() - wanted.keys()):
-                    forgotten(stop(name, "forgotten: the repository is gone"))
+                gone = sorted(stacks.keys() - wanted.keys())
+                forget_them = roots.may_forget(len(gone), len(stacks))
+                if gone and forget is not None and not forget_them:
+                    log.warning(
+                        "%d of %d repositories gone at once: their daemons stop, their "
+                        "databases are kept (an unmounted root comes back as it was)",
+                        len(gone),
+                        len(stacks),
+                    )
+                for name in gone:
+                    repository = stop(name, "forgotten: the repository is gone")
+                    if forget_them:
+                        forgotten(repository)
                 for name in sorted(stacks.keys() & wanted.keys()):
                     if daemons.running[stacks[name][0].path].join(0):
                         stop(name, "its daemon stopped; starting it again")
