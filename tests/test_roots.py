@@ -20,6 +20,7 @@ import storekit as sk
 from conftest import Cli
 
 from refcount import roots
+from refcount.db.engine import SCHEMA_NAME
 
 MKSTORE = Path(__file__).resolve().parent.parent / "scripts" / "mkstore.py"
 DEADLINE = 20.0
@@ -324,3 +325,25 @@ def test_databases_upgraded_at_once_on_threads_of_one_process_each_get_the_whole
         assert current_revision(engine) == SCHEMA_HEAD
         assert set(metadata.tables) <= set(inspect(engine).get_table_names())
         engine.dispose()
+
+
+def test_schema_names_are_plain_identifiers_that_keep_lookalike_names_apart() -> None:
+    names = ["a-b", "a_b", "a/b", "App", "app", "x" * 300, "déjà/vu", "-", "library/nginx"]
+    made = [roots.schema_name(n) for n in names]
+    assert len(set(made)) == len(names)
+    for schema in made:
+        assert SCHEMA_NAME.fullmatch(schema), schema
+        assert schema.startswith(roots.SCHEMA_PREFIX)
+        assert len(schema) <= 63
+    assert roots.schema_name("library/nginx").startswith("rc_library_nginx_")
+    assert roots.schema_name("library/nginx") == roots.schema_name("library/nginx")
+
+
+@pytest.mark.parametrize(
+    ("gone", "watched", "forget"),
+    [(1, 3, True), (2, 4, True), (3, 4, False), (1, 1, False), (2, 2, False), (0, 5, False)],
+)
+def test_watch_root_forgets_schemas_unless_most_repositories_vanish_at_once(
+    gone: int, watched: int, forget: bool
+) -> None:
+    assert roots.may_forget(gone, watched) is forget
