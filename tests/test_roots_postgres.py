@@ -20,7 +20,7 @@ import pgkit
 import pytest
 import storekit as sk
 from conftest import Cli
-from test_roots import DIRECT, MKSTORE, SMALL, _watching, listings, wait_until
+from test_roots import MKSTORE, SMALL, _watching, direct, listings, wait_until
 
 from refcount import roots
 from refcount.db.engine import SCHEMA_NAME, store_lock_key
@@ -222,7 +222,7 @@ def refcount_cmd(root: Path, url: str, *args: str) -> subprocess.CompletedProces
         [sys.executable, "-m", "refcount", "--root", str(root), "--db", url, *args],
         capture_output=True,
         text=True,
-        env=DIRECT,
+        env=direct(),
         timeout=120,
         check=False,
     )
