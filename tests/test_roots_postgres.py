@@ -328,3 +328,37 @@ def served_tags(root: Path, url: str, repo: str) -> list[Any]:
     [result] = json.loads(served.stdout)["repositories"]
     assert result["repo"] == repo
     return list(result["report"])
+
+
+def test_a_repository_schema_migrated_to_head_holds_exactly_the_models_and_nothing_outside(
+    pg_url: str,
+) -> None:
+    """The same Alembic revisions, run in a schema: autogenerate finds nothing to do,
+    both on the engine that created the schema and on a fresh one."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+
+    from refcount.db.engine import current_revision, make_engine, upgrade
+    from refcount.db.models import Base
+
+    schema = roots.schema_name("library/nginx")
+    creator = make_engine(pg_url, schema=schema)
+    fresh = make_engine(pg_url, schema=schema)
+    try:
+        assert current_revision(creator) is None  # no schema yet: nothing to read
+        assert schemas(pg_url) == set()
+        upgrade(creator)
+        for engine in (creator, fresh):
+            assert current_revision(engine) == SCHEMA_HEAD
+            assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+            with engine.connect() as connection:
+                context = MigrationContext.configure(
+                    connection, opts={"compare_type": True, "compare_server_default": True}
+                )
+                assert list(compare_metadata(context, Base.metadata)) == []
+    finally:
+        creator.dispose()
+        fresh.dispose()
+    assert schemas(pg_url) == {schema}
+    assert tables_in(pg_url, "public") == set()
