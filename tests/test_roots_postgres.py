@@ -362,3 +362,29 @@ def test_a_repository_schema_migrated_to_head_holds_exactly_the_models_and_nothi
         fresh.dispose()
     assert schemas(pg_url) == {schema}
     assert tables_in(pg_url, "public") == set()
+
+
+def test_a_repository_schema_is_the_search_path_of_each_transaction_never_of_the_session(
+    pg_url: str,
+) -> None:
+    """Behind a pooler in transaction mode the next transaction of a connection may run
+    on another server session: a setting left on the session would reach it."""
+    from sqlalchemy import func, select
+
+    from refcount.db.engine import make_engine, transaction
+
+    schema = roots.schema_name("app")
+    engine = make_engine(pg_url, schema=schema)
+    try:
+        with transaction(engine, write=False) as repo:
+            inside = repo.connection.execute(select(func.current_setting("search_path")))
+            assert inside.scalar() == schema
+        raw = engine.raw_connection()  # the same pooled session, after the transaction
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SHOW search_path")
+            assert schema not in cursor.fetchone()[0]
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()

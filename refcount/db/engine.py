@@ -22,14 +22,13 @@ Alembic only when an upgrade is actually needed, which keeps start-up cheap.
 
 Under `--root` one PostgreSQL database counts every repository, each in a
 schema of its own (`make_engine(url, schema=...)`; the names come from
-`refcount.roots`). The schema is chosen once, when a connection is made: an
-engine event sets the session's `search_path` to that schema alone, before
-SQLAlchemy inspects the new connection, so every unqualified table, the
-queries, the migrations and Alembic's own `alembic_version` land there and a
-table of another schema is never visible. The schema itself is created by the
-first `upgrade`, under an advisory lock of its own (two `CREATE SCHEMA IF NOT
-EXISTS` at once can still collide in the catalog). Nothing else in the package
-knows that schemas exist.
+`refcount.roots`). The schema is chosen in one place: an engine event makes
+that schema alone the `search_path` of every transaction, so every
+unqualified table, the queries, the migrations and Alembic's own
+`alembic_version` land there and a table of another schema is never visible.
+The schema itself is created by the first `upgrade`, under an advisory lock of
+its own (two `CREATE SCHEMA IF NOT EXISTS` at once can still collide in the
+catalog). Nothing else in the package knows that schemas exist.
 """
 
 from __future__ import annotations
@@ -166,23 +165,18 @@ def _check_schema(url: str, schema: str) -> None:
 
 
 def _search_only(engine: Engine, schema: str) -> None:
-    """Every connection of `engine` sees `schema` and nothing else (pg_catalog aside).
+    """Every transaction of `engine` sees `schema` and nothing else (pg_catalog aside).
 
-    `insert=True` runs this before SQLAlchemy's own first-connect inspection, so
-    its idea of the default schema is this one. The setting is made outside any
-    transaction (autocommit): one made inside a transaction that is rolled back
-    would be undone with it. The name goes in as a bound parameter.
+    Set as the first statement of each transaction, for that transaction only
+    (`set_config(..., is_local => true)`), rather than once per session: behind a
+    pooler in transaction mode (PgBouncer) consecutive transactions of one
+    connection may run on different server sessions, and a session setting would
+    then reach another repository's transaction, or another program's.
     """
 
-    @event.listens_for(engine, "connect", insert=True)
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        autocommit = dbapi_connection.autocommit
-        dbapi_connection.autocommit = True
-        try:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute("SELECT set_config('search_path', %s, false)", (schema,))
-        finally:
-            dbapi_connection.autocommit = autocommit
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.execute(select(func.set_config("search_path", schema, True)))
 
 
 def schema_lock_key(schema: str) -> int:
