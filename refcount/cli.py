@@ -284,7 +284,8 @@ def configure(
         typer.Option(
             metavar="DIR",
             help="A directory of OCI layouts, one per repository (nested names such as "
-            "library/nginx): run the command on each (instead of --store).",
+            "library/nginx): run the command on each (instead of --store). Each counts in "
+            "its own .refcount/refcount.db, or with a PostgreSQL --db in a schema of its own.",
         ),
     ] = None,
     repo: Annotated[
