@@ -127,7 +127,7 @@ def make_engine(url: str, *, read_only: bool = False, schema: str | None = None)
 
     `schema` (PostgreSQL only; a name matching SCHEMA_NAME) keeps every table of
     the engine in that schema (see the module docstring); it is created by the
-    first `upgrade`. Such an engine keeps one idle connection instead of five:
+    first `upgrade`. Such an engine keeps at most one idle connection (not five):
     `watch --root` holds an engine per repository, and the server's
     `max_connections` bounds how many repositories one process can watch.
     """
