@@ -388,3 +388,17 @@ def test_a_repository_schema_is_the_search_path_of_each_transaction_never_of_the
             raw.close()
     finally:
         engine.dispose()
+
+
+def test_only_a_schema_of_refcount_tables_is_ever_dropped(pg_url: str) -> None:
+    from refcount.db.engine import drop_schema
+    from refcount.errors import DatabaseError
+
+    pgkit.sql(pg_url, "CREATE SCHEMA rc_theirs_0123456789ab")
+    pgkit.sql(pg_url, "CREATE TABLE rc_theirs_0123456789ab.invoices (id int)")
+    with pytest.raises(DatabaseError, match="holds tables refcount did not make"):
+        drop_schema(pg_url, "rc_theirs_0123456789ab")
+    with pytest.raises(DatabaseError, match="schema public: not a repository's schema"):
+        drop_schema(pg_url, "public")
+    assert schemas(pg_url) == {"rc_theirs_0123456789ab"}
+    assert drop_schema(pg_url, "rc_absent_0123456789ab") is False

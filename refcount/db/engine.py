@@ -50,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateSchema, DropSchema
 
 from refcount.db.repo import Repo
-from refcount.db.tables import SCHEMA_HEAD
+from refcount.db.tables import SCHEMA_HEAD, metadata
 from refcount.errors import DatabaseContention, DatabaseError
 from refcount.interrupts import deferred
 from refcount.layout import default_database
@@ -190,16 +190,28 @@ def drop_schema(url: str, schema: str) -> bool:
 
     For the schema of a repository that is gone (`watch --root` forgets it): its
     rows are derived from files that no longer exist. The caller makes sure the
-    repository is gone; this only refuses a name that is no repository schema.
+    repository is gone; this refuses (DatabaseError, nothing dropped) `public`
+    and a schema holding any table refcount did not make.
     """
     _check_schema(url, schema)
+    if schema == "public":
+        raise DatabaseError("schema public: not a repository's schema; not dropped")
     engine = make_engine(url)
     try:
         with deferred(), engine.begin() as connection:
             connection.execute(select(func.pg_advisory_xact_lock(schema_lock_key(schema))))
-            existed = inspect(connection).has_schema(schema)
-            connection.execute(DropSchema(schema, cascade=True, if_exists=True))
-        return existed
+            inspector = inspect(connection)
+            if not inspector.has_schema(schema):
+                return False
+            ours = {*metadata.tables, "alembic_version"}
+            others = sorted(set(inspector.get_table_names(schema=schema)) - ours)
+            if others:
+                raise DatabaseError(
+                    f"schema {schema}: holds tables refcount did not make "
+                    f"({', '.join(others[:3])}); not dropped"
+                )
+            connection.execute(DropSchema(schema, cascade=True))
+        return True
     except SQLAlchemyError as exc:
         raise DatabaseError(f"{redact_url(url)}: drop schema {schema}: {_one_line(exc)}") from None
     finally:
