@@ -28,7 +28,8 @@ unqualified table, the queries, the migrations and Alembic's own
 `alembic_version` land there and a table of another schema is never visible.
 The schema itself is created by the first `upgrade`, under an advisory lock of
 its own (two `CREATE SCHEMA IF NOT EXISTS` at once can still collide in the
-catalog). Nothing else in the package knows that schemas exist.
+catalog). The queries (`refcount.db.repo`), the migrations and the use cases
+know nothing of schemas.
 """
 
 from __future__ import annotations
