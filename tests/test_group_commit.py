@@ -1,0 +1,282 @@
+"""Group commit: deletes that arrive together are written to index.json together.
+
+Three levels, each through its contract:
+
+- `Refcounter.delete_groups` (no daemon): several requests in one transaction
+  and one rewrite of index.json, each request failing alone with the error it
+  would give alone, the result equal to running them one after another;
+- `refcount.group.GroupCommit` (threads, no store): who leads a batch, who
+  waits for the next, what a request cancelled while queued becomes;
+- the daemon (a real `refcount watch` process, its socket, real CLI processes):
+  twenty clients at once all answered with their own output, fewer rewrites
+  than requests in the metrics, a missing tag failing alone, a client killed
+  while queued deleting nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import storekit as sk
+from conftest import SEVERAL_STORES
+
+import refcount
+from refcount.core.grouping import DeleteRequest
+from refcount.errors import DeleteRefused, InvalidDigest, NotFound
+from refcount.group import GroupCommit, Withdrawn
+from refcount.reports import DeleteReport, to_json
+from refcount.store import Store
+
+DEADLINE = 30.0
+
+
+def images(store: Path) -> dict[str, sk.Descriptor]:
+    """a, b, c, d share a base layer; b and c alone share a second one."""
+    made = {
+        "a": sk.add_image(store, [b"base", b"only a"], tag="a"),
+        "b": sk.add_image(store, [b"base", b"b and c", b"only b"], tag="b"),
+        "c": sk.add_image(store, [b"base", b"b and c", b"only c"], tag="c"),
+        "d": sk.add_image(store, [b"base", b"only d"], tag="d"),
+    }
+    sk.add_entry(store, made["a"], "a-again")
+    return made
+
+
+@pytest.fixture
+def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times index.json is rewritten (Store.replace_index still does the work)."""
+    calls: list[int] = []
+    original: Callable[..., Any] = Store.replace_index
+
+    def counted(self: Store, data: bytes, expected_hash: str) -> str:
+        calls.append(len(data))
+        return str(original(self, data, expected_hash))
+
+    monkeypatch.setattr(Store, "replace_index", counted)
+    return calls
+
+
+def tags(*names: str) -> DeleteRequest:
+    return DeleteRequest(tags=names)
+
+
+# --------------------------------------------------------------------------
+# The library: one transaction, one rewrite, each request its own result
+# --------------------------------------------------------------------------
+def test_a_batch_is_one_rewrite_and_a_missing_tag_fails_alone(
+    store: Path, rewrites: list[int]
+) -> None:
+    images(store)
+    with refcount.open(store, trash_ttl=timedelta(0)) as rc:
+        rc.init()
+        before = sk.blob_files(store)
+        results = rc.delete_groups([tags("a"), tags("nope"), tags("d")])
+
+    assert len(rewrites) == 1
+    first, missing, last = results
+    assert isinstance(first, DeleteReport) and isinstance(last, DeleteReport)
+    assert isinstance(missing, NotFound)
+    assert str(missing) == f"nope: no such tag in {store / 'index.json'}"
+    assert [e.tag for e in first.removed] == ["a"]
+    assert [e.tag for e in last.removed] == ["d"]
+    assert [sk.tag_of(e) for e in sk.read_index(store)["manifests"]] == ["b", "c", "a-again"]
+    freed = {b.digest for b in (*first.freed, *last.freed)}
+    assert freed == before - sk.reachable(store)
+    assert sk.blob_files(store) == sk.reachable(store)
+    with refcount.open(store) as rc:
+        assert rc.verify().ok
+
+
+@pytest.mark.sqlite_only(SEVERAL_STORES)
+def test_a_batch_gives_what_the_same_deletes_give_one_after_another(
+    store: Path, tmp_path: Path
+) -> None:
+    """b and c alone share a layer: it is freed by c, the later of the two."""
+    made = images(store)
+    serial = tmp_path / "serial"
+    shutil.copytree(store, serial)
+    requests = [tags("b"), tags("c"), DeleteRequest(digest=made["a"]["digest"]), tags("b")]
+
+    with refcount.open(store, trash_ttl=timedelta(0)) as rc:
+        rc.init()
+        batched = rc.delete_groups(requests)
+    one_by_one: list[object] = []
+    with refcount.open(serial, trash_ttl=timedelta(0)) as rc:
+        rc.init()
+        for request in requests:
+            try:
+                if request.digest is not None:
+                    one_by_one.append(rc.delete_manifest(request.digest))
+                else:
+                    one_by_one.append(rc.delete_tags(list(request.tags)))
+            except NotFound as exc:
+                one_by_one.append(exc)
+
+    assert [to_json(r) for r in batched[:3]] == [to_json(r) for r in one_by_one[:3]]
+    # The second delete of b finds it gone, with the same words as alone (the
+    # store's path differs).
+    assert isinstance(batched[3], NotFound) and isinstance(one_by_one[3], NotFound)
+    assert str(batched[3]) == str(one_by_one[3]).replace(str(serial), str(store))
+    shared = sk.sha256_digest(b"b and c")
+    assert shared not in {b.digest for b in batched[0].freed}  # type: ignore[union-attr]
+    assert shared in {b.digest for b in batched[1].freed}  # type: ignore[union-attr]
+    assert sk.read_index(store) == sk.read_index(serial)
+    assert sk.blob_files(store) == sk.blob_files(serial)
+
+
+def test_a_refused_image_and_a_malformed_digest_fail_alone(store: Path) -> None:
+    images(store)
+    broken = sk.write_blob(store, b"{not json", "application/vnd.oci.image.manifest.v1+json")
+    sk.add_entry(store, broken, "broken")
+    with refcount.open(store) as rc:
+        rc.init()
+        refused, malformed, deleted = rc.delete_groups(
+            [tags("broken"), DeleteRequest(digest="sha256:beef"), tags("a")]
+        )
+        checked = rc.verify()  # not ok: the damaged manifest is a problem it reports
+        assert (checked.drift, checked.missing) == ((), ())
+
+    assert isinstance(refused, DeleteRefused), refused
+    assert "damaged" in str(refused)
+    assert isinstance(malformed, InvalidDigest)
+    assert isinstance(deleted, DeleteReport) and [e.tag for e in deleted.removed] == ["a"]
+    assert [sk.tag_of(e) for e in sk.read_index(store)["manifests"]] == [
+        "b",
+        "c",
+        "d",
+        "a-again",
+        "broken",
+    ]
+
+
+def test_a_batch_where_every_request_fails_changes_nothing(
+    store: Path, rewrites: list[int]
+) -> None:
+    images(store)
+    with refcount.open(store) as rc:
+        rc.init()
+        before = sk.listing(store)
+        results = rc.delete_groups([tags("nope"), tags("gone")])
+        assert rc.verify().ok
+    assert [type(r) for r in results] == [NotFound, NotFound]
+    assert rewrites == []
+    assert sk.listing(store) == before
+
+
+# --------------------------------------------------------------------------
+# The queue: leaders, followers, withdrawals (threads and a fake batch)
+# --------------------------------------------------------------------------
+class Batches:
+    """A `run` for GroupCommit that records its batches and can be held."""
+
+    def __init__(self) -> None:
+        self.ran: list[list[str]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+
+    def __call__(self, requests: Sequence[str]) -> list[str]:
+        self.started.set()
+        assert self.hold.wait(DEADLINE)
+        self.ran.append(list(requests))
+        return [f"done {r}" for r in requests]
+
+
+def start(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def body() -> None:
+        try:
+            out.append(target())
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, out
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def queued(group: GroupCommit[str, str], key: str) -> int:
+    queue = group._queues.get(key)
+    return 0 if queue is None else len(queue.waiting)
+
+
+def test_a_lone_request_runs_at_once_and_those_arriving_meanwhile_form_the_next_batch() -> None:
+    group: GroupCommit[str, str] = GroupCommit()
+    batches = Batches()
+    batches.hold.clear()
+    first, first_out = start(lambda: group.submit("s", "a", batches))
+    assert batches.started.wait(DEADLINE)
+    others = [start(lambda r=r: group.submit("s", r, batches)) for r in ("b", "c", "d")]  # type: ignore[misc]
+    wait_until(lambda: queued(group, "s") == 3, "three queued requests")
+    batches.hold.set()
+    for thread, _ in [(first, first_out), *others]:
+        thread.join(DEADLINE)
+    assert batches.ran[0] == ["a"]
+    assert sorted(batches.ran[1]) == ["b", "c", "d"] and len(batches.ran) == 2
+    assert first_out == ["done a"]
+    assert sorted(str(out[0]) for _, out in others) == ["done b", "done c", "done d"]
+
+
+def test_a_request_cancelled_while_queued_is_withdrawn_and_never_runs() -> None:
+    group: GroupCommit[str, str] = GroupCommit()
+    batches = Batches()
+    batches.hold.clear()
+    gone = threading.Event()
+    first, _ = start(lambda: group.submit("s", "a", batches))
+    assert batches.started.wait(DEADLINE)
+    leaver, leaver_out = start(lambda: group.submit("s", "b", batches, gone.is_set))
+    stayer, stayer_out = start(lambda: group.submit("s", "c", batches))
+    wait_until(lambda: queued(group, "s") == 2, "two queued requests")
+    gone.set()
+    leaver.join(DEADLINE)
+    batches.hold.set()
+    for thread in (first, stayer):
+        thread.join(DEADLINE)
+    assert len(leaver_out) == 1 and isinstance(leaver_out[0], Withdrawn)
+    assert batches.ran == [["a"], ["c"]] and stayer_out == ["done c"]
+
+
+def test_a_failed_batch_reaches_every_member_and_the_next_batch_still_runs() -> None:
+    group: GroupCommit[str, str] = GroupCommit()
+    hold = threading.Event()
+
+    def failing(requests: Sequence[str]) -> list[str]:
+        assert hold.wait(DEADLINE)
+        raise RuntimeError(f"broken batch of {len(requests)}")
+
+    first, first_out = start(lambda: group.submit("s", "a", failing))
+    wait_until(lambda: "s" in group._queues and group._queues["s"].in_flight, "a batch")
+    batches = Batches()
+    second, second_out = start(lambda: group.submit("s", "b", batches))
+    wait_until(lambda: queued(group, "s") == 1, "a queued request")
+    hold.set()
+    first.join(DEADLINE)
+    second.join(DEADLINE)
+    assert [str(e) for e in first_out] == ["broken batch of 1"]
+    assert second_out == ["done b"]
+
+
+def test_requests_of_different_keys_never_share_a_batch() -> None:
+    group: GroupCommit[str, str] = GroupCommit()
+    batches = Batches()
+    threads = [start(lambda k=k: group.submit(k, k, batches))[0] for k in ("x", "y")]  # type: ignore[misc]
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert sorted(batches.ran) == [["x"], ["y"]]
