@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 
 from refcount import roots
+from refcount.argv import is_delete
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
 from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy, RefcountError
@@ -351,7 +352,9 @@ def _serve(
     commands = (
         None
         if serve is None
-        else CommandServer(socket_path(store, options.run_dir), serve(daemon.report_served))
+        else CommandServer(
+            socket_path(store, options.run_dir), serve(daemon.report_served), is_delete
+        )
     )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",
