@@ -15,10 +15,19 @@ Three levels, each through its contract:
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -280,3 +289,263 @@ def test_requests_of_different_keys_never_share_a_batch() -> None:
     for thread in threads:
         thread.join(DEADLINE)
     assert sorted(batches.ran) == [["x"], ["y"]]
+
+
+# --------------------------------------------------------------------------
+# The daemon: real processes, a real socket
+# --------------------------------------------------------------------------
+DIRECT = {**os.environ, "REFCOUNT_NO_DAEMON": "1"}
+
+
+def small_store(path: Path, count: int) -> Path:
+    """`count` images t0, t1, ... sharing a base layer, indexed."""
+    store = sk.make_layout(path)
+    for i in range(count):
+        sk.add_image(store, [b"base", f"only t{i}".encode()], tag=f"t{i}")
+    refcount_direct(store, "init")
+    return store
+
+
+def refcount_direct(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`refcount --store S ARGS...` run by this process, never by a daemon."""
+    return subprocess.run(
+        [sys.executable, "-m", "refcount", "--store", str(store), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=DIRECT,
+    )
+
+
+def client(store: Path, *args: str) -> subprocess.Popen[str]:
+    """`refcount --store S ARGS...` started now; a daemon on S answers it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "refcount", "--store", str(store), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+class Daemon:
+    """`refcount -vv --store S watch --metrics-addr 127.0.0.1:0`, its log in a file."""
+
+    def __init__(self, store: Path, log_path: Path) -> None:
+        self.store = store
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "refcount", "-vv", "--store", str(store), "watch"),
+                *("--metrics-addr", "127.0.0.1:0", "--debounce", "0.05"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        socket_file = store / ".refcount" / "refcount.sock"
+        self.address = self.wait_log(r"serving metrics on http://(\S+)/metrics").group(1)
+        wait_until(
+            lambda: "full reconcile (start)" in self.log() and socket_file.exists(),
+            "the daemon to serve",
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            assert self.proc.poll() is None, self.log()
+            return re.search(pattern, self.log())
+
+        match: re.Match[str] = wait_until(found, f"{pattern!r} in the daemon's log")
+        return match
+
+    def served(self, proc: subprocess.Popen[str]) -> bool:
+        return f"serve: pid {proc.pid}: running" in self.log()
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        figures = {}
+        for line in text.splitlines():
+            if line.startswith(("refcount_index_rewrites_total", "refcount_delete_group_size_")):
+                name, value = line.rsplit(" ", 1)
+                figures[name] = float(value)
+        return figures
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[[Path], Daemon]]:
+    started: list[Daemon] = []
+
+    def start(store: Path) -> Daemon:
+        started.append(Daemon(store, tmp_path / f"watch-{len(started)}.log"))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.stop()
+
+
+@contextmanager
+def store_locked(store: Path) -> Iterator[None]:
+    """Hold the store's writer lock, as a refcount process does while it writes:
+    the daemon's batch in flight waits for it, and the deletes arriving meanwhile
+    queue up for the next batch."""
+    fd = os.open(store / ".refcount" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def tags_in(store: Path) -> list[str | None]:
+    return [sk.tag_of(e) for e in sk.read_index(store)["manifests"]]
+
+
+def group_figures(running: Daemon, deletes: int) -> dict[str, float]:
+    """The daemon's group-commit figures once it counted `deletes` served deletes."""
+    figures: dict[str, float] = wait_until(
+        lambda: (
+            (found := running.metrics()).get("refcount_delete_group_size_sum") == deletes and found
+        ),
+        f"{deletes} deletes in the metrics",
+    )
+    return figures
+
+
+def test_twenty_clients_at_once_are_answered_each_with_its_own_report_in_two_rewrites(
+    tmp_path: Path, daemon: Callable[[Path], Daemon]
+) -> None:
+    store = small_store(tmp_path / "store", 25)
+    running = daemon(store)
+    before = sk.blob_files(store)
+    with store_locked(store):
+        # The first delete leads a batch that waits for the lock; the other
+        # nineteen queue up behind it and form the next batch.
+        leader = client(store, "--json", "delete", "tag", "t0")
+        wait_until(lambda: running.served(leader), "the first delete to be taken")
+        followers = [client(store, "--json", "delete", "tag", f"t{i}") for i in range(1, 20)]
+        running.wait_log(r"queued for the next batch \(19 waiting\)")
+    results = [finish(p) for p in (leader, *followers)]
+
+    freed: set[str] = set()
+    for i, (code, out, err) in enumerate(results):
+        assert (code, err) == (0, ""), (i, out, err)
+        report = json.loads(out)
+        assert report["target"] == f"t{i}" and [e["tag"] for e in report["removed"]] == [f"t{i}"]
+        freed |= {b["digest"] for b in report["freed"]}
+    assert all(running.served(p) for p in (leader, *followers)), running.log()
+    assert tags_in(store) == [f"t{i}" for i in range(20, 25)]
+    assert freed == before - sk.reachable(store) == before - sk.blob_files(store)
+    assert refcount_direct(store, "verify").returncode == 0
+    figures = group_figures(running, 20)
+    assert figures["refcount_index_rewrites_total"] == 2  # fewer rewrites than requests
+    assert figures["refcount_delete_group_size_count"] == 2
+
+
+def test_a_client_naming_a_missing_tag_fails_alone_and_the_rest_of_its_batch_is_deleted(
+    tmp_path: Path, daemon: Callable[[Path], Daemon]
+) -> None:
+    store = small_store(tmp_path / "store", 6)
+    running = daemon(store)
+    before = sk.listing(store)
+    with store_locked(store):
+        leader = client(store, "delete", "tag", "t0")
+        wait_until(lambda: running.served(leader), "the first delete to be taken")
+        batch = {tag: client(store, "--json", "delete", "tag", tag) for tag in ("t1", "nope", "t2")}
+        running.wait_log(r"queued for the next batch \(3 waiting\)")
+    assert finish(leader)[0] == 0
+    results = {tag: finish(proc) for tag, proc in batch.items()}
+
+    alone = refcount_direct(store, "--json", "delete", "tag", "nope")
+    assert results["nope"] == (1, alone.stdout, alone.stderr)
+    assert results["nope"][2] == f"refcount: error: nope: no such tag in {store / 'index.json'}\n"
+    freed = set()
+    for tag in ("t1", "t2"):
+        code, out, err = results[tag]
+        assert (code, err) == (0, ""), (tag, out, err)
+        freed |= {b["digest"] for b in json.loads(out)["freed"]}
+    assert tags_in(store) == ["t3", "t4", "t5"]
+    after = sk.listing(store)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    gone = {p.removeprefix("blobs/").replace("/", ":", 1) for p in changed - {"index.json"}}
+    t0 = {sk.sha256_digest(b"only t0")}  # and its config and manifest, below
+    assert gone >= freed | t0 and not after.keys() - before.keys()
+    assert gone == before_blobs(before) - sk.reachable(store)
+    assert refcount_direct(store, "verify").returncode == 0
+    figures = group_figures(running, 4)
+    assert figures["refcount_index_rewrites_total"] == 2
+
+
+def before_blobs(listing: dict[str, tuple[int, str]]) -> set[str]:
+    return {
+        p.removeprefix("blobs/").replace("/", ":", 1) for p in listing if p.startswith("blobs/")
+    }
+
+
+def test_a_client_killed_while_its_delete_is_queued_deletes_nothing(
+    tmp_path: Path, daemon: Callable[[Path], Daemon]
+) -> None:
+    store = small_store(tmp_path / "store", 3)
+    running = daemon(store)
+    with store_locked(store):
+        leader = client(store, "delete", "tag", "t0")
+        wait_until(lambda: running.served(leader), "the first delete to be taken")
+        killed = client(store, "delete", "tag", "t1")
+        running.wait_log(r"queued for the next batch \(1 waiting\)")
+        killed.kill()
+        killed.communicate(timeout=30)
+        running.wait_log(r"a queued request was withdrawn")
+    assert finish(leader)[0] == 0
+    assert tags_in(store) == ["t1", "t2"]
+    assert sk.blob_files(store) == sk.reachable(store)
+    assert sk.sha256_digest(b"only t1") in sk.blob_files(store)
+    assert refcount_direct(store, "verify").returncode == 0
+    assert f"serve: pid {killed.pid} went away or was interrupted; its command exited 130" in (
+        running.log()
+    )
+    figures = group_figures(running, 1)
+    assert figures["refcount_index_rewrites_total"] == 1
+
+
+@pytest.mark.sqlite_only(SEVERAL_STORES)
+def test_a_lone_served_delete_prints_what_the_cli_alone_prints(
+    tmp_path: Path, daemon: Callable[[Path], Daemon]
+) -> None:
+    template = small_store(tmp_path / "template", 4)
+    served, direct = tmp_path / "served", tmp_path / "direct"
+    for copy in (served, direct):
+        shutil.copytree(template, copy)
+    running = daemon(served)
+    for args in (["--json", "delete", "tag", "t0"], ["delete", "tag", "t1", "t2"]):
+        proc = client(served, *args)
+        got = finish(proc)
+        assert running.served(proc)
+        alone = refcount_direct(direct, *args)
+        assert got == (alone.returncode, alone.stdout, alone.stderr)
+    dry = finish(client(served, "--json", "delete", "tag", "t3", "--dry-run"))
+    alone = refcount_direct(direct, "--json", "delete", "tag", "t3", "--dry-run")
+    assert dry == (alone.returncode, alone.stdout, alone.stderr)
+    assert sk.read_index(served) == sk.read_index(direct)
+    assert sk.blob_files(served) == sk.blob_files(direct)
