@@ -1579,7 +1579,8 @@ class _RequestStream(io.TextIOBase):
 
     def __init__(self, default: Any, which: int) -> None:
         super().__init__()
-        self.default = default
+        # A daemon started without a stdout (None) drops what other threads print.
+        self.default = default if default is not None else open(os.devnull, "w")  # noqa: SIM115
         self.which = which
 
     def _target(self) -> Any:

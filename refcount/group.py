@@ -113,17 +113,23 @@ class GroupCommit(Generic[R, S]):
                 log.debug("group commit: a queued request was withdrawn; it does not run")
                 raise Withdrawn
             if not queue.in_flight and queue.waiting and queue.waiting[0] is item:
-                return self._take(queue)
+                batch = self._take(queue)
+                if batch is None:
+                    raise Withdrawn
+                return batch
             self._cond.wait(POLL)
         return None
 
-    def _take(self, queue: _Queue[R, S]) -> list[_Item[R, S]]:
-        """Under the lock: everything queued (but what was cancelled) is the next batch."""
+    def _take(self, queue: _Queue[R, S]) -> list[_Item[R, S]] | None:
+        """Under the lock: everything queued (but what was cancelled meanwhile, the
+        caller's own request included) is the next batch; None when that is nothing."""
         batch = [i for i in queue.waiting if not i.cancelled()]
         for dropped in (i for i in queue.waiting if i not in batch):
             dropped.error = Withdrawn()
             dropped.done = True
         queue.waiting = []
+        if not batch:
+            return None
         queue.in_flight = True
         for member in batch:
             member.taken = True
