@@ -37,6 +37,7 @@ import storekit as sk
 from conftest import SEVERAL_STORES
 
 import refcount
+from refcount import interrupts
 from refcount.core.grouping import DeleteRequest
 from refcount.errors import DeleteRefused, InvalidDigest, NotFound
 from refcount.group import GroupCommit, Withdrawn
@@ -260,6 +261,39 @@ def test_a_request_cancelled_while_queued_is_withdrawn_and_never_runs() -> None:
         thread.join(DEADLINE)
     assert len(leaver_out) == 1 and isinstance(leaver_out[0], Withdrawn)
     assert batches.ran == [["a"], ["c"]] and stayer_out == ["done c"]
+
+
+def test_a_request_cancelled_once_its_batch_was_taken_is_carried_out_and_answered() -> None:
+    group: GroupCommit[str, str] = GroupCommit()
+    batches = Batches()
+    batches.hold.clear()
+    gone = threading.Event()
+    thread, out = start(lambda: group.submit("s", "a", batches, gone.is_set))
+    assert batches.started.wait(DEADLINE)
+    gone.set()  # the client leaves while its delete is being written
+    batches.hold.set()
+    thread.join(DEADLINE)
+    assert out == ["done a"] and batches.ran == [["a"]]
+
+
+def test_work_on_behalf_of_several_requests_stops_only_once_all_are_cancelled() -> None:
+    first, second = threading.Event(), threading.Event()
+    seen = []
+
+    def body() -> None:
+        with interrupts.on_behalf_of([first, second]):
+            seen.append(interrupts.requested())
+            first.set()
+            seen.append(interrupts.requested())
+            second.set()
+            seen.append(interrupts.requested())
+        with interrupts.on_behalf_of([first, None]):  # a request that cannot be cancelled
+            seen.append(interrupts.requested())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(DEADLINE)
+    assert seen == [False, False, True, False]
 
 
 def test_a_failed_batch_reaches_every_member_and_the_next_batch_still_runs() -> None:
