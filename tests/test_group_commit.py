@@ -42,7 +42,7 @@ from refcount.core.grouping import DeleteRequest
 from refcount.errors import DeleteRefused, InvalidDigest, NotFound
 from refcount.group import GroupCommit, Withdrawn
 from refcount.reports import DeleteReport, to_json
-from refcount.store import Store
+from refcount.store import CRASH_ENV, Store
 
 DEADLINE = 30.0
 
@@ -583,3 +583,50 @@ def test_a_lone_served_delete_prints_what_the_cli_alone_prints(
     assert dry == (alone.returncode, alone.stdout, alone.stderr)
     assert sk.read_index(served) == sk.read_index(direct)
     assert sk.blob_files(served) == sk.blob_files(direct)
+
+
+@pytest.mark.sqlite_only(SEVERAL_STORES)
+@pytest.mark.parametrize(
+    "point",
+    [
+        "delete-before-index",
+        "index-before-rename",
+        "delete-before-commit",
+        "delete-after-commit",
+        "settle-between-actions",
+    ],
+)
+def test_a_batch_killed_at_a_crash_point_heals_whole_at_the_next_start(
+    store: Path, tmp_path: Path, point: str
+) -> None:
+    images(store)
+    with refcount.open(store, trash_ttl=timedelta(0)) as rc:
+        rc.init()
+    reference = tmp_path / "reference"
+    shutil.copytree(store, reference)
+    requests = [tags("a"), tags("nope"), tags("b"), tags("c")]
+    with refcount.open(reference, trash_ttl=timedelta(0)) as rc:
+        rc.delete_groups(requests)
+    before = sk.read_index(store)
+
+    pid = os.fork()
+    if pid == 0:  # the child opens the store only after the fork
+        code = 0
+        try:
+            os.environ[CRASH_ENV] = point
+            with refcount.open(store, trash_ttl=timedelta(0)) as rc:
+                rc.delete_groups(requests)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 137, point
+
+    with refcount.open(store, trash_ttl=timedelta(0)) as rc:
+        rc.sync()
+        assert rc.verify().ok, point
+    assert sk.read_index(store) in (before, sk.read_index(reference)), point
+    assert sk.reachable(store) <= sk.blob_files(store), point
+    if sk.read_index(store) == sk.read_index(reference):
+        assert sk.blob_files(store) == sk.blob_files(reference), point
