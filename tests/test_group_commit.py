@@ -630,3 +630,24 @@ def test_a_batch_killed_at_a_crash_point_heals_whole_at_the_next_start(
     assert sk.reachable(store) <= sk.blob_files(store), point
     if sk.read_index(store) == sk.read_index(reference):
         assert sk.blob_files(store) == sk.blob_files(reference), point
+
+
+def test_a_prune_beside_queued_deletes_runs_alone_between_batches(
+    tmp_path: Path, daemon: Callable[[Path], Daemon]
+) -> None:
+    """prune is not served: it runs in its own process and takes the store's lock,
+    so it goes before or after a batch, never inside one; all of them land."""
+    store = small_store(tmp_path / "store", 6)
+    running = daemon(store)
+    with store_locked(store):
+        leader = client(store, "delete", "tag", "t0")
+        wait_until(lambda: running.served(leader), "the first delete to be taken")
+        queued_delete = client(store, "delete", "tag", "t1")
+        running.wait_log(r"queued for the next batch \(1 waiting\)")
+        prune = client(store, "prune", "--keep-last", "0", "--match", "t[45]")
+    results = [finish(p) for p in (leader, queued_delete, prune)]
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    assert not running.served(prune)
+    assert tags_in(store) == ["t2", "t3"]
+    assert sk.blob_files(store) == sk.reachable(store)
+    assert refcount_direct(store, "verify").returncode == 0
