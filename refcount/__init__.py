@@ -19,7 +19,16 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refcount.core import Changes, MinFree, Policy, PrunePolicy, Refcounter, open, plugins
+    from refcount.core import (
+        Changes,
+        DeleteRequest,
+        MinFree,
+        Policy,
+        PrunePolicy,
+        Refcounter,
+        open,
+        plugins,
+    )
     from refcount.errors import (
         CannotWriteOutput,
         ConcurrentChange,
@@ -73,7 +82,10 @@ if TYPE_CHECKING:
 
 _HOME = {
     **dict.fromkeys(
-        ["Changes", "MinFree", "Policy", "PrunePolicy", "Refcounter", "open", "plugins"],
+        [
+            *("Changes", "DeleteRequest", "MinFree", "Policy", "PrunePolicy", "Refcounter"),
+            *("open", "plugins"),
+        ],
         "refcount.core",
     ),
     **dict.fromkeys(
@@ -145,6 +157,7 @@ __all__ = [
     "DatabaseError",
     "DeleteRefused",
     "DeleteReport",
+    "DeleteRequest",
     "Digest",
     "DuReport",
     "Entry",

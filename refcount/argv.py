@@ -124,3 +124,10 @@ def normalise(argv: Sequence[str]) -> list[str]:
     """argv with every global option in front of the command (see `split`)."""
     found, rest = split(argv)
     return found + rest
+
+
+def is_delete(argv: Sequence[str]) -> bool:
+    """Whether the command line is a `delete tag` or `delete manifest` (a daemon
+    serves those beside other requests: they join its group commit)."""
+    _found, command = split(argv)
+    return command[:1] == ["delete"] and command[1:2] in (["tag"], ["manifest"])

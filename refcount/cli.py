@@ -25,8 +25,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -37,15 +37,17 @@ import typer
 
 from refcount import interrupts, roots
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import Progress, PrunePolicy, Refcounter, sync_log
+from refcount.core import DeleteRequest, Progress, PrunePolicy, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
 from refcount.core.policyfile import build as build_policy
 from refcount.durations import parse_amount, parse_duration
 from refcount.errors import ExitCode, InvalidDuration, InvalidPolicy, NotServed, RefcountError
+from refcount.group import GroupCommit, Withdrawn
 from refcount.layout import policy_path
 from refcount.reports import (
     BlobInfo,
+    DeleteBatch,
     DeleteReport,
     DuReport,
     GcReport,
@@ -459,6 +461,8 @@ def delete_tag(
         refcount delete tag app:1.0 --dry-run
         refcount delete tag app:1.0 app:1.1 app:1.2
     """
+    if _joined(ctx, DeleteRequest(tags=tuple(refs)), dry_run):
+        return
     held = _held(ctx, refs)
     _across(
         ctx,
@@ -477,8 +481,67 @@ def delete_manifest(
 ) -> None:
     """Remove every index.json entry pointing at DIGEST; free what reaches zero."""
     _one_store(ctx, "delete manifest")
+    if _joined(ctx, DeleteRequest(digest=digest), dry_run):
+        return
     with _settings(ctx).counter() as rc:
         render(ctx, rc.delete_manifest(digest, dry_run=dry_run))
+
+
+def _joined(ctx: typer.Context, request: DeleteRequest, dry_run: bool) -> bool:
+    """Inside a daemon, a delete on one store joins the next group commit of the
+    deletes its clients send (`refcount.group`): its own report is rendered here
+    once its entries are out of index.json and its blobs freed, or its own error
+    raised. False (nothing done) where it runs alone: a CLI process, a dry run
+    (it changes nothing, so it waits for no one), --root."""
+    group = _GROUP.get()
+    settings = _settings(ctx)
+    if group is None or dry_run or settings.root is not None:
+        return False
+    cancel = interrupts.cancel_event()
+    # Requests batch together only when every option that shapes a delete is the
+    # same (--json shapes only the output).
+    key = replace(settings, json=False)
+    try:
+        result = group.submit(
+            key,
+            (request, cancel),
+            functools.partial(_delete_batch, settings),
+            cancelled=cancel.is_set if cancel is not None else lambda: False,
+        )
+    except Withdrawn:  # its client went away while it was queued: it never ran
+        interrupts.checkpoint()
+        raise
+    except interrupts.Interrupted:  # every client of its batch went away before it ran
+        interrupts.checkpoint()  # raised as this thread's own interruption
+        raise
+    if isinstance(result, RefcountError):
+        raise result
+    interrupts.completed(request.describe())
+    render(ctx, result)
+    return True
+
+
+def _delete_batch(
+    settings: Settings, batch: Sequence[tuple[DeleteRequest, threading.Event | None]]
+) -> list[DeleteReport | RefcountError]:
+    """A group commit's batch, run by its leader on the leader's thread and
+    Refcounter: stopped by an interruption only once every client in it has gone
+    (`interrupts.on_behalf_of`); counted in the daemon's metrics as one rewrite."""
+    started = time.monotonic()
+    with interrupts.on_behalf_of([cancel for _, cancel in batch]), settings.open() as rc:
+        results = rc.delete_groups([request for request, _ in batch])
+    written = sum(1 for r in results if isinstance(r, DeleteReport))
+    seconds = time.monotonic() - started
+    if (on_report := _ON_REPORT.get()) is not None:
+        on_report(DeleteBatch(requests=len(batch), written=written, seconds=seconds))
+    log.log(
+        logging.INFO if len(batch) > 1 else logging.DEBUG,
+        "group commit: %d deletes, %d written in one rewrite of index.json; %.1f ms",
+        len(batch),
+        written,
+        seconds * 1000,
+    )
+    return results
 
 
 @app.command(short_help="Recount from scratch and compare with the database.")
@@ -968,7 +1031,8 @@ def watch(
         os.environ.pop(name, None)
 
     def serve(on_report: Callable[[object], None]) -> Callable[..., tuple[int, str, str]]:
-        return functools.partial(serve_request, on_report=on_report)
+        # One queue of deletes per served store (per repository under --root).
+        return functools.partial(serve_request, on_report=on_report, group=GroupCommit())
 
     if settings.root is None:
         run_daemon(settings.open, options, serve)
@@ -1536,7 +1600,57 @@ _REQUEST_LOG: ContextVar[logging.Handler | None] = ContextVar("_REQUEST_LOG", de
 """Set while `serve_request` runs: the handler that takes this request's log lines."""
 _ON_REPORT: ContextVar[Callable[[object], None] | None] = ContextVar("_ON_REPORT", default=None)
 """Set while `serve_request` runs: where the reports the command renders also go."""
-_SERVING = threading.Lock()
+_GROUP: ContextVar[GroupCommit[Any, Any] | None] = ContextVar("_GROUP", default=None)
+"""Set while `serve_request` runs: the daemon's queue of deletes (`_joined`)."""
+_OUTPUT: ContextVar[tuple[io.StringIO, io.StringIO] | None] = ContextVar("_OUTPUT", default=None)
+"""Set while `serve_request` runs: where this request's stdout and stderr go."""
+_STREAMS = threading.Lock()
+
+
+class _RequestStream(io.TextIOBase):
+    """sys.stdout (or sys.stderr) of a daemon serving requests: what a request's
+    thread writes goes to that request's buffer (`_OUTPUT`), what any other
+    thread writes to the stream this one replaced. Requests run on several
+    threads at once, so `contextlib.redirect_stdout`, which swaps the stream of
+    the whole process, cannot be used."""
+
+    def __init__(self, default: Any, which: int) -> None:
+        super().__init__()
+        # A daemon started without a stdout (None) drops what other threads print.
+        self.default = default if default is not None else open(os.devnull, "w")  # noqa: SIM115
+        self.which = which
+
+    def _target(self) -> Any:
+        output = _OUTPUT.get()
+        return self.default if output is None else output[self.which]
+
+    def write(self, text: str) -> int:
+        return int(self._target().write(text))
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return bool(self._target().isatty())
+
+    def fileno(self) -> int:
+        return int(self._target().fileno())
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target(), "encoding", None) or "utf-8"
+
+
+def _route_output() -> None:
+    """Put `_RequestStream`s in place of sys.stdout and sys.stderr (once)."""
+    with _STREAMS:
+        if not isinstance(sys.stdout, _RequestStream):
+            sys.stdout = _RequestStream(sys.stdout, 0)
+        if not isinstance(sys.stderr, _RequestStream):
+            sys.stderr = _RequestStream(sys.stderr, 1)
 
 
 class _ThreadOnly(logging.Filter):
@@ -1555,6 +1669,7 @@ def serve_request(
     cancel: threading.Event,
     *,
     on_report: Callable[[object], None] | None = None,
+    group: GroupCommit[Any, Any] | None = None,
 ) -> tuple[int, str, str]:
     """Run one command for a client of the daemon; returns (exit code, stdout, stderr).
 
@@ -1574,17 +1689,23 @@ def serve_request(
     on the request's handler instead of the root logger, and nothing here
     reconfigures or shuts down logging.
 
-    Why `redirect_stdout`/`redirect_stderr`, which swap `sys.stdout` for the
-    whole process: Typer's echo writes to whatever `sys.stdout` is when it is
-    called, so a command's output can only be caught there. That is safe here
-    because (1) requests run one at a time (`_SERVING`), (2) the daemon's other
-    threads never print: they log, and the daemon's handlers were made by
+    How output is caught: Typer's echo writes to whatever `sys.stdout` is when
+    it is called, so a command's output can only be caught there. Requests run
+    on several threads at once (the server's, `refcount.serve`), so sys.stdout
+    and sys.stderr are replaced, once, by streams that send what a request's
+    thread writes to that request's buffers (`_RequestStream`), and what any
+    other thread writes where it went before. The daemon's other threads never
+    print anyway: they log, and the daemon's handlers were made by
     `_configure_logging` with `StreamHandler(sys.stderr)`, which keeps the
     stream object it was given, so their lines still reach the daemon's real
-    stderr while a request runs, and (3) a request's log lines are picked by
-    thread (`_ThreadOnly`), so a batch the watcher logs meanwhile never reaches
-    the client. Log records of the request also reach the daemon's own log at
-    the daemon's level, which is a record of what clients did.
+    stderr. A request's log lines are picked by thread (`_ThreadOnly`), so a
+    batch the watcher logs meanwhile never reaches the client. Log records of
+    the request also reach the daemon's own log at the daemon's level, which is
+    a record of what clients did.
+
+    Deletes (`delete tag`, `delete manifest`, not dry runs) join the daemon's
+    group commit, `group` (`_joined`): the leader of a batch runs it on its
+    own thread, so what the batch logs reaches the leader's client.
 
     Cost: the warm interpreter's import time is saved; each request still opens
     its own `Refcounter` (engine, schema check) and takes the store's lock like
@@ -1596,18 +1717,24 @@ def serve_request(
     handler.setLevel(logging.WARNING)
     handler.addFilter(_ThreadOnly())
     root = logging.getLogger()
-    with _SERVING:
-        token = _REQUEST_LOG.set(handler)
-        reports = _ON_REPORT.set(on_report)
-        root.addHandler(handler)
-        started = time.monotonic()
-        try:
-            with redirect_stdout(out), redirect_stderr(err), interrupts.cancelled_by(cancel):
-                code = _run(argv)
-        finally:
-            root.removeHandler(handler)
-            _ON_REPORT.reset(reports)
-            _REQUEST_LOG.reset(token)
+    _route_output()
+    tokens = (
+        _REQUEST_LOG.set(handler),
+        _ON_REPORT.set(on_report),
+        _GROUP.set(group),
+        _OUTPUT.set((out, err)),
+    )
+    root.addHandler(handler)
+    started = time.monotonic()
+    try:
+        with interrupts.cancelled_by(cancel):
+            code = _run(argv)
+    finally:
+        root.removeHandler(handler)
+        _OUTPUT.reset(tokens[3])
+        _GROUP.reset(tokens[2])
+        _ON_REPORT.reset(tokens[1])
+        _REQUEST_LOG.reset(tokens[0])
     log.debug(
         "served %s: exit %d, %.1f ms", " ".join(argv), code, (time.monotonic() - started) * 1000
     )

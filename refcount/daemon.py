@@ -61,6 +61,7 @@ from refcount.errors import InvalidStore, RefcountError, UnparsableIndex
 from refcount.events import OnLost, OnPaths, StoreWatch
 from refcount.metrics import Health, Metrics
 from refcount.reports import (
+    DeleteBatch,
     DeleteReport,
     GcReport,
     PruneReport,
@@ -463,9 +464,12 @@ class Daemon:
         """Count what commands served for clients did, then refresh the gauges once.
         Dry runs and reading commands changed nothing and are not counted."""
         counted: list[DeleteReport | GcReport | SyncReport] = []
+        batches: list[DeleteBatch] = []
         changed = False
         for report in reports:
-            if isinstance(report, DeleteReport | GcReport) and not report.dry_run:
+            if isinstance(report, DeleteBatch):  # the group commit its deletes were in
+                batches.append(report)
+            elif isinstance(report, DeleteReport | GcReport) and not report.dry_run:
                 counted.append(report)
                 changed = True
             elif isinstance(report, SyncReport):  # sync, init
@@ -478,6 +482,8 @@ class Daemon:
         def count() -> None:
             for report in counted:
                 self.metrics.record_served(report)
+            for batch in batches:
+                self.metrics.record_delete_batch(batch)
 
         self._record(count, refresh=changed)
 

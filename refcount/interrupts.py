@@ -230,3 +230,38 @@ def cancelled_by(event: threading.Event) -> Iterator[None]:
         yield
     finally:
         _thread.cancel, _thread.completed, _thread.depth, _thread.raised = previous
+
+
+def cancel_event() -> threading.Event | None:
+    """The event that cancels this thread's request (`cancelled_by`), if any."""
+    return _thread.cancel
+
+
+class _AllSet(threading.Event):
+    """Set when every one of `events` is: the requests a batch serves have all gone."""
+
+    def __init__(self, events: list[threading.Event]) -> None:
+        super().__init__()
+        self.events = events
+
+    def is_set(self) -> bool:
+        return bool(self.events) and all(e.is_set() for e in self.events)
+
+
+@contextmanager
+def on_behalf_of(events: list[threading.Event | None]) -> Iterator[None]:
+    """Within: this thread works for several requests at once (a daemon's group
+    commit, `refcount.group`), so it is interrupted only once each of them is
+    cancelled: one client leaving must not stop the work of the others. A
+    request with no event (a CLI process's own) can never be cancelled, and
+    then neither can the work."""
+    armed = [e for e in events if e is not None]
+    with cancelled_by(_AllSet(armed) if len(armed) == len(events) else threading.Event()):
+        yield
+
+
+def completed(what: str) -> None:
+    """Record that this thread's operation `what` completed, though another thread
+    did the work (a daemon's group commit): an interruption is then reported as
+    `refcount: interrupted (WHAT had completed)`, as for work done here."""
+    _thread.completed = what

@@ -35,7 +35,7 @@ from prometheus_client import (
 )
 
 from refcount.errors import InvalidAddress
-from refcount.reports import DeleteReport, GcReport, PruneReport, Stats, SyncReport
+from refcount.reports import DeleteBatch, DeleteReport, GcReport, PruneReport, Stats, SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ DURATION_BUCKETS = (
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
 
+
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Deletes per group commit: one when clients come one by one, up to the number
+of connections the daemon serves at once (refcount.serve.MAX_SERVING)."""
 
 VERIFY_PROBLEMS = ("drift", "missing", "corrupt", "problem", "orphan")
 
@@ -166,6 +170,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.index_rewrites = Counter(
+            "refcount_index_rewrites",
+            "Rewrites of index.json by the deletes the daemon served for its clients: one "
+            "per group commit that removed entries, however many deletes it held.",
+            registry=r,
+        )
+        self.delete_group_size = Histogram(
+            "refcount_delete_group_size",
+            "Deletes served together in one group commit (one transaction and at most one "
+            "rewrite of index.json); _count is the group commits, _sum the deletes.",
+            buckets=GROUP_BUCKETS,
+            registry=r,
+        )
         self.duration = Histogram(
             "refcount_reconcile_duration_seconds",
             "Time to apply one reconcile, by kind (batch, full, gc, prune).",
@@ -250,6 +267,12 @@ class Metrics:
         self.pruned_bytes.inc(report.freed_bytes)
         self.freed_blobs.labels("deleted").inc(len(report.freed))
         self.freed_bytes.labels("deleted").inc(report.freed_bytes)
+
+    def record_delete_batch(self, batch: DeleteBatch) -> None:
+        """One group commit of served deletes (their frees come with their reports)."""
+        self.delete_group_size.observe(batch.requests)
+        if batch.written:
+            self.index_rewrites.inc()
 
     def record_served(self, report: DeleteReport | GcReport | SyncReport) -> None:
         """What a command the daemon ran for a client did (not a dry run).

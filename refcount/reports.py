@@ -102,6 +102,16 @@ class DeleteReport:
 
 
 @dataclass(frozen=True)
+class DeleteBatch:
+    """A daemon's group commit: `requests` deletes served together, of which
+    `written` removed entries, in one rewrite of index.json (none when 0)."""
+
+    requests: int
+    written: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class PushReport:
     """`push`: what was added to index.json, copied, reused, and what a moved tag freed."""
 

@@ -28,8 +28,16 @@ work.
 
 Who may connect: the socket is made mode 0600 before it listens, and a peer
 whose uid (SO_PEERCRED) is not the daemon's is refused anyway (root ignores file
-modes). Requests are served one at a time on one thread; each takes the store's
-lock like any CLI process, so the watcher's batches go on between them.
+modes).
+
+Each connection is served on a thread of its own (at most MAX_SERVING at once;
+more wait in the listen backlog). Requests the caller's `concurrent(argv)`
+accepts (the CLI's deletes, which join the daemon's group commit,
+`refcount.group`) run as soon as they are read, beside each other and beside
+the rest; every other request runs one at a time, as it always did: it is
+accepted only when the one before it is done, so a client that gave up
+meanwhile is never run. Each takes the store's lock like any CLI process, so
+the watcher's batches go on between them.
 
 Only the standard library is imported here.
 """
@@ -44,8 +52,9 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from refcount.errors import CannotServe, ExitCode
@@ -59,11 +68,23 @@ READ_TIMEOUT = 10.0
 """Seconds a connected peer has to send its request before it is dropped."""
 POLL = 0.2
 """Seconds between checks for a stop while waiting for connections."""
+MAX_SERVING = 32
+"""Connections served at once (a thread each); more wait in the listen backlog."""
+BACKLOG = 64
+"""Connections the kernel holds before they are accepted: twenty clients at once
+must not find it full (a client whose connect times out runs the command itself)."""
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[list[str], threading.Event], tuple[int, str, str]]
 """Runs one command line; returns (exit code, stdout, stderr). The event is set
-when the client goes away: the command should stop (and answer exit 130)."""
+when the client goes away: the command should stop (and answer exit 130). It
+is called from several threads at once for the requests `concurrent` accepts."""
+Concurrent = Callable[[list[str]], bool]
+"""Whether a command line may run beside others (else: one at a time)."""
+
+
+def _never(_argv: list[str]) -> bool:
+    return False
 
 
 class _BadRequest(Exception):
@@ -141,20 +162,25 @@ class _PeerWatch:
 
 
 class CommandServer:
-    """Serve `handler` on a Unix socket at `path` from one thread.
+    """Serve `handler` on a Unix socket at `path`, a thread per connection.
 
     Call `start()` only while holding the store's daemon lock: a socket file
     already there is then a dead daemon's and is replaced. `close()` stops
-    accepting, lets a request in hand finish (up to `timeout`), and removes the
-    socket file.
+    accepting, lets the requests in hand finish (up to `timeout`), and removes
+    the socket file.
     """
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, concurrent: Concurrent = _never) -> None:
         self.path = path
         self.handler = handler
+        self.concurrent = concurrent
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name="refcount-serve", daemon=True)
+        self._slots = threading.BoundedSemaphore(MAX_SERVING)
+        self._one_at_a_time = threading.Lock()
+        self._serving: set[threading.Thread] = set()
+        self._serving_lock = threading.Lock()
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -166,7 +192,7 @@ class CommandServer:
                 # Nobody can connect before listen(), so 0600 is in place before
                 # anyone could use the file's first, wider mode.
                 os.chmod(name, 0o600)
-            listener.listen(16)
+            listener.listen(BACKLOG)
             listener.settimeout(POLL)
         except OSError as exc:
             listener.close()
@@ -179,8 +205,13 @@ class CommandServer:
 
     def close(self, timeout: float = 30.0) -> None:
         self._stopping.set()
+        deadline = time.monotonic() + timeout
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._serving_lock:
+            serving = list(self._serving)
+        for thread in serving:
+            thread.join(max(0.0, deadline - time.monotonic()))
         listener, self._listener = self._listener, None
         if listener is None:
             return
@@ -195,21 +226,54 @@ class CommandServer:
         listener = self._listener
         assert listener is not None
         while not self._stopping.is_set():
+            if not self._slots.acquire(timeout=POLL):
+                continue  # MAX_SERVING in hand: the next waits in the backlog
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
+                self._slots.release()
                 continue
             except OSError as exc:
+                self._slots.release()
                 if exc.errno in (errno.EINTR, errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
                     self._stopping.wait(POLL)  # out of descriptors: try again soon
                     continue
                 log.error("serve: cannot accept on %s: %s; no longer serving", self.path, exc)
                 return
+            thread = threading.Thread(
+                target=self._serve_connection, args=(conn,), name="refcount-serve-conn"
+            )
+            with self._serving_lock:
+                self._serving.add(thread)
+            thread.start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
             with conn:
-                try:
-                    self._serve_one(conn)
-                except Exception:
-                    log.exception("serve: a request failed")
+                self._serve_one(conn)
+        except Exception:
+            log.exception("serve: a request failed")
+        finally:
+            with self._serving_lock:
+                self._serving.discard(threading.current_thread())
+            self._slots.release()
+
+    @contextmanager
+    def _turn(self, argv: list[str]) -> Iterator[bool]:
+        """Yields whether the request may run now: at once for a concurrent one,
+        else once the one-at-a-time request before it is done (False: the daemon
+        is stopping, and the client runs the command itself)."""
+        if self.concurrent(argv):
+            yield True
+            return
+        while not self._one_at_a_time.acquire(timeout=POLL):
+            if self._stopping.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._one_at_a_time.release()
 
     def _serve_one(self, conn: socket.socket) -> None:
         conn.settimeout(READ_TIMEOUT)
@@ -229,6 +293,13 @@ class CommandServer:
         except (_BadRequest, OSError) as exc:
             log.warning("serve: dropped a request from pid %d: %s", pid, exc)
             return
+        with self._turn(argv) as now:
+            if now:
+                self._run_request(conn, pid, argv)
+
+    def _run_request(self, conn: socket.socket, pid: int, argv: list[str]) -> None:
+        """Accept the request, run it and answer, unless its client went away
+        before it ran (it wants nothing run)."""
         if _gone(conn):  # interrupted while the daemon was busy: it wants nothing run
             log.debug("serve: pid %d went away before its request ran", pid)
             return

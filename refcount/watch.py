@@ -16,7 +16,9 @@ How the pieces work together (each module's docstring says more):
   shutdown. A served command runs on a Refcounter of its own, so the reports
   it renders are handed to the worker (`Daemon.report_served`), which counts
   them in the metrics and refreshes the gauges: the batch its file events
-  cause finds the database already in step and changes nothing.
+  cause finds the database already in step and changes nothing. Deletes are
+  served beside the other requests (`refcount.argv.is_delete`): they meet in
+  the CLI's group commit (`refcount.group`), one rewrite of index.json a batch.
 - `run_root_daemon` is `watch --root`: the same daemon, one per repository
   under a root (`refcount.roots`), in one process, started and stopped as
   repositories appear and disappear.
@@ -35,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 from refcount import roots
+from refcount.argv import is_delete
 from refcount.core import Policy, Refcounter
 from refcount.daemon import Collector, Daemon
 from refcount.errors import CannotServe, CannotWatch, InvalidOption, InvalidPolicy, RefcountError
@@ -377,7 +380,9 @@ def _serve(
     commands = (
         None
         if serve is None
-        else CommandServer(socket_path(store, options.run_dir), serve(daemon.report_served))
+        else CommandServer(
+            socket_path(store, options.run_dir), serve(daemon.report_served), is_delete
+        )
     )
     log.info(
         "watching %s (debounce %.3g s, resync every %s, gc every %s, grace %s, trash TTL %s%s)",

@@ -3,6 +3,7 @@
 How the pieces fit (each imports only those below it):
 
     refcounter  the facade: one short method per use case, the writing sequence
+    grouping    several deletes in one transaction and one rewrite (group commit)
     opening     opening the database for reading or writing; the store's identity
     planner     delete: which entries go, what is freed, refusals, index.json rewrite
     push        push: plan from a source, stage under a lease, land in index.json
@@ -16,6 +17,7 @@ How the pieces fit (each imports only those below it):
     policy      Policy, Changes, progress, the clock
 """
 
+from refcount.core.grouping import DeleteRequest
 from refcount.core.policy import Changes, Policy, Progress
 from refcount.core.reconcile import sync_log
 from refcount.core.refcounter import Refcounter, open, plugins
@@ -23,6 +25,7 @@ from refcount.core.retention import MinFree, PrunePolicy
 
 __all__ = [
     "Changes",
+    "DeleteRequest",
     "MinFree",
     "Policy",
     "Progress",

@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -38,9 +38,19 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from refcount import htmlreport, interrupts
-from refcount.core import journal, planner, policyfile, pruning, reading, reconcile, verifying
+from refcount.core import (
+    grouping,
+    journal,
+    planner,
+    policyfile,
+    pruning,
+    reading,
+    reconcile,
+    verifying,
+)
 from refcount.core import push as pushing
 from refcount.core import scan as scanning
+from refcount.core.grouping import DeleteRequest
 from refcount.core.ledger import Ledger
 from refcount.core.opening import Mode, Opening
 from refcount.core.policy import (
@@ -64,7 +74,14 @@ from refcount.db.engine import (
 )
 from refcount.db.repo import Repo
 from refcount.domain import BlobState
-from refcount.errors import ConcurrentChange, InvalidOption, LeaseExpired, NotFound, PlanChanged
+from refcount.errors import (
+    ConcurrentChange,
+    InvalidOption,
+    LeaseExpired,
+    NotFound,
+    PlanChanged,
+    RefcountError,
+)
 from refcount.extractors import installed
 from refcount.layout import policy_path
 from refcount.oci import Descriptor, Digest, parse_index, usable_tag
@@ -320,6 +337,63 @@ class Refcounter:
             report.freed_bytes,
         )
         return report, chosen, what
+
+    # --- group commit -------------------------------------------------------------------
+    @_retried
+    def delete_groups(
+        self, requests: Sequence[DeleteRequest]
+    ) -> list[DeleteReport | RefcountError]:
+        """Carry out several deletes in one transaction and one rewrite of index.json
+        (a daemon's group commit, `refcount.group`); returns, per request, its
+        report or the error it failed with alone (`grouping.ALONE`: a missing tag,
+        a refused image; the others still run). The result is what the requests
+        would give run one after another in this order (see `core.grouping`).
+        Errors that concern them all (an invalid store, a database error, a store
+        that kept changing) are raised. Never a dry run: those run alone."""
+        if not requests:
+            return []
+        what = "; ".join(", ".join(s.what for s in r.selects()) for r in _valid(requests))
+        with self._writing():
+            for _attempt in range(REWRITE_ATTEMPTS):
+                try:
+                    with interrupts.deferred(f"delete {what}"):
+                        results = self._delete_group_once(requests)
+                        crash_point("delete-after-commit")
+                        self._settle()
+                except ConcurrentChange:
+                    continue
+                return results
+        raise ConcurrentChange(f"{self.store.index_path}: kept changing; {what} not deleted")
+
+    def _delete_group_once(
+        self, requests: Sequence[DeleteRequest]
+    ) -> list[DeleteReport | RefcountError]:
+        """One attempt of `delete_groups`: catch up once, plan each request in its
+        savepoint, rewrite index.json once for all, commit."""
+        snapshot = self.store.read_index()
+        with transaction(self.engine) as repo:
+            reconcile.catch_up(self._ledger(repo), snapshot)
+            results = grouping.plan_each(repo, requests, snapshot, lambda: self._ledger(repo))
+            planned = [r for r in results if isinstance(r, grouping.Planned)]
+            if not planned:
+                repo.rollback()
+                return [r for r in results if isinstance(r, RefcountError)]
+            removed = grouping.restore(repo, planned)
+            planner.rewrite_index(repo, self.store, snapshot, removed)
+            gone = {r.tag for r in removed if r.tag is not None}
+            repo.forget_use(t for t in gone if not repo.roots_where(tag=t))
+            crash_point("delete-before-commit")
+        for done in planned:
+            report = done.report
+            log.info(
+                "deleted %s: %d entries, %d blobs freed (%d bytes)",
+                done.what,
+                len(report.removed),
+                len(report.freed),
+                report.freed_bytes,
+            )
+        log.debug("group commit: %d of %d deletes in one rewrite", len(planned), len(results))
+        return [r.report if isinstance(r, grouping.Planned) else r for r in results]
 
     # --- prune --------------------------------------------------------------------------
     @_retried
@@ -792,6 +866,18 @@ class Refcounter:
     def stats(self) -> Stats:
         with transaction(self.opening.reader(), write=False) as repo:
             return reading.stats(repo)
+
+
+def _valid(requests: Sequence[DeleteRequest]) -> list[DeleteRequest]:
+    """The requests whose selection can be spelled (a malformed digest fails alone)."""
+    valid = []
+    for request in requests:
+        try:
+            request.selects()
+        except grouping.ALONE:
+            continue
+        valid.append(request)
+    return valid
 
 
 def plugins() -> PluginsReport:

@@ -342,6 +342,18 @@ class Repo:
         finally:
             savepoint.rollback()
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Run the block in a savepoint: kept when it ends normally, rolled back
+        alone when it raises (the transaction around it goes on)."""
+        savepoint = self.connection.begin_nested()
+        try:
+            yield
+        except BaseException:
+            savepoint.rollback()
+            raise
+        savepoint.commit()
+
     # --- roots --------------------------------------------------------------
     def roots(self) -> list[RootRow]:
         query = select(roots).order_by(roots.c.position)
