@@ -62,6 +62,18 @@ SIZE_KEYS = {
     "umoci_gc_median_s",
     "ratio_umoci_vs_direct",
     "ratio_umoci_vs_daemon",
+    "delete_floor_median_s",
+    "ratio_daemon_vs_floor",
+    "ratio_direct_vs_floor",
+    "import_floor_median_s",
+    "ratio_direct_vs_import_floor",
+    "daemon_rss_deletes",
+    "daemon_rss_after_deletes_mb",
+    "ratio_daemon_rss_after_vs_idle",
+    "group_clients",
+    "group_all_median_s",
+    "group_one_median_s",
+    "ratio_group_vs_one",
 }
 MACHINE_KEYS = {"cpu", "cores", "ram_gb", "python", "sqlite", "disk"}
 WATCH_KEYS = {
@@ -94,7 +106,10 @@ def test_the_benchmark_runs_at_a_tiny_size_and_writes_every_figure(tmp_path: Pat
     # many deletes, one rewrite: 100 tags in one call, and prune of img-10..img-99
     assert (size["delete_batch_tags"], size["delete_batch_index_writes"]) == (100, 1)
     assert (size["prune_tags"], size["prune_index_writes"]) == (90, 1)
+    # the floor beside every whole-process delete, both ways; the daemon's figures
+    assert size["delete_floor_n"] == 2 * 3
+    assert (size["daemon_rss_deletes"], size["group_clients"]) == (10, 20)
     assert not WATCH_KEYS - results["watch"].keys()
     assert results["targets"]
-    assert all(not {"target", "measured", "met"} - t.keys() for t in results["targets"])
+    assert all(not {"issue", "target", "measured", "met"} - t.keys() for t in results["targets"])
     assert "| images" in done.stdout  # the table was printed
