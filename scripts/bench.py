@@ -811,7 +811,7 @@ def measure_group(store: Path, tags: Sequence[str], group: int, rounds: int, n: 
     say(
         f"[{label(n)}] {group} simultaneous refcount delete tag (daemon): median "
         f"{row['group_all_median_s']:.3f} s, one alone {row['group_one_median_s']:.3f} s: "
-        f"{_fmt(row['ratio_group_vs_one'], 'x')} (at least {min(served)} of {group} served "
+        f"{_fmt(row['ratio_group_vs_one'], 'x.xx')} (at least {min(served)} of {group} served "
         f"by the daemon; {rounds} round(s))"
     )
     return row
@@ -879,7 +879,7 @@ def measure_daemon(
             say(
                 f"[{label(n)}] daemon RSS after {len(rss_tags)} served deletes "
                 f"({clock.wall:.1f} s): {row['daemon_rss_after_deletes_mb']:.1f} MB, "
-                f"{_fmt(row['ratio_daemon_rss_after_vs_idle'], 'x')} idle"
+                f"{_fmt(row['ratio_daemon_rss_after_vs_idle'], 'x.xx')} idle"
             )
         if tags:
             ran = process_deletes(store, tags, daemon=True, floor_dir=floor_dir)
@@ -1042,7 +1042,7 @@ def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> 
         f"[{label(n)}] the floor of one delete (scripts/delete_floor.py, python -S) "
         f"x{len(floors)}: median {row['delete_floor_median_s']:.3f} s (cpu "
         f"{row['delete_floor_cpu_median_s']:.3f} s); refcount daemon-served "
-        f"{_fmt(row['ratio_daemon_vs_floor'], 'x')} it, direct "
+        f"{_fmt(row['ratio_daemon_vs_floor'], 'x.xx')} it, direct "
         f"{_fmt(row['ratio_direct_vs_floor'], 'x')}"
     )
 
@@ -1258,6 +1258,8 @@ def _fmt(value: Any, unit: str) -> str:
         return f"{value / MB:.1f} MB" if value >= MB else f"{value / 1024:.0f} KB"
     if unit == "x":
         return f"{value:,.0f}x" if value >= 10 else f"{value:.2g}x"
+    if unit == "x.xx":  # a ratio judged against a bound such as 1.2x or 1.5x
+        return f"{value:.2f}x"
     if unit == "files/s":
         return f"{value:,.0f}/s"
     return str(value)
@@ -1286,17 +1288,17 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("the floor of one delete (python -S, rewrite, fsync, commit)", "delete_floor_median_s", "s"),
     ("the floor of one delete, CPU", "delete_floor_cpu_median_s", "s"),
     ("refcount delete tag, process, daemon", "delete_proc_daemon_median_s", "s"),
-    ("refcount delete tag, process, daemon / floor", "ratio_daemon_vs_floor", "x"),
+    ("refcount delete tag, process, daemon / floor", "ratio_daemon_vs_floor", "x.xx"),
     ("refcount delete tag, process, no daemon", "delete_proc_direct_median_s", "s"),
     ("refcount delete tag, process, no daemon, CPU", "delete_proc_direct_cpu_median_s", "s"),
     ("refcount delete tag, process, no daemon / floor", "ratio_direct_vs_floor", "x"),
     ("import floor (python -c 'import sqlalchemy, typer')", "import_floor_median_s", "s"),
     ("import floor, CPU", "import_floor_cpu_median_s", "s"),
-    ("refcount delete tag, no daemon / import floor", "ratio_direct_vs_import_floor", "x"),
+    ("refcount delete tag, no daemon / import floor", "ratio_direct_vs_import_floor", "x.xx"),
     ("simultaneous daemon-served deletes (clients)", "group_clients", "int"),
     ("simultaneous deletes, all done", "group_all_median_s", "s"),
     ("one delete, the same way", "group_one_median_s", "s"),
-    ("simultaneous deletes / one", "ratio_group_vs_one", "x"),
+    ("simultaneous deletes / one", "ratio_group_vs_one", "x.xx"),
     ("PostgreSQL: init (process)", "pg_init_s", "s"),
     ("PostgreSQL: delete tag, library, median", "pg_delete_lib_median_ms", "ms"),
     ("PostgreSQL: delete tag, library, p99", "pg_delete_lib_p99_ms", "ms"),
@@ -1308,7 +1310,7 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("daemon idle RSS", "daemon_idle_rss_mb", "MB"),
     ("daemon RSS: served deletes before reading it again", "daemon_rss_deletes", "int"),
     ("daemon RSS after those deletes", "daemon_rss_after_deletes_mb", "MB"),
-    ("daemon RSS after deletes / idle", "ratio_daemon_rss_after_vs_idle", "x"),
+    ("daemon RSS after deletes / idle", "ratio_daemon_rss_after_vs_idle", "x.xx"),
     ("daemon start-up reconcile", "daemon_ready_s", "s"),
     ("no-op sync (library)", "sync_noop_median_s", "s"),
     ("no-op sync (library), CPU", "sync_noop_cpu_median_s", "s"),
