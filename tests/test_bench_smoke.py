@@ -7,10 +7,16 @@ when installed, the watcher script) and writes every figure's key to its JSON.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
@@ -113,3 +119,38 @@ def test_the_benchmark_runs_at_a_tiny_size_and_writes_every_figure(tmp_path: Pat
     assert results["targets"]
     assert all(not {"issue", "target", "measured", "met"} - t.keys() for t in results["targets"])
     assert "| images" in done.stdout  # the table was printed
+
+
+def _delete_floor() -> Any:
+    spec = importlib.util.spec_from_file_location("delete_floor", SCRIPT.parent / "delete_floor.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tag", ["first", "mid", "last"])
+def test_the_delete_floor_cuts_exactly_the_entry_of_its_tag(tmp_path: Path, tag: str) -> None:
+    """scripts/delete_floor.py leaves a valid index without that one entry (and no
+    temporary file), and records the delete in its SQLite database."""
+    ref = "org.opencontainers.image.ref.name"
+    entries = [
+        {"mediaType": "m", "digest": f"sha256:{i}", "size": 1, "annotations": {ref: name}}
+        for i, name in enumerate(["first", "mid", "last"])
+    ]
+    untagged = {"mediaType": "m", "digest": "sha256:u", "size": 2}
+    index = {"schemaVersion": 2, "manifests": [entries[0], untagged, *entries[1:]]}
+    (tmp_path / "index.json").write_text(json.dumps(index, separators=(",", ":")))
+    floor = _delete_floor()
+
+    assert floor.main([str(tmp_path), tag]) == 0
+    left = json.loads((tmp_path / "index.json").read_bytes())
+    assert left["manifests"] == [
+        e for e in index["manifests"] if e.get("annotations", {}).get(ref) != tag
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("floor.db")) == [
+        "index.json"
+    ]
+    with closing(sqlite3.connect(tmp_path / "floor.db")) as db:
+        assert db.execute("SELECT tag FROM deletes").fetchall() == [(tag,)]
+    assert floor.main([str(tmp_path), tag]) == 1  # gone: nothing to cut
