@@ -1411,6 +1411,14 @@ TARGETS: tuple[tuple[int, str, int | None, str, str, float, str], ...] = (
 )  # fmt: skip
 
 
+# Targets that name a count: a run with fewer (--group 5, --rss-deletes 20) shows its
+# figure but does not judge it. key -> (the key of the count, the count named).
+COUNTED: dict[str, tuple[str, int]] = {
+    "ratio_group_vs_one": ("group_clients", 20),
+    "ratio_daemon_rss_after_vs_idle": ("daemon_rss_deletes", 1000),
+}
+
+
 def targets(results: Row) -> list[Row]:
     """Each target judged on the figure of the size it names (not measured: met None)."""
     sizes = {int(n): row for n, row in results["sizes"].items()}
@@ -1419,13 +1427,19 @@ def targets(results: Row) -> list[Row]:
         for n in sizes if size is None else [size]:
             figure = sizes[n].get(key) if n in sizes else None
             met = None if figure is None else (figure <= bound if op == "<=" else figure >= bound)
+            measured = None if figure is None else shown.format(figure)
+            count_key, wanted = COUNTED.get(key, ("", 0))
+            count = sizes[n].get(count_key) if count_key and n in sizes else None
+            if figure is not None and count_key and (count or 0) < wanted:
+                met = None
+                measured = f"{measured} (of {count}, not {wanted}: not judged)"
             out.append(
                 {
                     "issue": issue,
                     "target": f"{what} at {label(n)}",
                     "size": n,
                     "key": key,
-                    "measured": None if figure is None else shown.format(figure),
+                    "measured": measured,
                     "met": met,
                 }
             )
