@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -61,6 +62,43 @@ __all__ = [
 
 ROOT_RESCAN = 1.0
 """Seconds between walks of a --root for repositories created or removed."""
+
+MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc's malloc gives every allocation pages of its own (see
+`_map_large_allocations`)."""
+
+
+def _map_large_allocations() -> None:
+    """Make glibc give each allocation of MMAP_THRESHOLD bytes or more its own mapping,
+    unmapped (returned to the system) when it is freed. Linux with glibc only; elsewhere
+    nothing changes.
+
+    Why: the daemon lives long and handles buffers as large as index.json (23 MB at
+    100k images: its bytes, its text, the rewritten copy, lists of every entry) on
+    several threads. glibc maps the first such buffer, and when it is freed it raises
+    its threshold to that size, so every later one comes from a heap instead, where
+    the small allocations made meanwhile pin it: freed, but never given back. Measured
+    at 100k images (a library loop of a served delete on one thread and the batch
+    after it on another, as the daemon runs them): RSS went from 134 MB idle to 243 MB
+    within 5 deletes and stayed there; with this fixed threshold it is 108 MB idle and
+    111 MB after 20 (tracemalloc: live Python memory stays at 26 MB throughout, so it
+    is the allocator's, not a leak). The price: a large buffer's pages are faulted in
+    anew each time, as in any process that reads index.json; the batch after a delete
+    went from 18 to 29 ms of CPU at 100k, and the delete's own change was within the
+    noise of a busy machine. `malloc_trim(0)` after each job gives as much back, but
+    walks every arena to do it (18 ms at 100k).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    m_mmap_threshold = -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # another C library (musl): its own policy
+        log.debug("mallopt(M_MMAP_THRESHOLD) unavailable", exc_info=True)
+
 
 ReportSink = Callable[[object], None]
 """Takes each report a served command renders; called on the serving thread."""
@@ -197,6 +235,7 @@ def run_daemon(
     that cannot be made is logged, and the daemon watches without it. Returns
     normally after a clean stop.
     """
+    _map_large_allocations()
     daemons = _Daemons()
     with (
         _signals(daemons.stop, daemons.resync),
@@ -241,6 +280,7 @@ def run_root_daemon(
         raise InvalidOption("--metrics-addr with --root: metrics are served per store only")
     if options.run_dir is not None:
         raise InvalidOption("--run-dir with --root: each repository's socket is in its .refcount/")
+    _map_large_allocations()
     daemons = _Daemons()
     stacks: dict[str, tuple[roots.Repository, ExitStack]] = {}
     refused: dict[str, str] = {}

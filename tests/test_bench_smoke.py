@@ -7,10 +7,16 @@ when installed, the watcher script) and writes every figure's key to its JSON.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
@@ -62,6 +68,18 @@ SIZE_KEYS = {
     "umoci_gc_median_s",
     "ratio_umoci_vs_direct",
     "ratio_umoci_vs_daemon",
+    "delete_floor_median_s",
+    "ratio_daemon_vs_floor",
+    "ratio_direct_vs_floor",
+    "import_floor_median_s",
+    "ratio_direct_vs_import_floor",
+    "daemon_rss_deletes",
+    "daemon_rss_after_deletes_mb",
+    "ratio_daemon_rss_after_vs_idle",
+    "group_clients",
+    "group_all_median_s",
+    "group_one_median_s",
+    "ratio_group_vs_one",
 }
 MACHINE_KEYS = {"cpu", "cores", "ram_gb", "python", "sqlite", "disk"}
 WATCH_KEYS = {
@@ -94,7 +112,45 @@ def test_the_benchmark_runs_at_a_tiny_size_and_writes_every_figure(tmp_path: Pat
     # many deletes, one rewrite: 100 tags in one call, and prune of img-10..img-99
     assert (size["delete_batch_tags"], size["delete_batch_index_writes"]) == (100, 1)
     assert (size["prune_tags"], size["prune_index_writes"]) == (90, 1)
+    # the floor beside every whole-process delete, both ways; the daemon's figures
+    assert size["delete_floor_n"] == 2 * 3
+    assert (size["daemon_rss_deletes"], size["group_clients"]) == (10, 20)
     assert not WATCH_KEYS - results["watch"].keys()
     assert results["targets"]
-    assert all(not {"target", "measured", "met"} - t.keys() for t in results["targets"])
+    assert all(not {"issue", "target", "measured", "met"} - t.keys() for t in results["targets"])
     assert "| images" in done.stdout  # the table was printed
+
+
+def _delete_floor() -> Any:
+    spec = importlib.util.spec_from_file_location("delete_floor", SCRIPT.parent / "delete_floor.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tag", ["first", "mid", "last"])
+def test_the_delete_floor_cuts_exactly_the_entry_of_its_tag(tmp_path: Path, tag: str) -> None:
+    """scripts/delete_floor.py leaves a valid index without that one entry (and no
+    temporary file), and records the delete in its SQLite database."""
+    ref = "org.opencontainers.image.ref.name"
+    entries = [
+        {"mediaType": "m", "digest": f"sha256:{i}", "size": 1, "annotations": {ref: name}}
+        for i, name in enumerate(["first", "mid", "last"])
+    ]
+    untagged = {"mediaType": "m", "digest": "sha256:u", "size": 2}
+    index = {"schemaVersion": 2, "manifests": [entries[0], untagged, *entries[1:]]}
+    (tmp_path / "index.json").write_text(json.dumps(index, separators=(",", ":")))
+    floor = _delete_floor()
+
+    assert floor.main([str(tmp_path), tag]) == 0
+    left = json.loads((tmp_path / "index.json").read_bytes())
+    assert left["manifests"] == [
+        e for e in index["manifests"] if e.get("annotations", {}).get(ref) != tag
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("floor.db")) == [
+        "index.json"
+    ]
+    with closing(sqlite3.connect(tmp_path / "floor.db")) as db:
+        assert db.execute("SELECT tag FROM deletes").fetchall() == [(tag,)]
+    assert floor.main([str(tmp_path), tag]) == 1  # gone: nothing to cut
