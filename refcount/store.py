@@ -64,7 +64,8 @@ def crash_point(name: str) -> None:
     The points: sync-before-commit, sync-after-commit (every sync and daemon batch),
     delete-before-index, index-before-rename, delete-before-commit,
     delete-after-commit, settle-between-actions, gc-after-commit, push-after-lease,
-    push-mid-copy (after each blob staged), push-before-index, push-before-commit.
+    push-mid-copy (after each blob staged), push-before-index, push-before-commit,
+    init-mid-load (init's bulk build, its edges written and its blobs not yet).
 
     A test in the same process can also run code at a point (`at_point`): that is how
     a delete is made to land between a push's decisions and its index.json write.

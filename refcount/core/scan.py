@@ -3,6 +3,8 @@
 `scan` marks from index.json (refcount.graph.mark) reading every manifest it
 reaches through the same `expand` the ledger uses; `drift` compares the result
 with the database; `rebuild` replaces the database with it (no file is touched).
+`load` is init's scan and rebuild in one pass: each manifest's edges go to the
+database as it is read, so memory holds one row per blob, never the edges.
 """
 
 from __future__ import annotations
@@ -14,22 +16,24 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.pool import AsyncResult, Pool
 
 from refcount import graph, interrupts
 from refcount.core.expansion import LEAF, Expansion, expand, known_size
 from refcount.core.ledger import orphan_row
 from refcount.core.policy import Progress, mtime, no_progress, now
-from refcount.db.repo import BlobRow, EdgeRow, Repo, RootRow
+from refcount.db.repo import BlobRow, Repo, RootRow
 from refcount.domain import BlobState, referenced_state
 from refcount.extractors import DEFAULT_TIMEOUT
 from refcount.oci import Descriptor, Root, parse_index
 from refcount.reports import Aged, Corrupt, Drift, LeaseInfo, MassFree, VerifyReport
-from refcount.store import BlobFile, IndexSnapshot, Store, hash_files
+from refcount.store import BlobFile, IndexSnapshot, Store, crash_point, hash_files
 
 Listed = Callable[[dict[str, BlobFile]], None]
 """Called by `scan` with the blob files as soon as they are listed."""
+Expanded = Callable[[str, Expansion], None]
+"""Called by `scan` with each manifest-like blob read and what it holds."""
 
 
 @dataclass
@@ -39,7 +43,8 @@ class Scan:
     files: dict[str, BlobFile]
     hints: dict[str, Descriptor] = field(default_factory=dict)
     expansions: dict[str, Expansion] = field(default_factory=dict)
-    """The manifest-like blobs read, and what each holds."""
+    """The manifest-like blobs read, and what each holds (without its children
+    when the scan handed them to an `Expanded` callback instead)."""
     problems: list[str] = field(default_factory=list)
 
     def state_of(self, digest: str) -> BlobState:
@@ -68,11 +73,13 @@ def scan(
     progress: Progress = no_progress,
     timeout: float = DEFAULT_TIMEOUT,
     listed: Listed | None = None,
+    expanded: Expanded | None = None,
 ) -> Scan:
     """Count the store from scratch. Cost: every manifest reachable, once.
     `timeout`: seconds each extractor plug-in call may take. `listed` is called
     with the blob files as soon as they are listed, before any manifest is read
-    (verify --deep starts hashing them)."""
+    (verify --deep starts hashing them). `expanded`, when given, takes each
+    manifest's children, and the scan keeps only the rest of its expansion."""
     index = parse_index(snapshot.data, str(store.index_path))
     files, file_problems = store.list_blobs()
     if listed is not None:
@@ -94,11 +101,17 @@ def scan(
         found = expand(store, digest, hint.media_type if hint else None, timeout=timeout)
         if found is None or found is LEAF:
             return []
+        hints = result.hints
         for child in found.children:
-            result.hints.setdefault(child.digest, child)
+            if child.digest not in hints:
+                hints[child.digest] = child
         if found.problem:
             result.problems.append(found.problem)
-        result.expansions[digest] = found
+        if expanded is None:
+            result.expansions[digest] = found
+        else:
+            expanded(digest, found)
+            result.expansions[digest] = replace(found, children=())
         return [c.digest for c in found.children]
 
     result.counts = graph.mark((r.digest for r in index.roots), children)
@@ -125,39 +138,91 @@ def drift(repo: Repo, found: Scan) -> tuple[Drift, ...]:
 
 def rebuild(repo: Repo, found: Scan, index_hash: str) -> None:
     """Replace the database with what the scan found (no file is touched)."""
+    trash = repo.blobs_with_state(BlobState.TRASH)
+    repo.clear_graph()
+    repo.bulk_edges(
+        (parent, child.digest, child.kind)
+        for parent, expansion in found.expansions.items()
+        for child in expansion.children
+    )
+    _store_rows(repo, found, index_hash, trash)
+
+
+def load(
+    repo: Repo,
+    store: Store,
+    snapshot: IndexSnapshot,
+    progress: Progress = no_progress,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: Callable[[], None] = interrupts.checkpoint,
+) -> Scan:
+    """init's bulk build on an empty database: `scan` and `rebuild` in one pass.
+    `check` is called between batches of blobs (it raises to stop the load).
+
+    The edges of every EDGE_BATCH manifests are inserted as the scan reads them,
+    so memory holds the blob rows (one per blob) and one batch of edges, not the
+    edge lists of the whole store. All of it is the caller's one transaction: a
+    crash before its commit leaves the database as empty as it was, and the
+    next start indexes the store again from the beginning.
+    """
+    batch: list[tuple[str, str, str]] = []
+
+    def expanded(parent: str, expansion: Expansion) -> None:
+        batch.extend((parent, child.digest, child.kind) for child in expansion.children)
+        if len(batch) >= EDGE_BATCH:
+            repo.bulk_edges(batch)
+            batch.clear()
+
+    def checked(stage: str, done: int, total: int) -> None:
+        check()
+        progress(stage, done, total)
+
+    found = scan(store, snapshot, checked, timeout, expanded=expanded)
+    repo.bulk_edges(batch)
+    crash_point("init-mid-load")
+    _store_rows(repo, found, snapshot.hash, trash=[])
+    return found
+
+
+EDGE_BATCH = 20_000
+"""Edges buffered by `load` between inserts (about 4,000 image manifests)."""
+
+
+def _store_rows(repo: Repo, found: Scan, index_hash: str, trash: list[BlobRow]) -> None:
+    """The blob and root rows of a scan (its edges are in already), and the
+    quarantined blobs' rows kept from before (their files are still in the trash)."""
+    repo.bulk_blobs(sorted(_blob_rows(found, trash), key=_digest_of))
+    repo.bulk_roots(root_row(r) for r in found.roots)
+    repo.set_index_hash(index_hash)
+
+
+def _blob_rows(found: Scan, trash: list[BlobRow]) -> Iterator[BlobRow]:
     at = now()
-    rows: list[BlobRow] = []
     for digest, count in found.counts.items():
         hint = found.hints.get(digest)
         file = found.files.get(digest)
         expansion = found.expansions.get(digest)
-        rows.append(
-            BlobRow(
-                digest=digest,
-                size=known_size(hint, file.size if file else None),
-                media_type=(expansion.media_type if expansion else None)
-                or (hint.media_type if hint else None),
-                count=count,
-                state=found.state_of(digest),
-                expanded=expansion is not None and not expansion.blind,
-                subject=expansion.subject if expansion else None,
-                problem=expansion.problem if expansion else None,
-                first_seen=at,
-            )
+        yield BlobRow(
+            digest=digest,
+            size=known_size(hint, file.size if file else None),
+            media_type=(expansion.media_type if expansion else None)
+            or (hint.media_type if hint else None),
+            count=count,
+            state=found.state_of(digest),
+            expanded=expansion is not None and not expansion.blind,
+            subject=expansion.subject if expansion else None,
+            problem=expansion.problem if expansion else None,
+            first_seen=at,
         )
-    rows += [orphan_row(d, found.files[d]) for d in found.orphans()]
-    rows += [
-        row
-        for row in repo.blobs_with_state(BlobState.TRASH)
-        if row.digest not in found.counts and row.digest not in found.files
-    ]
-    edges = [
-        EdgeRow(parent, child.digest, child.kind)
-        for parent, expansion in found.expansions.items()
-        for child in expansion.children
-    ]
-    repo.replace_all(rows, edges, [root_row(r) for r in found.roots])
-    repo.set_index_hash(index_hash)
+    for digest in found.orphans():
+        yield orphan_row(digest, found.files[digest])
+    for row in trash:
+        if row.digest not in found.counts and row.digest not in found.files:
+            yield row
+
+
+def _digest_of(row: BlobRow) -> str:
+    return row.digest
 
 
 @dataclass(frozen=True)
