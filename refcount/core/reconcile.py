@@ -117,7 +117,7 @@ def files_changed(ledger: Ledger, changes: Changes | None) -> None:
     """Compare blob files with their rows: those named in `changes`, or all of them."""
     repo, store = ledger.repo, ledger.store
     if changes is None:
-        states = repo.blob_states()
+        states = repo.blob_state_values()
         listing = store.compare_blobs(states)
         ledger.problems.extend(str(p) for p in listing.problems)
         expected = {d for d, state in states.items() if state in _FILE_EXPECTED}
@@ -127,7 +127,8 @@ def files_changed(ledger: Ledger, changes: Changes | None) -> None:
             file = listing.new.get(digest)
             if file is None and digest in listing.known:
                 file = store.blob_file(digest)  # its mtime, for a TRASH row; or gone since
-            ledger.file_changed(digest, states.get(digest), file)
+            state = states.get(digest)
+            ledger.file_changed(digest, None if state is None else BlobState(state), file)
         return
     rows = repo.blobs_in(changes.blobs)
     for digest in sorted(changes.blobs):
