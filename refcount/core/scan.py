@@ -62,7 +62,8 @@ class Scan:
         )
 
     def missing(self) -> tuple[str, ...]:
-        return tuple(sorted(d for d in self.counts if self.state_of(d) is BlobState.MISSING))
+        absent = self.counts.keys() - self.files.keys() - self.unstated  # set arithmetic in C
+        return tuple(sorted(d for d in absent if self.state_of(d) is BlobState.MISSING))
 
     def orphans(self) -> list[str]:
         return sorted(set(self.files) - set(self.counts))
@@ -229,17 +230,19 @@ def _store_rows(repo: Repo, found: Scan, index_hash: str, trash: list[BlobRow]) 
 
 def _blob_rows(found: Scan, trash: list[BlobRow]) -> Iterator[BlobRow]:
     at = now()
-    for digest in sorted(found.counts):
-        hint = found.hints.get(digest)
-        file = found.files.get(digest)
-        expansion = found.expansions.get(digest)
+    hints, files, expansions, counts = found.hints, found.files, found.expansions, found.counts
+    for digest in sorted(counts):
+        hint = hints.get(digest)
+        file = files.get(digest)
+        expansion = expansions.get(digest)
+        in_blobs = file is not None or digest in found.unstated
         yield BlobRow(
             digest=digest,
             size=known_size(hint, file.size if file else None),
             media_type=(expansion.media_type if expansion else None)
             or (hint.media_type if hint else None),
-            count=found.counts[digest],
-            state=found.state_of(digest),
+            count=counts[digest],
+            state=referenced_state(in_blobs=in_blobs, foreign=hint is not None and hint.urls),
             expanded=expansion is not None and not expansion.blind,
             subject=expansion.subject if expansion else None,
             problem=expansion.problem if expansion else None,

@@ -9,7 +9,7 @@ in Python, so several writers on PostgreSQL cannot lose an update.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -768,9 +768,9 @@ class Repo:
             f"VALUES ({', '.join(mark for _ in columns)})"
         )
         processors = [
-            (i, processor)
+            (i, _memoized(bind))
             for i, name in enumerate(columns)
-            if (processor := table.c[name].type.dialect_impl(dialect).bind_processor(dialect))
+            if (bind := table.c[name].type.dialect_impl(dialect).bind_processor(dialect))
         ]
         chunk: list[Sequence[Any]] = []
         for row in rows:
@@ -832,6 +832,21 @@ _BLOB_COLUMNS = (
     "freed_at",
 )
 _ROOT_COLUMNS = ("position", "digest", "tag", "media_type", "size", "start", "end")
+
+
+def _memoized(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A bind processor that converts a value once for a run of rows holding that
+    same object (init's rows share one `first_seen`; None stays None)."""
+    last: list[Any] = [None, None]
+
+    def process(value: Any) -> Any:
+        if value is None:
+            return None
+        if value is not last[0]:
+            last[0], last[1] = value, processor(value)
+        return last[1]
+
+    return process
 
 
 def _blob_values(row: BlobRow) -> tuple[Any, ...]:
