@@ -109,6 +109,14 @@ class BlobListing:
 
 
 @dataclass(frozen=True)
+class BlobsStamp:
+    """The modification times of blobs/ and of each directory in it (`Store.blobs_stamp`)."""
+
+    text: str
+    newest_ns: int
+
+
+@dataclass(frozen=True)
 class IndexSnapshot:
     data: bytes
     hash: str
@@ -572,6 +580,22 @@ class Store:
                     else:
                         info = entry.stat(follow_symlinks=False)
                         listing.new[name] = BlobFile(info.st_size, info.st_mtime)
+
+    def blobs_stamp(self) -> BlobsStamp | None:
+        """blobs/'s and its directories' modification times; None when they cannot be
+        read. Creating, removing or renaming any entry in one of them changes its
+        time, so an equal stamp means no blob file came or went in between, provided
+        the times were not within the file system's granularity of the earlier look
+        (the caller's margin: `refcount.core.reconcile.files_changed`)."""
+        root = layout.blobs_dir(self.path)
+        try:
+            times = [("", os.lstat(root).st_mtime_ns)]
+            with os.scandir(root) as listed:
+                times += [(e.name, e.stat(follow_symlinks=False).st_mtime_ns) for e in listed]
+        except OSError:
+            return None
+        times.sort()
+        return BlobsStamp(" ".join(f"{n}={t}" for n, t in times), max(t for _, t in times))
 
     def list_trash(self) -> dict[str, BlobFile]:
         found: dict[str, BlobFile] = {}
