@@ -80,7 +80,7 @@ def _reject(text: object) -> NoReturn:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a scan of 100k images holds 331k of them
 class Descriptor:
     digest: str
     media_type: str | None
@@ -89,7 +89,7 @@ class Descriptor:
     kind: str = "root"  # the field it came from: config, layer, manifest, blob
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Root:
     """One entry of index.json `manifests[]`: its position, and the byte span
     `[start, end)` of its JSON object in the file, so it can be cut out of the

@@ -90,7 +90,7 @@ def at_point(name: str, hook: Callable[[], None]) -> Iterator[None]:
         _HOOKS.pop(name, None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobFile:
     size: int
     mtime: float
