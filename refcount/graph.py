@@ -72,13 +72,15 @@ def mark(roots: Iterable[K], children: Callable[[K], Iterable[K]]) -> Counter[K]
     """
     counts: Counter[K] = Counter(roots)
     work = list(counts)
-    seen = set(work)  # "black or gray": expanded or queued for expansion
+    # The keys of `counts` are the "black or gray" ones (expanded or queued for
+    # expansion): a key enters both at once, so no set of its own is needed.
     while work:
         key = work.pop()
         for child in set(children(key)):
-            counts[child] += 1
-            if child not in seen:
-                seen.add(child)
+            if child in counts:
+                counts[child] += 1
+            else:
+                counts[child] = 1
                 work.append(child)
     return counts
 

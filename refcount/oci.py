@@ -80,7 +80,7 @@ def _reject(text: object) -> NoReturn:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a scan of 100k images holds 331k of them
 class Descriptor:
     digest: str
     media_type: str | None
@@ -89,7 +89,7 @@ class Descriptor:
     kind: str = "root"  # the field it came from: config, layer, manifest, blob
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Root:
     """One entry of index.json `manifests[]`: its position, and the byte span
     `[start, end)` of its JSON object in the file, so it can be cut out of the
@@ -147,11 +147,27 @@ def _descriptor(raw: object, where: str, field: str = "root") -> Descriptor:
     size = raw.get("size")
     return Descriptor(
         digest=digest,
-        media_type=media_type if isinstance(media_type, str) else None,
+        media_type=shared_type(media_type) if isinstance(media_type, str) else None,
         size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
         urls=bool(raw.get("urls")),
         kind=_KIND.get(field, field),
     )
+
+
+_TYPES: dict[str, str] = {}
+_TYPES_KEPT = 4096
+
+
+def shared_type(media_type: str) -> str:
+    """One string object per media type: a store has a handful of them, and a scan
+    keeps a descriptor (with its type) for each of its blobs (331k at 100k images).
+    Bounded, so that crafted types cannot grow it without end."""
+    kept = _TYPES.get(media_type)
+    if kept is not None:
+        return kept
+    if len(_TYPES) < _TYPES_KEPT:
+        _TYPES[media_type] = media_type
+    return media_type
 
 
 def _load_object(
@@ -395,7 +411,7 @@ def parse_children(declared_type: str | None, data: bytes, where: str) -> Parsed
     (SPEC §1). A type outside the table is a leaf.
     """
     blob = _load_object(data, where, InvalidBlob)
-    own_type = blob.get("mediaType") if isinstance(blob.get("mediaType"), str) else None
+    own_type = shared_type(blob["mediaType"]) if isinstance(blob.get("mediaType"), str) else None
     media_type = own_type or declared_type
     problems: list[Problem] = []
     if own_type and declared_type and own_type != declared_type:

@@ -64,7 +64,8 @@ def crash_point(name: str) -> None:
     The points: sync-before-commit, sync-after-commit (every sync and daemon batch),
     delete-before-index, index-before-rename, delete-before-commit,
     delete-after-commit, settle-between-actions, gc-after-commit, push-after-lease,
-    push-mid-copy (after each blob staged), push-before-index, push-before-commit.
+    push-mid-copy (after each blob staged), push-before-index, push-before-commit,
+    init-mid-load (init's bulk build, its edges written and its blobs not yet).
 
     A test in the same process can also run code at a point (`at_point`): that is how
     a delete is made to land between a push's decisions and its index.json write.
@@ -89,7 +90,7 @@ def at_point(name: str, hook: Callable[[], None]) -> Iterator[None]:
         _HOOKS.pop(name, None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobFile:
     size: int
     mtime: float
@@ -108,6 +109,14 @@ class BlobListing:
 
 
 @dataclass(frozen=True)
+class BlobsStamp:
+    """The modification times of blobs/ and of each directory in it (`Store.blobs_stamp`)."""
+
+    text: str
+    newest_ns: int
+
+
+@dataclass(frozen=True)
 class IndexSnapshot:
     data: bytes
     hash: str
@@ -119,6 +128,8 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, max_manifest: int = DEFAULT_MAX_MANIFEST):
         self.path = Path(path).absolute()
         self.max_manifest = max_manifest
+        self._blob_dirs: dict[str, int | None] | None = None
+        """blobs/<alg>/ opened once per algorithm, within `reading_blobs`."""
         if not self.path.is_dir():
             raise InvalidStore(f"{self.path}: not a directory")
         self._check_layout_file()
@@ -473,7 +484,18 @@ class Store:
         larger than `max_manifest`.
         """
         parsed = Digest.parse(digest)
-        fast = _read_small_blob(str(self.path), parsed.algorithm, parsed.encoded, self.max_manifest)
+        if self._blob_dirs is None:
+            directory = _open_blob_dir(str(self.path), parsed.algorithm)
+        elif parsed.algorithm in self._blob_dirs:
+            directory = self._blob_dirs[parsed.algorithm]
+        else:
+            directory = _open_blob_dir(str(self.path), parsed.algorithm)
+            self._blob_dirs[parsed.algorithm] = directory
+        try:
+            fast = _read_small_blob(directory, parsed.encoded, self.max_manifest)
+        finally:
+            if self._blob_dirs is None and directory is not None:
+                os.close(directory)
         if fast is not None:
             return fast
         for where in (self._blob, self._trashed):  # absent, refused or odd: look closely
@@ -493,6 +515,20 @@ class Store:
                     raise InvalidBlob(f"{path}: is a symbolic link; not followed") from None
                 raise InvalidBlob(f"{path}: cannot read: {exc.strerror}") from None
         return None
+
+    @contextlib.contextmanager
+    def reading_blobs(self) -> Iterator[None]:
+        """Within, `read_blob` opens blobs relative to blobs/<alg>/ opened once
+        (without following a link) rather than once per read: a scan reads every
+        manifest of the store, and the two opens per read were a tenth of it."""
+        self._blob_dirs = {}
+        try:
+            yield
+        finally:
+            dirs, self._blob_dirs = self._blob_dirs, None
+            for fd in dirs.values():
+                if fd is not None:
+                    os.close(fd)
 
     def list_blobs(self) -> tuple[dict[str, BlobFile], list[Problem]]:
         """Every regular blob file under blobs/, and the entries that are not blobs."""
@@ -524,19 +560,42 @@ class Store:
             elif not algorithm.is_dir(follow_symlinks=False):
                 listing.problems.append(Problem(algorithm.path, "not a directory; ignored"))
                 continue
+            prefix = f"{algorithm.name}:"
+            found = listing.known.add
             with os.scandir(algorithm.path) as entries:
+                # The loop a no-op sync pays per blob file: one lookup and d_type.
                 for entry in entries:
-                    name = f"{algorithm.name}:{entry.name}"
-                    if name not in known and not layout.is_blob_name(algorithm.name, entry.name):
+                    name = prefix + entry.name
+                    if name in known:
+                        if entry.is_file(follow_symlinks=False):  # d_type: no system call
+                            found(name)
+                        else:
+                            listing.problems.append(
+                                Problem(entry.path, "not a regular file; ignored")
+                            )
+                    elif not layout.is_blob_name(algorithm.name, entry.name):
                         listing.problems.append(Problem(entry.path, "not a blob name; ignored"))
-                        continue
-                    if not entry.is_file(follow_symlinks=False):  # d_type: no system call
+                    elif not entry.is_file(follow_symlinks=False):
                         listing.problems.append(Problem(entry.path, "not a regular file; ignored"))
-                    elif name in known:
-                        listing.known.add(name)
                     else:
                         info = entry.stat(follow_symlinks=False)
                         listing.new[name] = BlobFile(info.st_size, info.st_mtime)
+
+    def blobs_stamp(self) -> BlobsStamp | None:
+        """blobs/'s and its directories' modification times; None when they cannot be
+        read. Creating, removing or renaming any entry in one of them changes its
+        time, so an equal stamp means no blob file came or went in between, provided
+        the times were not within the file system's granularity of the earlier look
+        (the caller's margin: `refcount.core.reconcile.files_changed`)."""
+        root = layout.blobs_dir(self.path)
+        try:
+            times = [("", os.lstat(root).st_mtime_ns)]
+            with os.scandir(root) as listed:
+                times += [(e.name, e.stat(follow_symlinks=False).st_mtime_ns) for e in listed]
+        except OSError:
+            return None
+        times.sort()
+        return BlobsStamp(" ".join(f"{n}={t}" for n, t in times), max(t for _, t in times))
 
     def list_trash(self) -> dict[str, BlobFile]:
         found: dict[str, BlobFile] = {}
@@ -829,20 +888,18 @@ def _open_blob_dir(store: str, algorithm: str) -> int | None:
         os.close(blobs)
 
 
-def _read_small_blob(store: str, algorithm: str, name: str, limit: int) -> bytes | None:
-    """The bytes of blobs/<algorithm>/<name> when it is a readable regular file of at
-    most `limit` bytes, each path component opened without following a link; None
-    otherwise (the caller then looks at why, path by path). Three opens instead of
-    the lstat of every directory on the way: the recount's cost per manifest."""
-    directory = _open_blob_dir(store, algorithm)
+def _read_small_blob(directory: int | None, name: str, limit: int) -> bytes | None:
+    """The bytes of `name` in `directory` (blobs/<algorithm>/, see `_open_blob_dir`)
+    when it is a readable regular file of at most `limit` bytes, opened without
+    following a link; None otherwise (the caller then looks at why, path by path).
+    Opens relative to the directory instead of the lstat of every directory on the
+    way: the recount's cost per manifest."""
     if directory is None:
         return None
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
     except OSError:
         return None
-    finally:
-        os.close(directory)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:

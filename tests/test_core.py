@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SEVERAL_STORES
@@ -29,6 +32,7 @@ from storekit import (
 
 import refcount
 from refcount import Refcounter
+from refcount.store import Store
 
 
 def consistent(rc: Refcounter, store: Path) -> None:
@@ -473,3 +477,73 @@ def test_a_full_sync_catches_every_kind_of_difference_between_blobs_and_rows_at_
         assert rc.show(freed[0]).state == "orphan"
         again = rc.sync()
         assert not again.changed and again.missing == () and again.orphans == ()
+
+
+def age_blob_dirs(store: Path, seconds: float = 3600) -> None:
+    """Make blobs/ and its directories look last changed `seconds` ago."""
+    then = time.time() - seconds
+    for directory in (store / "blobs", *(store / "blobs").iterdir()):
+        os.utime(directory, (then, then))
+
+
+def count_listings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each full listing of blobs/ against the rows."""
+    calls: list[int] = []
+    real = Store.compare_blobs
+
+    def counted(self: Store, known: Any) -> Any:
+        calls.append(1)
+        return real(self, known)
+
+    monkeypatch.setattr(Store, "compare_blobs", counted)
+    return calls
+
+
+def test_a_full_sync_does_not_list_blobs_again_while_their_directories_are_unchanged(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A no-op full reconcile costs one lstat per directory once blobs/ was listed
+    with its directories last changed well before (more than any timestamp tick)."""
+    two_images(store)
+    with refcount.open(store) as rc:
+        rc.init()
+        age_blob_dirs(store)
+        listings = count_listings(monkeypatch)
+        assert not rc.sync().changed
+        assert len(listings) == 1
+        assert not rc.sync().changed
+        assert not rc.sync().changed
+        assert len(listings) == 1
+        consistent(rc, store)
+
+
+def test_a_full_sync_lists_blobs_again_once_a_file_came_or_went(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _a, b, _base = two_images(store)
+    with refcount.open(store) as rc:
+        rc.init()
+        age_blob_dirs(store)
+        rc.sync()
+        listings = count_listings(monkeypatch)
+        gone = str(b["digest"])
+        blob_path(store, gone).unlink()  # changes blobs/sha256/'s time
+        report = rc.sync()
+        assert len(listings) == 1
+        assert report.missing == (gone,)
+        stray = write_blob(store, b"a file nothing references", "application/octet-stream")
+        assert rc.sync().orphans == (stray["digest"],)
+
+
+def test_a_full_sync_does_not_trust_directories_changed_just_before_its_listing(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change in the same timestamp tick as the listing could leave the time as
+    it was: directories changed within the margin are listed again next time."""
+    two_images(store)
+    with refcount.open(store) as rc:
+        rc.init()
+        listings = count_listings(monkeypatch)
+        rc.sync()  # blobs/ was written moments ago
+        rc.sync()
+        assert len(listings) == 2

@@ -385,7 +385,40 @@ def test_every_crash_point_in_the_code_is_exercised() -> None:
     named = set()
     for source in SOURCE.rglob("*.py"):
         named |= set(re.findall(r"crash_point\(\s*\"([a-z-]+)\"\s*\)", source.read_text()))
-    assert named == set(POINTS) | set(PUSH_POINTS)  # a push's: test_push.py
+    assert named == set(POINTS) | set(PUSH_POINTS) | set(INIT_POINTS)  # a push's: test_push.py
+
+
+# --------------------------------------------------------------------------
+# init's bulk build, killed half-way
+# --------------------------------------------------------------------------
+INIT_POINTS = ("init-mid-load",)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_an_init_killed_during_its_bulk_load_is_redone_whole_by_the_next_start(
+    tmp_path: Path, scenario: str
+) -> None:
+    """The bulk build writes its edges as it reads manifests, in the one
+    transaction of init: killed with the edges written and no blob row yet, it
+    leaves nothing behind, and the next init indexes the whole store again."""
+    built = SCENARIOS[scenario](make_layout(tmp_path / "store"))
+    store = built.path
+    entries = len(read_index(store)["manifests"])
+    why = f"{scenario}: init killed at init-mid-load"
+
+    def child() -> None:
+        with refcount.open(store) as rc:
+            rc.init()
+
+    log = tmp_path / "child.log"
+    status = reap(fork(child, log, crash_at="init-mid-load"))
+    assert status == 137, f"{why}: child exited {status}, not at the crash point\n{child_log(log)}"
+
+    with refcount.open(store) as rc:
+        redone = rc.init()
+    assert redone.roots_added == entries, f"{why}: the next init did not index every entry"
+    assert redone.became_live == len(reachable(store))
+    assert_healed(store, why)
 
 
 # --------------------------------------------------------------------------

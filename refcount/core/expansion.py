@@ -35,7 +35,7 @@ class BlobReader(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Expansion:
     """What a manifest-like blob holds: distinct children (never itself), and why
     it is not fully trusted when it is not."""

@@ -9,6 +9,7 @@ files with their rows. Both work in the caller's transaction, through a Ledger.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
@@ -21,7 +22,7 @@ from refcount.db.repo import Repo, RootRow
 from refcount.domain import BlobState
 from refcount.oci import Descriptor, Root, parse_index
 from refcount.reports import MassFree, SyncReport
-from refcount.store import IndexSnapshot
+from refcount.store import BlobsStamp, IndexSnapshot
 from refcount.units import human_size, plural
 
 log = logging.getLogger("refcount.core")
@@ -117,7 +118,11 @@ def files_changed(ledger: Ledger, changes: Changes | None) -> None:
     """Compare blob files with their rows: those named in `changes`, or all of them."""
     repo, store = ledger.repo, ledger.store
     if changes is None:
-        states = repo.blob_states()
+        stamp = store.blobs_stamp()  # before the listing: a change during it shows next time
+        if stamp is not None and unchanged_since_listed(repo.get_meta(BLOBS_STAMP), stamp):
+            return
+        listed_at = time.time_ns()
+        states = repo.blob_state_values()
         listing = store.compare_blobs(states)
         ledger.problems.extend(str(p) for p in listing.problems)
         expected = {d for d, state in states.items() if state in _FILE_EXPECTED}
@@ -127,12 +132,43 @@ def files_changed(ledger: Ledger, changes: Changes | None) -> None:
             file = listing.new.get(digest)
             if file is None and digest in listing.known:
                 file = store.blob_file(digest)  # its mtime, for a TRASH row; or gone since
-            ledger.file_changed(digest, states.get(digest), file)
+            state = states.get(digest)
+            ledger.file_changed(digest, None if state is None else BlobState(state), file)
+        if stamp is not None:
+            repo.set_meta(BLOBS_STAMP, f"{listed_at} {stamp.text}")
         return
     rows = repo.blobs_in(changes.blobs)
     for digest in sorted(changes.blobs):
         row = rows.get(digest)
         ledger.file_changed(digest, row.state if row else None, store.blob_file(digest))
+
+
+BLOBS_STAMP = "blobs_stamp"
+"""A meta key: when blobs/ was last compared in full with the rows, and its stamp
+(`Store.blobs_stamp`) just before."""
+
+STAMP_MARGIN_NS = 2_000_000_000
+"""How much older than a full compare the newest directory time must be for the
+stamp to be trusted: above any file system's timestamp granularity (FAT's 2 s),
+so a change made after the listing began cannot carry the time it had before."""
+
+
+def unchanged_since_listed(recorded: str | None, stamp: BlobsStamp) -> bool:
+    """Whether no blob file came or went in blobs/ since the last full compare (its
+    rows then still agree with the disk: every row written since was decided from
+    the disk, which did not change). A no-op full reconcile is then one lstat per
+    directory instead of a listing of every blob file (331k at 100k images).
+
+    Trusted only when the directories were last changed more than STAMP_MARGIN_NS
+    before that compare began: a change within the same timestamp tick as the
+    one before it would otherwise go unseen. Anything else lists in full.
+    """
+    if recorded is None:
+        return False
+    listed_at, _, text = recorded.partition(" ")
+    if text != stamp.text or not listed_at.isdigit():
+        return False
+    return stamp.newest_ns < int(listed_at) - STAMP_MARGIN_NS
 
 
 def entries_changed(recorded: Iterable[RootRow], current: Iterable[Root]) -> int:

@@ -201,9 +201,17 @@ class Refcounter:
                 with interrupts.deferred("init"):
                     return self._sync_locked(None)
             snapshot = self.store.read_index()
-            found = scanning.scan(self.store, snapshot, self.progress, self.policy.timeout_seconds)
-            with interrupts.deferred("init"), transaction(engine) as repo:
-                scanning.rebuild(repo, found, snapshot.hash)
+            # Done or not done: the load stops at an interruption (`section.check`
+            # between batches of blobs) and the whole of it rolls back.
+            with interrupts.deferred("init") as section, transaction(engine) as repo:
+                found = scanning.load(
+                    repo,
+                    self.store,
+                    snapshot,
+                    self.progress,
+                    self.policy.timeout_seconds,
+                    check=section.check,
+                )
             report = SyncReport(
                 roots_added=len(found.roots),
                 became_live=sum(1 for c in found.counts.values() if c > 0),
