@@ -28,6 +28,7 @@ import os
 import pwd
 import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,74 @@ class BlobListing:
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """What `stat` says of one version of index.json: which file, how long, when
+    last written and changed. Every outside writer changes it: a rename-in (umoci)
+    brings another inode, an in-place rewrite (skopeo) a later mtime and ctime."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> Fingerprint:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def same_file(self, info: os.stat_result) -> bool:
+        """`info` is this version, by all but its ctime (which a rename updates)."""
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) == (
+            self.device,
+            self.inode,
+            self.size,
+            self.mtime_ns,
+        )
+
+
+@dataclass(frozen=True)
 class IndexSnapshot:
     data: bytes
     hash: str
+    fingerprint: Fingerprint | None = None
+    """Set when the fingerprint alone tells this version from any later one (see
+    `trusted`); None when only the bytes can (the file was written too recently)."""
+
+
+# CLOCK_REALTIME_COARSE: the clock Linux stamps file times from (5 in <time.h>).
+_COARSE_CLOCK: int | None = getattr(
+    time, "CLOCK_REALTIME_COARSE", 5 if sys.platform.startswith("linux") else None
+)
+
+
+def _clock_ns() -> int:
+    return time.clock_gettime_ns(_COARSE_CLOCK) if _COARSE_CLOCK is not None else time.time_ns()
+
+
+def trusted(fingerprint: Fingerprint, seen_at_ns: int) -> bool:
+    """Whether any write after `seen_at_ns` (the file clock's time when the bytes
+    were known to match `fingerprint`) is bound to change the fingerprint.
+
+    A write stamps the file with the file clock's time, rounded down to the
+    filesystem's granularity. When that clock has already passed the recorded
+    mtime by more than a granule, a later write must stamp a later mtime. When it
+    has not (the file was written in this very tick: racy, as git calls it), an
+    outside write of the same size in the same tick would look identical, so the
+    bytes must be hashed instead. The granularity is guessed from the mtime itself:
+    whole seconds mean a coarse filesystem (FAT's 2 s), whole microseconds 10 ms;
+    anything finer (ext4, xfs, btrfs, tmpfs) is taken as exact. Without the coarse
+    clock (not Linux) two seconds of margin are kept.
+    """
+    mtime = fingerprint.mtime_ns
+    if mtime % 1_000_000_000 == 0:
+        granule = 2_000_000_000
+    elif mtime % 1_000 == 0:
+        granule = 10_000_000
+    else:
+        granule = 1
+    if _COARSE_CLOCK is None:
+        granule = max(granule, 2_000_000_000)
+    return seen_at_ns >= mtime + granule
 
 
 class Store:
@@ -126,6 +192,8 @@ class Store:
         self.check_blob_dirs()
         self.state_dir = layout.state_path(self.path)
         self.trash_dir = layout.trash_dir(self.path)
+        self._known: IndexSnapshot | None = None
+        """The version of index.json this store last read or wrote (`read_index`)."""
 
     @property
     def index_path(self) -> Path:
@@ -325,51 +393,118 @@ class Store:
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
-        self._regular(self.index_path, layout.INDEX)
+        """index.json's bytes and hash, from the file or, when its fingerprint is still
+        the trusted one of the version this store last read or wrote, from memory.
+
+        So a delete after a delete reads nothing and hashes nothing: the version
+        refcount wrote is kept (one slot, the size of index.json). A fingerprint that
+        is not trusted (racy, see `trusted`) is never used: the file is read and
+        hashed, as is any file whose fingerprint changed.
+        """
+        info = self._regular(self.index_path, layout.INDEX)
+        known = self._known
+        if known is not None and Fingerprint.of(info) == known.fingerprint:
+            return known
         try:
-            data = _read_nofollow(self.index_path, None)
+            fd = os.open(self.index_path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise InvalidStore(f"{self.index_path}: cannot read: {exc.strerror}") from None
-        return IndexSnapshot(data, hashlib.sha256(data).hexdigest())
+        with os.fdopen(fd, "rb") as handle:
+            seen_at = _clock_ns()
+            before = os.fstat(handle.fileno())
+            try:
+                data = handle.read()
+            except OSError as exc:
+                raise InvalidStore(f"{self.index_path}: cannot read: {exc.strerror}") from None
+            after = os.fstat(handle.fileno())
+        if not stat.S_ISREG(before.st_mode):
+            raise InvalidStore(f"{self.index_path}: cannot read: not a regular file")
+        fingerprint = Fingerprint.of(after)
+        steady = Fingerprint.of(before) == fingerprint and len(data) == after.st_size
+        snapshot = IndexSnapshot(
+            data,
+            hashlib.sha256(data).hexdigest(),
+            fingerprint if steady and trusted(fingerprint, seen_at) else None,
+        )
+        self._known = snapshot
+        return snapshot
 
     def replace_index(self, data: bytes, expected_hash: str) -> str:
         """Atomically replace index.json, unless it changed since it was read.
 
-        Raises ConcurrentChange when the file's hash is no longer `expected_hash`
-        (an outside tool wrote it meanwhile); the caller re-reads and retries.
-        Outside tools take no lock, so the check and the rename cannot be one
-        step; instead the new file is swapped in with RENAME_EXCHANGE and the
-        file swapped out is checked: if it is not what was read, an outside
-        write landed in between, and it is swapped back. Returns the new hash.
+        Raises ConcurrentChange when the file is no longer the version whose hash is
+        `expected_hash` (an outside tool wrote it meanwhile); the caller re-reads and
+        retries. Outside tools take no lock, so the check and the rename cannot be
+        one step; instead the new file is swapped in with RENAME_EXCHANGE and the
+        file swapped out is checked: if it is not the version that was read, an
+        outside write landed in between, and it is swapped back. Returns the new hash.
+
+        Both checks compare fingerprints when the version read has a trusted one
+        (`read_index`), and hash the file otherwise: the new bytes are hashed once,
+        from memory, and nothing is read back.
         """
+        known = self._known
+        expected = known.fingerprint if known is not None and known.hash == expected_hash else None
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
         temp = layout.index_temp(self.path, os.getpid())
+        new_hash = hashlib.sha256(data).hexdigest()
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+                written = os.fstat(handle.fileno())
             crash_point("index-before-rename")
             # Tells a later catch-up that this change of index.json was refcount's own
             # (a delete killed before its commit), not an outside mass deletion. Not
             # fsynced: losing it only makes the catch-up more careful.
-            _write_small(layout.last_rewrite_path(self.path), hashlib.sha256(data).hexdigest())
+            _write_small(layout.last_rewrite_path(self.path), new_hash)
             if self.read_index().hash != expected_hash:
                 raise ConcurrentChange(
                     f"{self.index_path}: changed while refcount was rewriting it"
                 )
+            # Until the rename nobody else writes the temp file; from the rename on, a
+            # write stamps a later mtime only if the clock has moved past ours by now.
+            renamed_at = _clock_ns()
             if _exchange(temp, self.index_path):
-                if hashlib.sha256(_read_nofollow(temp, None)).hexdigest() != expected_hash:
+                if not self._swapped_out_is(temp, expected, expected_hash):
                     _exchange(temp, self.index_path)
                     raise ConcurrentChange(f"{self.index_path}: written by another tool just now")
             else:
                 os.rename(temp, self.index_path)
+        except BaseException:
+            self._known = None
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         _fsync_dir(self.path)
-        return hashlib.sha256(data).hexdigest()
+        self._remember_written(data, new_hash, written, renamed_at)
+        return new_hash
+
+    def _swapped_out_is(self, path: Path, expected: Fingerprint | None, expected_hash: str) -> bool:
+        """Whether the file RENAME_EXCHANGE took out of index.json's place is the
+        version read: its inode, size and mtime (the exchange itself changed its
+        ctime) when that version's fingerprint is trusted, else its hash."""
+        if expected is not None:
+            return expected.same_file(path.lstat())
+        return hashlib.sha256(_read_nofollow(path, None)).hexdigest() == expected_hash
+
+    def _remember_written(
+        self, data: bytes, new_hash: str, written: os.stat_result, renamed_at: int
+    ) -> None:
+        """Keep the version just written as the known one, with its fingerprint when
+        that fingerprint is trusted (see `trusted`: the clock had passed the temp
+        file's mtime at the rename) and index.json is still that file, unchanged."""
+        try:
+            info = self.index_path.lstat()
+        except OSError:
+            self._known = None
+            return
+        ours = Fingerprint.of(written).same_file(info)
+        trust = ours and trusted(Fingerprint.of(written), renamed_at)
+        self._known = IndexSnapshot(data, new_hash, Fingerprint.of(info) if trust else None)
 
     # --- files written for the user -----------------------------------------------
     def write_output(self, path: str | os.PathLike[str], data: bytes) -> Path:
