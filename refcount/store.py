@@ -14,6 +14,14 @@ filesystem, so the replacement is atomic).
 
 Every name and path of the layout (blobs/, index.json, .refcount/ and what
 lives in it) comes from `refcount.layout`; this module adds the I/O.
+
+index.json is read whole and hashed only when needed: the store keeps the version
+it last read or wrote with its `Fingerprint`, and hands it out again while the file
+still has that fingerprint. Every outside writer changes it (a rename-in brings
+another inode; an in-place rewrite a new mtime and ctime), except one writing in the
+same tick of the file clock as the recorded version: a fingerprint is therefore
+trusted only once that clock has passed its mtime (`trusted`), and otherwise the
+bytes are hashed as they always were.
 """
 
 from __future__ import annotations

@@ -4,6 +4,24 @@ may, and the rewrite of index.json that carries it out.
 Cost: the deleted image's subtree and its ancestors' rows, plus reading and
 writing index.json's bytes once (the entries are cut out by their recorded byte
 spans; the rest of the file is not parsed while the database is current).
+
+How a rewrite stays O(what is deleted) in the database and O(file) only in bytes:
+
+- **One read.** The snapshot comes from `Store.read_index`, which keeps the version
+  of index.json refcount last read or wrote and hands it out again while the file's
+  fingerprint (inode, size, mtime, ctime) is the one recorded; the compare-and-swap
+  in `Store.replace_index` checks fingerprints too, and the inode swapped out by
+  RENAME_EXCHANGE. A fingerprint taken in the file clock's current tick proves
+  nothing (a same-size write in that tick keeps it), so then the bytes are hashed,
+  as before. The new bytes are hashed once, in memory.
+- **No span shifted.** Entries keep the spans recorded at the last parse (or append);
+  each delete adds its cut ranges to `index_cuts`, and spans are read through that
+  log (`oci.CutLog`: a binary search per offset). The kept entries' rows are not
+  touched; the log is folded into the spans (one UPDATE) every COMPACT_AT cuts and
+  whenever index.json is parsed again after an outside change.
+- **One rewrite for many entries.** `rewrite_index` takes every removed entry of a
+  plan (a batch of tags, a prune, a group of daemon-served deletes) and any appended
+  ones (a push) and writes the file once, in one transaction.
 """
 
 from __future__ import annotations
