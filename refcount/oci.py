@@ -342,15 +342,22 @@ def cuts(removals: list[Removal]) -> list[tuple[int, int]]:
     return sorted(result, reverse=True)
 
 
-def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
-    """`data` without the byte ranges (given highest first, as `cuts` returns them)."""
+def kept_pieces(data: bytes, ranges: list[tuple[int, int]]) -> list[memoryview]:
+    """The parts of `data` left once the byte ranges (given highest first, as `cuts`
+    returns them) go, in file order, as views: nothing is copied."""
+    view = memoryview(data)
     pieces = []
     tail = len(data)
     for start, end in ranges:
-        pieces.append(data[end:tail])
+        pieces.append(view[end:tail])
         tail = start
-    pieces.append(data[:tail])
-    return b"".join(reversed(pieces))
+    pieces.append(view[:tail])
+    return [p for p in reversed(pieces) if len(p)]
+
+
+def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """`data` without the byte ranges (given highest first, as `cuts` returns them)."""
+    return b"".join(kept_pieces(data, ranges))
 
 
 @dataclass(frozen=True)

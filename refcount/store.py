@@ -37,6 +37,7 @@ import pwd
 import re
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -201,7 +202,9 @@ class Store:
         self.state_dir = layout.state_path(self.path)
         self.trash_dir = layout.trash_dir(self.path)
         self._known: IndexSnapshot | None = None
-        """The version of index.json this store last read or wrote (`read_index`)."""
+        """The version of index.json this store last read (`read_index`)."""
+        self._written: tuple[Fingerprint, str] | None = None
+        """The trusted fingerprint and the hash of the version it last wrote."""
 
     @property
     def index_path(self) -> Path:
@@ -401,16 +404,17 @@ class Store:
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
-        """index.json's bytes and hash, from the file or, when its fingerprint is still
-        the trusted one of the version this store last read or wrote, from memory.
+        """index.json's bytes and hash. The file is not read again while its fingerprint
+        is still that of the version this store last read, and not hashed when it is
+        the version this store last wrote (whose hash is known).
 
-        So a delete after a delete reads nothing and hashes nothing: the version
-        refcount wrote is kept (one slot, the size of index.json). A fingerprint that
-        is not trusted (racy, see `trusted`) is never used: the file is read and
-        hashed, as is any file whose fingerprint changed.
+        So a delete reads the file once and hashes only what it writes; its check
+        before the swap reads nothing. A fingerprint that is not trusted (racy, see
+        `trusted`) is never used: the file is read and hashed, as is any file whose
+        fingerprint changed.
         """
         info = self._regular(self.index_path, layout.INDEX)
-        known = self._known
+        known, written = self._known, self._written
         if known is not None and Fingerprint.of(info) == known.fingerprint:
             return known
         try:
@@ -429,16 +433,19 @@ class Store:
             raise InvalidStore(f"{self.index_path}: cannot read: not a regular file")
         fingerprint = Fingerprint.of(after)
         steady = Fingerprint.of(before) == fingerprint and len(data) == after.st_size
-        snapshot = IndexSnapshot(
-            data,
-            hashlib.sha256(data).hexdigest(),
-            fingerprint if steady and trusted(fingerprint, seen_at) else None,
-        )
+        if steady and written is not None and written[0] == fingerprint:
+            snapshot = IndexSnapshot(data, written[1], fingerprint)
+        else:
+            trust = steady and trusted(fingerprint, seen_at)
+            snapshot = IndexSnapshot(
+                data, hashlib.sha256(data).hexdigest(), fingerprint if trust else None
+            )
         self._known = snapshot
         return snapshot
 
-    def replace_index(self, data: bytes, expected_hash: str) -> str:
-        """Atomically replace index.json, unless it changed since it was read.
+    def replace_index(self, data: bytes | Sequence[bytes | memoryview], expected_hash: str) -> str:
+        """Atomically replace index.json with `data` (bytes, or pieces written in order),
+        unless it changed since it was read.
 
         Raises ConcurrentChange when the file is no longer the version whose hash is
         `expected_hash` (an outside tool wrote it meanwhile); the caller re-reads and
@@ -448,21 +455,28 @@ class Store:
         outside write landed in between, and it is swapped back. Returns the new hash.
 
         Both checks compare fingerprints when the version read has a trusted one
-        (`read_index`), and hash the file otherwise: the new bytes are hashed once,
-        from memory, and nothing is read back.
+        (`read_index`), and hash the file otherwise. The new bytes are hashed once,
+        from memory, while the kernel writes and syncs them; nothing is read back.
+        A writer that puts the old mtime back (`touch -r`) in the instant between
+        the check and the swap is seen only when the fingerprint was not trusted:
+        the exchange itself changes the ctime that would tell.
         """
+        pieces = [data] if isinstance(data, bytes) else list(data)
         known = self._known
         expected = known.fingerprint if known is not None and known.hash == expected_hash else None
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
         temp = layout.index_temp(self.path, os.getpid())
-        new_hash = hashlib.sha256(data).hexdigest()
+        self._written = None
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-                written = os.fstat(handle.fileno())
+            with _Hashing(pieces) as hashing:
+                try:
+                    _write_pieces(fd, pieces)
+                    os.fsync(fd)
+                    written = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            new_hash = hashing.hexdigest
             crash_point("index-before-rename")
             # Tells a later catch-up that this change of index.json was refcount's own
             # (a delete killed before its commit), not an outside mass deletion. Not
@@ -481,14 +495,12 @@ class Store:
                     raise ConcurrentChange(f"{self.index_path}: written by another tool just now")
             else:
                 os.rename(temp, self.index_path)
-        except BaseException:
-            self._known = None
-            raise
         finally:
+            self._known = None  # the version read is gone (or, on failure, in doubt)
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         _fsync_dir(self.path)
-        self._remember_written(data, new_hash, written, renamed_at)
+        self._remember_written(new_hash, written, renamed_at)
         return new_hash
 
     def _swapped_out_is(self, path: Path, expected: Fingerprint | None, expected_hash: str) -> bool:
@@ -499,20 +511,16 @@ class Store:
             return expected.same_file(path.lstat())
         return hashlib.sha256(_read_nofollow(path, None)).hexdigest() == expected_hash
 
-    def _remember_written(
-        self, data: bytes, new_hash: str, written: os.stat_result, renamed_at: int
-    ) -> None:
-        """Keep the version just written as the known one, with its fingerprint when
+    def _remember_written(self, new_hash: str, written: os.stat_result, renamed_at: int) -> None:
+        """Remember the hash of the version just written under its fingerprint, when
         that fingerprint is trusted (see `trusted`: the clock had passed the temp
         file's mtime at the rename) and index.json is still that file, unchanged."""
-        try:
+        with contextlib.suppress(OSError):
             info = self.index_path.lstat()
-        except OSError:
-            self._known = None
-            return
-        ours = Fingerprint.of(written).same_file(info)
-        trust = ours and trusted(Fingerprint.of(written), renamed_at)
-        self._known = IndexSnapshot(data, new_hash, Fingerprint.of(info) if trust else None)
+            if Fingerprint.of(written).same_file(info) and trusted(
+                Fingerprint.of(written), renamed_at
+            ):
+                self._written = (Fingerprint.of(info), new_hash)
 
     # --- files written for the user -----------------------------------------------
     def write_output(self, path: str | os.PathLike[str], data: bytes) -> Path:
@@ -1019,6 +1027,48 @@ def _hash_at(directory: int, name: str, algorithm: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+class _Hashing:
+    """The sha256 of `pieces`, computed on a thread while the caller writes them:
+    hashlib lets go of the GIL over large buffers, so it overlaps the write and
+    the fsync instead of adding to them."""
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self._hash = hashlib.sha256()
+        self._pieces = pieces
+        self._thread = threading.Thread(target=self._run, name="refcount-index-hash")
+
+    def _run(self) -> None:
+        for piece in self._pieces:
+            self._hash.update(piece)
+
+    def __enter__(self) -> _Hashing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    @property
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _write_pieces(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+    """Write `pieces` to `fd` in order, without joining them (os.writev, in batches
+    the kernel accepts; a short write carries on from where it stopped)."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        batch = views[:_IOV_MAX]
+        done = os.writev(fd, batch)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
 
 
 def _write_small(path: Path, text: str) -> None:

@@ -40,9 +40,9 @@ from refcount.oci import (
     CutLog,
     Removal,
     append_entries,
-    apply_cuts,
     cuts,
     entry_tag,
+    kept_pieces,
     parse_index,
     usable_tag,
 )
@@ -184,7 +184,8 @@ def rewrite_index(
     """
     log = repo.cut_log()
     ranges = cut_ranges(repo, store, snapshot, removed, log)
-    data = apply_cuts(snapshot.data, ranges)
+    pieces = kept_pieces(snapshot.data, ranges)
+    data: bytes | list[memoryview] = pieces  # written as they are: no copy
     cut = log.cut(ranges)
     positions = [r.position for r in removed]
     added: list[RootRow] = []
@@ -193,7 +194,7 @@ def rewrite_index(
         last = repo.last_root()
         after = log.current(last[1]) if last is not None and last[1] is not None else None
         data, spans = append_entries(
-            data, list(appended), str(store.index_path), None if removed else after
+            b"".join(pieces), list(appended), str(store.index_path), None if removed else after
         )
         # With no entry left, append_entries writes the index anew: its spans start
         # a fresh coordinate space, and the cuts (of rows all gone) no longer apply.
