@@ -15,13 +15,14 @@ filesystem, so the replacement is atomic).
 Every name and path of the layout (blobs/, index.json, .refcount/ and what
 lives in it) comes from `refcount.layout`; this module adds the I/O.
 
-index.json is read whole and hashed only when needed: the store keeps the version
-it last read or wrote with its `Fingerprint`, and hands it out again while the file
-still has that fingerprint. Every outside writer changes it (a rename-in brings
-another inode; an in-place rewrite a new mtime and ctime), except one writing in the
-same tick of the file clock as the recorded version: a fingerprint is therefore
-trusted only once that clock has passed its mtime (`trusted`), and otherwise the
-bytes are hashed as they always were.
+index.json is read and hashed only when needed: the store remembers the hash of the
+version it last read or wrote under that version's `Fingerprint`, and the snapshot
+it last read while its caller still holds it; while the file keeps that fingerprint
+the hash is not computed again and the snapshot not read again. Every outside writer
+changes the fingerprint (a rename-in brings another inode; an in-place rewrite a new
+mtime and ctime), except one writing in the same tick of the file clock as the
+recorded version: a fingerprint is therefore trusted only once that clock has
+passed its mtime (`trusted`), and otherwise the bytes are hashed as they always were.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,10 +203,11 @@ class Store:
         self.check_blob_dirs()
         self.state_dir = layout.state_path(self.path)
         self.trash_dir = layout.trash_dir(self.path)
-        self._known: IndexSnapshot | None = None
-        """The version of index.json this store last read (`read_index`)."""
-        self._written: tuple[Fingerprint, str] | None = None
-        """The trusted fingerprint and the hash of the version it last wrote."""
+        self._known: weakref.ref[IndexSnapshot] | None = None
+        """The snapshot `read_index` last made, while its caller holds it (a delete,
+        until its check before the swap): no copy of index.json outlives its use."""
+        self._hashed: tuple[Fingerprint, str] | None = None
+        """The trusted fingerprint and the hash of the version last read or written."""
 
     @property
     def index_path(self) -> Path:
@@ -405,8 +408,8 @@ class Store:
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
         """index.json's bytes and hash. The file is not read again while its fingerprint
-        is still that of the version this store last read, and not hashed when it is
-        the version this store last wrote (whose hash is known).
+        is still that of the snapshot last read (and held), and not hashed while it is
+        that of the version last read or written (whose hash is known).
 
         So a delete reads the file once and hashes only what it writes; its check
         before the swap reads nothing. A fingerprint that is not trusted (racy, see
@@ -414,7 +417,7 @@ class Store:
         fingerprint changed.
         """
         info = self._regular(self.index_path, layout.INDEX)
-        known, written = self._known, self._written
+        known = self._known_snapshot()
         if known is not None and Fingerprint.of(info) == known.fingerprint:
             return known
         try:
@@ -433,15 +436,21 @@ class Store:
             raise InvalidStore(f"{self.index_path}: cannot read: not a regular file")
         fingerprint = Fingerprint.of(after)
         steady = Fingerprint.of(before) == fingerprint and len(data) == after.st_size
-        if steady and written is not None and written[0] == fingerprint:
-            snapshot = IndexSnapshot(data, written[1], fingerprint)
+        hashed = self._hashed
+        if steady and hashed is not None and hashed[0] == fingerprint:
+            snapshot = IndexSnapshot(data, hashed[1], fingerprint)
         else:
             trust = steady and trusted(fingerprint, seen_at)
             snapshot = IndexSnapshot(
                 data, hashlib.sha256(data).hexdigest(), fingerprint if trust else None
             )
-        self._known = snapshot
+            if trust:
+                self._hashed = (fingerprint, snapshot.hash)
+        self._known = weakref.ref(snapshot)
         return snapshot
+
+    def _known_snapshot(self) -> IndexSnapshot | None:
+        return None if self._known is None else self._known()
 
     def replace_index(self, data: bytes | Sequence[bytes | memoryview], expected_hash: str) -> str:
         """Atomically replace index.json with `data` (bytes, or pieces written in order),
@@ -462,11 +471,10 @@ class Store:
         the exchange itself changes the ctime that would tell.
         """
         pieces = [data] if isinstance(data, bytes) else list(data)
-        known = self._known
+        known = self._known_snapshot()
         expected = known.fingerprint if known is not None and known.hash == expected_hash else None
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
         temp = layout.index_temp(self.path, os.getpid())
-        self._written = None
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
             with _Hashing(pieces) as hashing:
@@ -520,7 +528,7 @@ class Store:
             if Fingerprint.of(written).same_file(info) and trusted(
                 Fingerprint.of(written), renamed_at
             ):
-                self._written = (Fingerprint.of(info), new_hash)
+                self._hashed = (Fingerprint.of(info), new_hash)
 
     # --- files written for the user -----------------------------------------------
     def write_output(self, path: str | os.PathLike[str], data: bytes) -> Path:
