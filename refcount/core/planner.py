@@ -7,13 +7,13 @@ spans; the rest of the file is not parsed while the database is current).
 
 How a rewrite stays O(what is deleted) in the database and O(file) only in bytes:
 
-- **One read.** The snapshot comes from `Store.read_index`, which keeps the version
-  of index.json refcount last read or wrote and hands it out again while the file's
-  fingerprint (inode, size, mtime, ctime) is the one recorded; the compare-and-swap
-  in `Store.replace_index` checks fingerprints too, and the inode swapped out by
-  RENAME_EXCHANGE. A fingerprint taken in the file clock's current tick proves
-  nothing (a same-size write in that tick keeps it), so then the bytes are hashed,
-  as before. The new bytes are hashed once, in memory.
+- **One read.** The snapshot comes from `Store.read_index`, which knows the hash of
+  the version of index.json it last read or wrote by its fingerprint (inode, size,
+  mtime, ctime), and hands the held snapshot out again to the check before the swap
+  in `Store.replace_index`; the RENAME_EXCHANGE check compares the inode swapped
+  out. A fingerprint taken in the file clock's current tick proves nothing (a
+  same-size write in that tick keeps it), so then the bytes are hashed, as before.
+  The new bytes are written from the kept slices and hashed once, in memory.
 - **No span shifted.** Entries keep the spans recorded at the last parse (or append);
   each delete adds its cut ranges to `index_cuts`, and spans are read through that
   log (`oci.CutLog`: a binary search per offset). The kept entries' rows are not
