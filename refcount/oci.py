@@ -8,7 +8,10 @@ nothing of files, SQL or counts.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Collection, Iterable
@@ -355,15 +358,88 @@ def cuts(removals: list[Removal]) -> list[tuple[int, int]]:
     return sorted(result, reverse=True)
 
 
-def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
-    """`data` without the byte ranges (given highest first, as `cuts` returns them)."""
+def kept_pieces(data: bytes, ranges: list[tuple[int, int]]) -> list[memoryview]:
+    """The parts of `data` left once the byte ranges (given highest first, as `cuts`
+    returns them) go, in file order, as views: nothing is copied."""
+    view = memoryview(data)
     pieces = []
     tail = len(data)
     for start, end in ranges:
-        pieces.append(data[end:tail])
+        pieces.append(view[end:tail])
         tail = start
-    pieces.append(data[:tail])
-    return b"".join(reversed(pieces))
+    pieces.append(view[:tail])
+    return [p for p in reversed(pieces) if len(p)]
+
+
+def apply_cuts(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """`data` without the byte ranges (given highest first, as `cuts` returns them)."""
+    return b"".join(kept_pieces(data, ranges))
+
+
+@dataclass(frozen=True)
+class CutLog:
+    """The byte ranges cut out of index.json since its entries' spans were recorded,
+    so that a delete shifts no recorded span.
+
+    Recorded offsets live in one coordinate space: the file as last parsed, with
+    every byte refcount cut from it since still counted. A cut is kept as
+    (`at`, `length`): where it starts in that space, and how many bytes went. The
+    file's offset of a recorded one is that offset less the lengths of the cuts
+    before it (`current`); the other way (`recorded`, for spans found in the file
+    as it is now: an append, a parse) adds back the cuts whose gap lies at or
+    before it. Both are binary searches, so the cost of a delete does not grow
+    with the number of entries; the log is folded into the spans (compacted)
+    once it holds many cuts.
+    """
+
+    cuts: tuple[tuple[int, int], ...] = ()
+    """(at, length), ascending."""
+    _ats: list[int] = dataclasses.field(init=False, repr=False, compare=False)
+    _gaps: list[int] = dataclasses.field(init=False, repr=False, compare=False)
+    _before: list[int] = dataclasses.field(init=False, repr=False, compare=False)
+    """The lengths cut before each cut, and in all (last)."""
+
+    def __post_init__(self) -> None:
+        ats, gaps, before, total = [], [], [], 0
+        for at, length in self.cuts:
+            ats.append(at)
+            gaps.append(at - total)  # where this cut's hole is in the file now
+            before.append(total)
+            total += length
+        object.__setattr__(self, "_ats", ats)
+        object.__setattr__(self, "_gaps", gaps)
+        object.__setattr__(self, "_before", [*before, total])
+
+    def __len__(self) -> int:
+        return len(self.cuts)
+
+    def current(self, offset: int) -> int:
+        """The file's offset of the recorded `offset` (never inside a cut)."""
+        return offset - self._before[bisect.bisect_left(self._ats, offset)]
+
+    def recorded(self, offset: int) -> int:
+        """The recorded offset of the file's `offset` (the inverse of `current`)."""
+        return offset + self._before[bisect.bisect_right(self._gaps, offset)]
+
+    def cut(self, ranges: Iterable[tuple[int, int]]) -> CutLog:
+        """This log after the file's byte `ranges` (in its offsets now, disjoint) go.
+
+        A range that spans the hole of an earlier cut is two separate runs of
+        recorded bytes (the earlier cut lies between them), so it is split there:
+        the cuts stay disjoint and in the same order in both coordinates.
+        """
+        added: list[tuple[int, int]] = []
+        for start, end in ranges:
+            holes = self._gaps[
+                bisect.bisect_right(self._gaps, start) : bisect.bisect_left(self._gaps, end)
+            ]
+            bounds = [start, *holes, end]
+            added.extend(
+                (self.recorded(low), high - low)
+                for low, high in itertools.pairwise(bounds)
+                if high > low
+            )
+        return CutLog(tuple(sorted(self.cuts + tuple(added))))
 
 
 def _problem(where: str, exc: Exception, tag: str | None = None) -> Problem:

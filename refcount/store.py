@@ -14,6 +14,15 @@ filesystem, so the replacement is atomic).
 
 Every name and path of the layout (blobs/, index.json, .refcount/ and what
 lives in it) comes from `refcount.layout`; this module adds the I/O.
+
+index.json is read and hashed only when needed: the store remembers the hash of the
+version it last read or wrote under that version's `Fingerprint`, and the snapshot
+it last read while its caller still holds it; while the file keeps that fingerprint
+the hash is not computed again and the snapshot not read again. Every outside writer
+changes the fingerprint (a rename-in brings another inode; an in-place rewrite a new
+mtime and ctime), except one writing in the same tick of the file clock as the
+recorded version: a fingerprint is therefore trusted only once that clock has
+passed its mtime (`trusted`), and otherwise the bytes are hashed as they always were.
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ import os
 import pwd
 import re
 import stat
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +129,74 @@ class BlobsStamp:
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """What `stat` says of one version of index.json: which file, how long, when
+    last written and changed. Every outside writer changes it: a rename-in (umoci)
+    brings another inode, an in-place rewrite (skopeo) a later mtime and ctime."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> Fingerprint:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def same_file(self, info: os.stat_result) -> bool:
+        """`info` is this version, by all but its ctime (which a rename updates)."""
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) == (
+            self.device,
+            self.inode,
+            self.size,
+            self.mtime_ns,
+        )
+
+
+@dataclass(frozen=True)
 class IndexSnapshot:
     data: bytes
     hash: str
+    fingerprint: Fingerprint | None = None
+    """Set when the fingerprint alone tells this version from any later one (see
+    `trusted`); None when only the bytes can (the file was written too recently)."""
+
+
+# CLOCK_REALTIME_COARSE: the clock Linux stamps file times from (5 in <time.h>).
+_COARSE_CLOCK: int | None = getattr(
+    time, "CLOCK_REALTIME_COARSE", 5 if sys.platform.startswith("linux") else None
+)
+
+
+def _clock_ns() -> int:
+    return time.clock_gettime_ns(_COARSE_CLOCK) if _COARSE_CLOCK is not None else time.time_ns()
+
+
+def trusted(fingerprint: Fingerprint, seen_at_ns: int) -> bool:
+    """Whether any write after `seen_at_ns` (the file clock's time when the bytes
+    were known to match `fingerprint`) is bound to change the fingerprint.
+
+    A write stamps the file with the file clock's time, rounded down to the
+    filesystem's granularity. When that clock has already passed the recorded
+    mtime by more than a granule, a later write must stamp a later mtime. When it
+    has not (the file was written in this very tick: racy, as git calls it), an
+    outside write of the same size in the same tick would look identical, so the
+    bytes must be hashed instead. The granularity is guessed from the mtime itself:
+    whole seconds mean a coarse filesystem (FAT's 2 s), whole microseconds 10 ms;
+    anything finer (ext4, xfs, btrfs, tmpfs) is taken as exact. Without the coarse
+    clock (not Linux) two seconds of margin are kept.
+    """
+    mtime = fingerprint.mtime_ns
+    if mtime % 1_000_000_000 == 0:
+        granule = 2_000_000_000
+    elif mtime % 1_000 == 0:
+        granule = 10_000_000
+    else:
+        granule = 1
+    if _COARSE_CLOCK is None:
+        granule = max(granule, 2_000_000_000)
+    return seen_at_ns >= mtime + granule
 
 
 class Store:
@@ -137,6 +214,11 @@ class Store:
         self.check_blob_dirs()
         self.state_dir = layout.state_path(self.path)
         self.trash_dir = layout.trash_dir(self.path)
+        self._known: weakref.ref[IndexSnapshot] | None = None
+        """The snapshot `read_index` last made, while its caller holds it (a delete,
+        until its check before the swap): no copy of index.json outlives its use."""
+        self._hashed: tuple[Fingerprint, str] | None = None
+        """The trusted fingerprint and the hash of the version last read or written."""
 
     @property
     def index_path(self) -> Path:
@@ -336,51 +418,128 @@ class Store:
 
     # --- index.json ---------------------------------------------------------
     def read_index(self) -> IndexSnapshot:
-        self._regular(self.index_path, layout.INDEX)
+        """index.json's bytes and hash. The file is not read again while its fingerprint
+        is still that of the snapshot last read (and held), and not hashed while it is
+        that of the version last read or written (whose hash is known).
+
+        So a delete reads the file once and hashes only what it writes; its check
+        before the swap reads nothing. A fingerprint that is not trusted (racy, see
+        `trusted`) is never used: the file is read and hashed, as is any file whose
+        fingerprint changed.
+        """
+        info = self._regular(self.index_path, layout.INDEX)
+        known = self._known_snapshot()
+        if known is not None and Fingerprint.of(info) == known.fingerprint:
+            return known
         try:
-            data = _read_nofollow(self.index_path, None)
+            fd = os.open(self.index_path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise InvalidStore(f"{self.index_path}: cannot read: {exc.strerror}") from None
-        return IndexSnapshot(data, hashlib.sha256(data).hexdigest())
+        with os.fdopen(fd, "rb") as handle:
+            seen_at = _clock_ns()
+            before = os.fstat(handle.fileno())
+            try:
+                data = handle.read()
+            except OSError as exc:
+                raise InvalidStore(f"{self.index_path}: cannot read: {exc.strerror}") from None
+            after = os.fstat(handle.fileno())
+        if not stat.S_ISREG(before.st_mode):
+            raise InvalidStore(f"{self.index_path}: cannot read: not a regular file")
+        fingerprint = Fingerprint.of(after)
+        steady = Fingerprint.of(before) == fingerprint and len(data) == after.st_size
+        hashed = self._hashed
+        if steady and hashed is not None and hashed[0] == fingerprint:
+            snapshot = IndexSnapshot(data, hashed[1], fingerprint)
+        else:
+            trust = steady and trusted(fingerprint, seen_at)
+            snapshot = IndexSnapshot(
+                data, hashlib.sha256(data).hexdigest(), fingerprint if trust else None
+            )
+            if trust:
+                self._hashed = (fingerprint, snapshot.hash)
+        self._known = weakref.ref(snapshot)
+        return snapshot
 
-    def replace_index(self, data: bytes, expected_hash: str) -> str:
-        """Atomically replace index.json, unless it changed since it was read.
+    def _known_snapshot(self) -> IndexSnapshot | None:
+        return None if self._known is None else self._known()
 
-        Raises ConcurrentChange when the file's hash is no longer `expected_hash`
-        (an outside tool wrote it meanwhile); the caller re-reads and retries.
-        Outside tools take no lock, so the check and the rename cannot be one
-        step; instead the new file is swapped in with RENAME_EXCHANGE and the
-        file swapped out is checked: if it is not what was read, an outside
-        write landed in between, and it is swapped back. Returns the new hash.
+    def replace_index(self, data: bytes | Sequence[bytes | memoryview], expected_hash: str) -> str:
+        """Atomically replace index.json with `data` (bytes, or pieces written in order),
+        unless it changed since it was read.
+
+        Raises ConcurrentChange when the file is no longer the version whose hash is
+        `expected_hash` (an outside tool wrote it meanwhile); the caller re-reads and
+        retries. Outside tools take no lock, so the check and the rename cannot be
+        one step; instead the new file is swapped in with RENAME_EXCHANGE and the
+        file swapped out is checked: if it is not the version that was read, an
+        outside write landed in between, and it is swapped back. Returns the new hash.
+
+        Both checks compare fingerprints when the version read has a trusted one
+        (`read_index`), and hash the file otherwise. The new bytes are hashed once,
+        from memory, while the kernel writes and syncs them; nothing is read back.
+        A writer that puts the old mtime back (`touch -r`) in the instant between
+        the check and the swap is seen only when the fingerprint was not trusted:
+        the exchange itself changes the ctime that would tell.
         """
+        pieces = [data] if isinstance(data, bytes) else list(data)
+        known = self._known_snapshot()
+        expected = known.fingerprint if known is not None and known.hash == expected_hash else None
         mode = stat.S_IMODE(self.index_path.lstat().st_mode)
         temp = layout.index_temp(self.path, os.getpid())
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            with _Hashing(pieces) as hashing:
+                try:
+                    _write_pieces(fd, pieces)
+                    os.fsync(fd)
+                    written = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            new_hash = hashing.hexdigest
             crash_point("index-before-rename")
             # Tells a later catch-up that this change of index.json was refcount's own
             # (a delete killed before its commit), not an outside mass deletion. Not
             # fsynced: losing it only makes the catch-up more careful.
-            _write_small(layout.last_rewrite_path(self.path), hashlib.sha256(data).hexdigest())
+            _write_small(layout.last_rewrite_path(self.path), new_hash)
             if self.read_index().hash != expected_hash:
                 raise ConcurrentChange(
                     f"{self.index_path}: changed while refcount was rewriting it"
                 )
+            # Until the rename nobody else writes the temp file; from the rename on, a
+            # write stamps a later mtime only if the clock has moved past ours by now.
+            renamed_at = _clock_ns()
             if _exchange(temp, self.index_path):
-                if hashlib.sha256(_read_nofollow(temp, None)).hexdigest() != expected_hash:
+                if not self._swapped_out_is(temp, expected, expected_hash):
                     _exchange(temp, self.index_path)
                     raise ConcurrentChange(f"{self.index_path}: written by another tool just now")
             else:
                 os.rename(temp, self.index_path)
         finally:
+            self._known = None  # the version read is gone (or, on failure, in doubt)
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         _fsync_dir(self.path)
-        return hashlib.sha256(data).hexdigest()
+        self._remember_written(new_hash, written, renamed_at)
+        return new_hash
+
+    def _swapped_out_is(self, path: Path, expected: Fingerprint | None, expected_hash: str) -> bool:
+        """Whether the file RENAME_EXCHANGE took out of index.json's place is the
+        version read: its inode, size and mtime (the exchange itself changed its
+        ctime) when that version's fingerprint is trusted, else its hash."""
+        if expected is not None:
+            return expected.same_file(path.lstat())
+        return hashlib.sha256(_read_nofollow(path, None)).hexdigest() == expected_hash
+
+    def _remember_written(self, new_hash: str, written: os.stat_result, renamed_at: int) -> None:
+        """Remember the hash of the version just written under its fingerprint, when
+        that fingerprint is trusted (see `trusted`: the clock had passed the temp
+        file's mtime at the rename) and index.json is still that file, unchanged."""
+        with contextlib.suppress(OSError):
+            info = self.index_path.lstat()
+            if Fingerprint.of(written).same_file(info) and trusted(
+                Fingerprint.of(written), renamed_at
+            ):
+                self._hashed = (Fingerprint.of(info), new_hash)
 
     # --- files written for the user -----------------------------------------------
     def write_output(self, path: str | os.PathLike[str], data: bytes) -> Path:
@@ -933,6 +1092,48 @@ def _hash_at(directory: int, name: str, algorithm: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+class _Hashing:
+    """The sha256 of `pieces`, computed on a thread while the caller writes them:
+    hashlib lets go of the GIL over large buffers, so it overlaps the write and
+    the fsync instead of adding to them."""
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self._hash = hashlib.sha256()
+        self._pieces = pieces
+        self._thread = threading.Thread(target=self._run, name="refcount-index-hash")
+
+    def _run(self) -> None:
+        for piece in self._pieces:
+            self._hash.update(piece)
+
+    def __enter__(self) -> _Hashing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+
+    @property
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _write_pieces(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+    """Write `pieces` to `fd` in order, without joining them (os.writev, in batches
+    the kernel accepts; a short write carries on from where it stopped)."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        batch = views[:_IOV_MAX]
+        done = os.writev(fd, batch)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
 
 
 def _write_small(path: Path, text: str) -> None:

@@ -39,6 +39,7 @@ TABLES = {
     "last_used",
     "leases",
     "image_created",
+    "index_cuts",
     "mass_frees",
     "meta",
     "pending_actions",

@@ -4,6 +4,24 @@ may, and the rewrite of index.json that carries it out.
 Cost: the deleted image's subtree and its ancestors' rows, plus reading and
 writing index.json's bytes once (the entries are cut out by their recorded byte
 spans; the rest of the file is not parsed while the database is current).
+
+How a rewrite stays O(what is deleted) in the database and O(file) only in bytes:
+
+- **One read.** The snapshot comes from `Store.read_index`, which knows the hash of
+  the version of index.json it last read or wrote by its fingerprint (inode, size,
+  mtime, ctime), and hands the held snapshot out again to the check before the swap
+  in `Store.replace_index`; the RENAME_EXCHANGE check compares the inode swapped
+  out. A fingerprint taken in the file clock's current tick proves nothing (a
+  same-size write in that tick keeps it), so then the bytes are hashed, as before.
+  The new bytes are written from the kept slices and hashed once, in memory.
+- **No span shifted.** Entries keep the spans recorded at the last parse (or append);
+  each delete adds its cut ranges to `index_cuts`, and spans are read through that
+  log (`oci.CutLog`: a binary search per offset). The kept entries' rows are not
+  touched; the log is folded into the spans (one UPDATE) every COMPACT_AT cuts and
+  whenever index.json is parsed again after an outside change.
+- **One rewrite for many entries.** `rewrite_index` takes every removed entry of a
+  plan (a batch of tags, a prune, a group of daemon-served deletes) and any appended
+  ones (a push) and writes the file once, in one transaction.
 """
 
 from __future__ import annotations
@@ -19,11 +37,12 @@ from refcount.core.ledger import Ledger
 from refcount.db.repo import Repo, RootRow
 from refcount.errors import ConcurrentChange, DeleteRefused, NotFound, UnusableTag
 from refcount.oci import (
+    CutLog,
     Removal,
     append_entries,
-    apply_cuts,
     cuts,
     entry_tag,
+    kept_pieces,
     parse_index,
     usable_tag,
 )
@@ -141,6 +160,11 @@ def untagged_children(repo: Repo, removed: dict[int, RootRow]) -> list[RootRow]:
     ]
 
 
+COMPACT_AT = 256
+"""Cuts kept in `index_cuts` before they are folded into the recorded spans: one
+pass over the roots every this many removed runs, instead of one per delete."""
+
+
 def rewrite_index(
     repo: Repo,
     store: Store,
@@ -154,55 +178,89 @@ def rewrite_index(
     The spans come from the database; each is checked to still hold the entry it
     should before anything is written (ConcurrentChange makes the caller start
     over with a fresh parse). The roots recorded follow the new file without
-    parsing it: cut entries go, later spans shift, added ones get theirs.
+    parsing it, and without touching the rows of the entries kept: cut entries
+    go, the cuts are logged (the later spans are read through the log), added
+    entries get their spans in the log's coordinates.
     """
-    ranges = cut_ranges(repo, store, snapshot, removed)
-    data = apply_cuts(snapshot.data, ranges)
+    log = repo.cut_log()
+    ranges = cut_ranges(repo, store, snapshot, removed, log)
+    pieces = kept_pieces(snapshot.data, ranges)
+    data: bytes | list[memoryview] = pieces  # written as they are: no copy
+    cut = log.cut(ranges)
+    positions = [r.position for r in removed]
     added: list[RootRow] = []
+    anew = False
     if appended:
         last = repo.last_root()
-        after = last[1] if last is not None and not removed else None
-        data, spans = append_entries(data, list(appended), str(store.index_path), after)
+        after = log.current(last[1]) if last is not None and last[1] is not None else None
+        data, spans = append_entries(
+            b"".join(pieces), list(appended), str(store.index_path), None if removed else after
+        )
+        # With no entry left, append_entries writes the index anew: its spans start
+        # a fresh coordinate space, and the cuts (of rows all gone) no longer apply.
+        anew = not repo.roots_remain(positions)
+        place = (lambda offset: offset) if anew else cut.recorded
         base = (last[0] if last is not None else -1) + 1
         added = [
-            RootRow(base + i, e["digest"], entry_tag(e), e.get("mediaType"), e.get("size"), *span)
-            for i, (e, span) in enumerate(zip(appended, spans, strict=True))
+            RootRow(
+                base + i,
+                e["digest"],
+                entry_tag(e),
+                e.get("mediaType"),
+                e.get("size"),
+                place(start),
+                place(start) + end - start,
+            )
+            for i, (e, (start, end)) in enumerate(zip(appended, spans, strict=True))
         ]
     crash_point("delete-before-index")
     repo.confirm_store_lock()
     new_hash = store.replace_index(data, snapshot.hash)
-    repo.delete_roots(r.position for r in removed)
-    for start, end in ranges:  # highest first, so lower offsets stay valid
-        repo.shift_spans(end, end - start)
+    repo.delete_roots(positions)
+    if anew:
+        repo.clear_cuts()
+    else:
+        repo.record_cuts(log, cut)
     repo.insert_roots(added)
+    if len(cut) >= COMPACT_AT:
+        repo.compact_cuts()
     repo.set_index_hash(new_hash)
     return added
 
 
 def cut_ranges(
-    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow]
+    repo: Repo, store: Store, snapshot: IndexSnapshot, removed: list[RootRow], log: CutLog
 ) -> list[tuple[int, int]]:
     """The byte ranges of index.json that hold the removed entries (and their commas),
     highest first; ConcurrentChange when a recorded span no longer holds its entry."""
     positions = [r.position for r in removed]
     removals = []
     for root in removed:
-        if not _span_holds(snapshot.data, root):
+        assert root.start is not None and root.end is not None
+        start = log.current(root.start)
+        end = start + root.end - root.start
+        if not _span_holds(snapshot.data, start, end, root.digest):
             repo.set_index_hash("")
             raise ConcurrentChange(f"{store.index_path}: entry moved; re-reading")
-        assert root.start is not None and root.end is not None
         before, after = repo.kept_neighbours(root.start, positions)
-        removals.append(Removal(root.start, root.end, before, after))
+        removals.append(
+            Removal(
+                start,
+                end,
+                None if before is None else log.current(before),
+                None if after is None else log.current(after),
+            )
+        )
     return cuts(removals)
 
 
-def _span_holds(data: bytes, root: RootRow) -> bool:
-    """Whether index.json's bytes at the recorded span are the recorded entry."""
+def _span_holds(data: bytes, start: int, end: int, digest: str) -> bool:
+    """Whether index.json's bytes at the span are the recorded entry."""
     try:
-        entry = json.loads(data[root.start : root.end])
+        entry = json.loads(data[start:end])
     except ValueError:
         return False
-    return isinstance(entry, dict) and entry.get("digest") == root.digest
+    return isinstance(entry, dict) and entry.get("digest") == digest
 
 
 def explain_not_found(store: Store, snapshot: IndexSnapshot, select: Select) -> NoReturn:

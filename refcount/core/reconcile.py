@@ -96,7 +96,12 @@ def mass_free(ledger: Ledger, before: int, removed: int, after: int) -> MassFree
 
 def store_roots(repo: Repo, roots: Iterable[Root]) -> None:
     """Record index.json's entries, rewriting rows only from the first that differs:
-    tools mostly append, so a push costs its new entries, not the whole index."""
+    tools mostly append, so a push costs its new entries, not the whole index.
+
+    The cuts refcount's own deletes logged are folded into the recorded spans first
+    (one UPDATE, beside the parse this follows): the file's spans then compare with
+    them as they are, and an outside rewrite can move entries anywhere."""
+    repo.compact_cuts()
     new = [root_row(r) for r in roots]
     old = repo.roots()
     same = 0

@@ -63,6 +63,13 @@ class PendingAction(Base):
     created: Mapped[datetime]
 
 
+class IndexCut(Base):
+    __table__ = tables.index_cuts
+
+    at: Mapped[int]
+    length: Mapped[int]
+
+
 class Meta(Base):
     __table__ = tables.meta
 
@@ -147,6 +154,7 @@ __all__ = [
     "Blob",
     "Edge",
     "ImageCreated",
+    "IndexCut",
     "LastUse",
     "Lease",
     "MassFree",

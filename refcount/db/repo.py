@@ -34,6 +34,7 @@ from refcount.db.tables import (
     blobs,
     edges,
     image_created,
+    index_cuts,
     last_used,
     leases,
     mass_frees,
@@ -44,6 +45,7 @@ from refcount.db.tables import (
 )
 from refcount.db.tables import pending_actions as journal
 from refcount.domain import BlobState, FileAction
+from refcount.oci import CutLog
 from refcount.reports import Finding, Lap, LeaseInfo, MassFree, VerifyRun
 
 _CHUNK = 500  # rows per IN (...) list: well under SQLite's bound-parameter limit
@@ -389,6 +391,11 @@ class Repo:
         query = select(roots).order_by(roots.c.position)
         return [RootRow(**row._mapping) for row in self.connection.execute(query)]
 
+    def roots_remain(self, removed: Sequence[int]) -> bool:
+        """Whether any root is recorded besides those at the `removed` positions."""
+        query = select(roots.c.position).where(roots.c.position.not_in(removed)).limit(1)
+        return self.connection.execute(query).first() is not None
+
     def count_roots(self) -> int:
         return int(self.connection.execute(select(func.count()).select_from(roots)).scalar_one())
 
@@ -406,16 +413,22 @@ class Repo:
             conditions.append(roots.c.tag == tag)
         if digest is not None:
             conditions.append(roots.c.digest == digest)
-        if untagged:
-            conditions.append(roots.c.tag.is_(None))
         if digests is None:  # sorted here: ORDER BY position would bypass the tag index
+            if untagged:
+                conditions.append(roots.c.tag.is_(None))
             query = select(roots).where(*conditions)
             rows = [RootRow(**row._mapping) for row in self.connection.execute(query)]
             return sorted(rows, key=lambda r: r.position)
+        # By digest, `untagged` applied here: given `tag IS NULL` too, SQLite's planner
+        # takes the tag index, which holds every untagged entry of the store.
         found: list[RootRow] = []
         for chunk in _chunks(sorted(set(digests))):
             query = select(roots).where(*conditions, roots.c.digest.in_(chunk))
-            found.extend(RootRow(**row._mapping) for row in self.connection.execute(query))
+            found.extend(
+                row
+                for row in (RootRow(**r._mapping) for r in self.connection.execute(query))
+                if not untagged or row.tag is None
+            )
         return sorted(found, key=lambda r: r.position)
 
     def spans_complete(self) -> bool:
@@ -423,12 +436,13 @@ class Repo:
         return int(self.connection.execute(query).scalar_one()) == 0
 
     def index_of(self, start: int) -> int:
-        """The current position in index.json of the entry starting at byte `start`."""
+        """The current position in index.json of the entry recorded at byte `start`."""
         query = select(func.count()).select_from(roots).where(roots.c.start < start)
         return int(self.connection.execute(query).scalar_one())
 
     def kept_neighbours(self, start: int, removed: Sequence[int]) -> tuple[int | None, int | None]:
-        """End of the closest kept entry before byte `start`, start of the closest after."""
+        """Recorded end of the closest kept entry before the one recorded at byte `start`,
+        and recorded start of the closest after (see `cut_log` for the file's offsets)."""
         kept = roots.c.position.not_in(removed)
         before = self.connection.execute(
             select(roots.c.end)
@@ -444,13 +458,43 @@ class Repo:
         ).scalar()
         return before, after
 
-    def shift_spans(self, at: int, by: int) -> None:
-        """Entries at or after byte `at` moved `by` bytes toward the start of the file."""
-        self.connection.execute(
-            update(roots)
-            .where(roots.c.start >= at)
-            .values(start=roots.c.start - by, end=roots.c.end - by)
-        )
+    # --- the cuts since the spans were recorded (refcount.oci.CutLog) -------------
+    def cut_log(self) -> CutLog:
+        """The cuts applied to index.json since the recorded spans: a recorded offset
+        is the file's once they are subtracted (`CutLog.current`)."""
+        query = select(index_cuts.c.at, index_cuts.c.length).order_by(index_cuts.c.at)
+        return CutLog(tuple((int(a), int(n)) for a, n in self.connection.execute(query)))
+
+    def record_cuts(self, old: CutLog, new: CutLog) -> None:
+        """Store the cuts `new` has beyond `old` (a delete's, as `CutLog.cut` made them)."""
+        added = sorted(set(new.cuts) - set(old.cuts))
+        if added:
+            self.connection.execute(insert(index_cuts), [{"at": a, "length": n} for a, n in added])
+
+    def compact_cuts(self) -> None:
+        """Fold the cuts into the recorded spans and forget them, paid once per many
+        deletes (planner.COMPACT_AT) and at a parse. The entries between two cuts all
+        move by the same amount, so each such interval is one range UPDATE on the
+        start index: every row after the first cut is written once, and no row runs
+        a subquery (a correlated SUM per row cost ten times as much at 100k roots)."""
+        log = self.cut_log()
+        bounds = [at for at, _length in log.cuts]
+        for i, at in enumerate(bounds):
+            shift = log.current(at + 1) - (at + 1)  # minus the cuts up to and with this one
+            interval = [roots.c.start > at]
+            if i + 1 < len(bounds):
+                interval.append(roots.c.start <= bounds[i + 1])
+            self.connection.execute(
+                update(roots)
+                .where(*interval)
+                .values(start=roots.c.start + shift, end=roots.c.end + shift)
+            )
+        if bounds:
+            self.clear_cuts()
+
+    def clear_cuts(self) -> None:
+        """Forget the cuts (every recorded span was just written anew)."""
+        self.connection.execute(delete(index_cuts))
 
     def root_tags(self, digests: Iterable[str]) -> dict[str, list[str]]:
         tags: dict[str, list[str]] = {}
@@ -465,7 +509,9 @@ class Repo:
         return tags
 
     def replace_roots(self, rows: Sequence[RootRow]) -> None:
+        """Record `rows` (spans as in the file now) as every root."""
         self.connection.execute(delete(roots))
+        self.clear_cuts()
         self.insert_roots(rows)
 
     def insert_roots(self, rows: Sequence[RootRow]) -> None:

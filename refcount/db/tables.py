@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 
 metadata = MetaData(
     naming_convention={
@@ -101,8 +101,8 @@ roots = Table(
     "roots",
     metadata,
     # An entry of index.json as last reconciled. `position` orders entries and may have
-    # gaps after a delete; `start`/`end` are its byte span in the file, so a delete can
-    # cut it out without parsing the rest.
+    # gaps after a delete; `start`/`end` are its byte span in the file, less the cuts
+    # before it in `index_cuts`, so a delete can cut it out without parsing the rest.
     Column("position", Integer, primary_key=True, autoincrement=False),
     Column("digest", DIGEST, nullable=False, index=True),
     Column("tag", String(1000), index=True),
@@ -110,6 +110,16 @@ roots = Table(
     Column("size", BigInteger),
     Column("start", BigInteger, index=True),
     Column("end", BigInteger),
+)
+
+index_cuts = Table(
+    "index_cuts",
+    metadata,
+    # A byte range refcount cut out of index.json since the roots' spans were recorded
+    # (`refcount.oci.CutLog` says how the two combine): a delete adds a row instead of
+    # shifting the span of every later entry. Folded into the spans once there are many.
+    Column("at", BigInteger, primary_key=True, autoincrement=False),
+    Column("length", BigInteger, nullable=False),
 )
 
 pending_actions = Table(
