@@ -1,9 +1,11 @@
 """Shared fixtures: a fresh OCI layout, and the CLI run in-process through its error boundary.
 
 `REFCOUNT_TEST_DB=postgresql` runs every test on the local PostgreSQL server: each
-test gets a database of its own (a copy of one migrated to head for the run,
+test gets a schema of its own (in one database for the run, migrated to head,
 dropped afterwards), named to the library, the CLI and every subprocess through
 `REFCOUNT_DEFAULT_DB`. Tests marked `sqlite_only` are skipped then (each says why).
+Tests marked `no_database` never open a store's database (scripts/test.sh leaves
+them out of its PostgreSQL pass); they are given one that cannot be opened.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ SEVERAL_STORES = (
     "and a database counts one store"
 )
 ON_POSTGRESQL = os.environ.get("REFCOUNT_TEST_DB", "sqlite") == "postgresql"
+NO_DATABASE_URL = "no_database://a-test-marked-no-database-opened-a-store-database"
 
 # Timing health checks and deadlines measure the machine, not the code: on two
 # busy cores they fail at random. Property tests judge behaviour only.
@@ -46,8 +49,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def _run_template() -> Iterator[tuple[str, str] | None]:
-    """On a PostgreSQL run: (user, name) of a database migrated to head, for copies."""
+def _run_schemas() -> Iterator[Any]:
+    """On a PostgreSQL run: the maker of the tests' schemas, in a database of the run."""
     if not ON_POSTGRESQL:
         yield None
         return
@@ -55,32 +58,43 @@ def _run_template() -> Iterator[tuple[str, str] | None]:
 
     from refcount.db.engine import make_engine, upgrade
 
-    user, why = pgkit.reachable_user()
-    if user is None:
-        pytest.exit(f"REFCOUNT_TEST_DB=postgresql, but the server is unreachable ({why})", 2)
-    with pgkit.fresh_database(user) as url:
+    def migrate(url: str) -> None:
         engine = make_engine(url)
         try:
             upgrade(engine)
         finally:
-            engine.dispose()  # a template must have no connections
-        yield user, url.rsplit("/", 1)[1]
+            engine.dispose()
+
+    user, why = pgkit.reachable_user()
+    if user is None:
+        pytest.exit(f"REFCOUNT_TEST_DB=postgresql, but the server is unreachable ({why})", 2)
+    with pgkit.fresh_database(user) as url:
+        maker = pgkit.SchemaMaker.record(user, url.rsplit("/", 1)[1], migrate)
+        try:
+            yield maker
+        finally:
+            maker.close()
 
 
 @pytest.fixture(autouse=True)
 def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """On a PostgreSQL run, a database of the test's own for every store it opens
-    without naming one. (A MonkeyPatch of its own: a test's `monkeypatch.undo()`
-    must not take the database away mid-test.)"""
+    """The database of every store the test opens without naming one.
+
+    On a PostgreSQL run, a schema of the test's own. A `no_database` test gets a URL
+    that cannot be opened, on either run, so the marker cannot go stale: a test that
+    opens a store's default database fails, naming the marker. (A MonkeyPatch of its
+    own: a test's `monkeypatch.undo()` must not take the database away mid-test.)
+    """
+    if request.node.get_closest_marker("no_database"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(DEFAULT_DB_ENV, NO_DATABASE_URL)
+            yield
+        return
     if not ON_POSTGRESQL or request.node.get_closest_marker("sqlite_only"):
         yield
         return
-    template = request.getfixturevalue("_run_template")
-    assert template is not None
-    import pgkit
-
-    user, name = template
-    with pgkit.fresh_database(user, template=name) as url, pytest.MonkeyPatch.context() as mp:
+    maker = request.getfixturevalue("_run_schemas")
+    with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv(DEFAULT_DB_ENV, url)
         yield
 
