@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,28 @@ def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
     with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv(DEFAULT_DB_ENV, url)
         yield
+
+
+AnotherDatabase = Callable[[], AbstractContextManager[None]]
+
+
+@pytest.fixture
+def another_database(request: pytest.FixtureRequest) -> AnotherDatabase:
+    """`with another_database():` the stores opened inside count in a database of their
+    own, for a test that opens a second store beside its own (on SQLite each store has
+    its file anyway; on PostgreSQL it is a fresh schema, dropped on leaving)."""
+
+    @contextmanager
+    def scope() -> Iterator[None]:
+        if not ON_POSTGRESQL:
+            yield
+            return
+        maker = request.getfixturevalue("_run_schemas")
+        with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
+            mp.setenv(DEFAULT_DB_ENV, url)
+            yield
+
+    return scope
 
 
 @pytest.fixture(scope="session")
