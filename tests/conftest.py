@@ -30,6 +30,10 @@ SEVERAL_STORES = (
     "counts several stores in one test; a PostgreSQL run gives a test one database, "
     "and a database counts one store"
 )
+MODULE_STORE = (
+    "indexes one store for the whole module; a PostgreSQL run gives each test a "
+    "database of its own, where that store is not indexed"
+)
 ON_POSTGRESQL = os.environ.get("REFCOUNT_TEST_DB", "sqlite") == "postgresql"
 NO_DATABASE_URL = "no_database://a-test-marked-no-database-opened-a-store-database"
 
@@ -140,6 +144,15 @@ def pg_url(pg_user: str) -> Iterator[str]:
 
     with pgkit.fresh_database(pg_user) as url:
         yield url
+
+
+def sql_on_the_test_database(sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """On a PostgreSQL run: one statement (`?` placeholders, as sqlite3 takes them) on the
+    test's schema, behind refcount's back, for the tests that otherwise read or tamper
+    with a store's SQLite file."""
+    import pgkit
+
+    return pgkit.sql(os.environ[DEFAULT_DB_ENV], sql.replace("?", "%s"), *args)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.sqlite_only(
+    "the benchmark reads its stores' SQLite files; its PostgreSQL figures name a database of their own"
+)
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 SIZE_KEYS = {
