@@ -1,9 +1,11 @@
 """Shared fixtures: a fresh OCI layout, and the CLI run in-process through its error boundary.
 
 `REFCOUNT_TEST_DB=postgresql` runs every test on the local PostgreSQL server: each
-test gets a database of its own (a copy of one migrated to head for the run,
+test gets a schema of its own (in one database for the run, migrated to head,
 dropped afterwards), named to the library, the CLI and every subprocess through
 `REFCOUNT_DEFAULT_DB`. Tests marked `sqlite_only` are skipped then (each says why).
+Tests marked `no_database` never open a store's database (scripts/test.sh leaves
+them out of its PostgreSQL pass); they are given one that cannot be opened.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,12 @@ SEVERAL_STORES = (
     "counts several stores in one test; a PostgreSQL run gives a test one database, "
     "and a database counts one store"
 )
+MODULE_STORE = (
+    "indexes one store for the whole module; a PostgreSQL run gives each test a "
+    "database of its own, where that store is not indexed"
+)
 ON_POSTGRESQL = os.environ.get("REFCOUNT_TEST_DB", "sqlite") == "postgresql"
+NO_DATABASE_URL = "no_database://a-test-marked-no-database-opened-a-store-database"
 
 # Timing health checks and deadlines measure the machine, not the code: on two
 # busy cores they fail at random. Property tests judge behaviour only.
@@ -46,8 +54,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def _run_template() -> Iterator[tuple[str, str] | None]:
-    """On a PostgreSQL run: (user, name) of a database migrated to head, for copies."""
+def _run_schemas() -> Iterator[Any]:
+    """On a PostgreSQL run: the maker of the tests' schemas, in a database of the run."""
     if not ON_POSTGRESQL:
         yield None
         return
@@ -55,34 +63,67 @@ def _run_template() -> Iterator[tuple[str, str] | None]:
 
     from refcount.db.engine import make_engine, upgrade
 
-    user, why = pgkit.reachable_user()
-    if user is None:
-        pytest.exit(f"REFCOUNT_TEST_DB=postgresql, but the server is unreachable ({why})", 2)
-    with pgkit.fresh_database(user) as url:
+    def migrate(url: str) -> None:
         engine = make_engine(url)
         try:
             upgrade(engine)
         finally:
-            engine.dispose()  # a template must have no connections
-        yield user, url.rsplit("/", 1)[1]
+            engine.dispose()
+
+    user, why = pgkit.reachable_user()
+    if user is None:
+        pytest.exit(f"REFCOUNT_TEST_DB=postgresql, but the server is unreachable ({why})", 2)
+    with pgkit.fresh_database(user) as url:
+        maker = pgkit.SchemaMaker.record(user, url.rsplit("/", 1)[1], migrate)
+        try:
+            yield maker
+        finally:
+            maker.close()
 
 
 @pytest.fixture(autouse=True)
 def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """On a PostgreSQL run, a database of the test's own for every store it opens
-    without naming one. (A MonkeyPatch of its own: a test's `monkeypatch.undo()`
-    must not take the database away mid-test.)"""
+    """The database of every store the test opens without naming one.
+
+    On a PostgreSQL run, a schema of the test's own. A `no_database` test gets a URL
+    that cannot be opened, on either run, so the marker cannot go stale: a test that
+    opens a store's default database fails, naming the marker. (A MonkeyPatch of its
+    own: a test's `monkeypatch.undo()` must not take the database away mid-test.)
+    """
+    if request.node.get_closest_marker("no_database"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(DEFAULT_DB_ENV, NO_DATABASE_URL)
+            yield
+        return
     if not ON_POSTGRESQL or request.node.get_closest_marker("sqlite_only"):
         yield
         return
-    template = request.getfixturevalue("_run_template")
-    assert template is not None
-    import pgkit
-
-    user, name = template
-    with pgkit.fresh_database(user, template=name) as url, pytest.MonkeyPatch.context() as mp:
+    maker = request.getfixturevalue("_run_schemas")
+    with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv(DEFAULT_DB_ENV, url)
         yield
+
+
+AnotherDatabase = Callable[[], AbstractContextManager[None]]
+
+
+@pytest.fixture
+def another_database(request: pytest.FixtureRequest) -> AnotherDatabase:
+    """`with another_database():` the stores opened inside count in a database of their
+    own, for a test that opens a second store beside its own (on SQLite each store has
+    its file anyway; on PostgreSQL it is a fresh schema, dropped on leaving)."""
+
+    @contextmanager
+    def scope() -> Iterator[None]:
+        if not ON_POSTGRESQL:
+            yield
+            return
+        maker = request.getfixturevalue("_run_schemas")
+        with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
+            mp.setenv(DEFAULT_DB_ENV, url)
+            yield
+
+    return scope
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +144,15 @@ def pg_url(pg_user: str) -> Iterator[str]:
 
     with pgkit.fresh_database(pg_user) as url:
         yield url
+
+
+def sql_on_the_test_database(sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """On a PostgreSQL run: one statement (`?` placeholders, as sqlite3 takes them) on the
+    test's schema, behind refcount's back, for the tests that otherwise read or tamper
+    with a store's SQLite file."""
+    import pgkit
+
+    return pgkit.sql(os.environ[DEFAULT_DB_ENV], sql.replace("?", "%s"), *args)
 
 
 @dataclass(frozen=True)

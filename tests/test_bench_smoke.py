@@ -18,6 +18,12 @@ from typing import Any
 
 import pytest
 
+import pytest
+
+pytestmark = pytest.mark.sqlite_only(
+    "the benchmark reads its stores' SQLite files; its PostgreSQL figures name a database of their own"
+)
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 SIZE_KEYS = {

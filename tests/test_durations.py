@@ -13,6 +13,8 @@ import pytest
 from refcount.durations import InvalidDuration, parse_duration
 from refcount.errors import RefcountError
 
+pytestmark = pytest.mark.no_database
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from storekit import (
@@ -278,6 +279,7 @@ documents = (
 )
 
 
+@pytest.mark.no_database
 @FUZZ
 @given(index_plans)
 def test_a_well_formed_index_yields_exactly_its_sound_entries_as_roots(plan: IndexPlan) -> None:
@@ -298,6 +300,7 @@ def test_a_well_formed_index_yields_exactly_its_sound_entries_as_roots(plan: Ind
     assert all(str(p).startswith("index.json: manifests[") for p in index.problems)
 
 
+@pytest.mark.no_database
 @FUZZ
 @given(manifest_plans)
 def test_a_well_formed_manifest_yields_exactly_the_sound_descriptors_of_its_type(
@@ -317,6 +320,7 @@ def test_a_well_formed_manifest_yields_exactly_the_sound_descriptors_of_its_type
 REACHED = 0.2  # share of examples that must parse into at least one root (or child)
 
 
+@pytest.mark.no_database
 def test_parse_index_lets_only_typed_errors_escape_and_returns_safe_roots() -> None:
     tally = {"examples": 0, "with roots": 0}
 
@@ -340,6 +344,7 @@ def test_parse_index_lets_only_typed_errors_escape_and_returns_safe_roots() -> N
     assert tally["with roots"] >= REACHED * tally["examples"], tally
 
 
+@pytest.mark.no_database
 def test_parse_children_lets_only_typed_errors_escape_and_returns_valid_digests() -> None:
     tally = {"examples": 0, "with children": 0}
 

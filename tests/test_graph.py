@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from refcount import graph
+
+pytestmark = pytest.mark.no_database
 
 
 class Counts:

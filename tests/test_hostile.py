@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, Result
+from conftest import AnotherDatabase, Cli, Result
 from storekit import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -1198,16 +1198,20 @@ def _cannot_drop_to(uid: int, gid: int) -> str:
     return why
 
 
-def _warm_up(cli: Cli, root: Path) -> None:
+def _warm_up(cli: Cli, root: Path, another_database: AnotherDatabase) -> None:
     """Run every command once in this process, so the modules they import lazily are loaded
-    before the fork: `nobody` may not be able to read the interpreter's site-packages."""
+    before the fork: `nobody` may not be able to read the interpreter's site-packages.
+    (A store of its own, so a database of its own: the test's counts the test's store.)"""
     site = add_two_images(build_site(root))
-    for command in [*COMMANDS, ["verify", "--deep"], ["tags"], ["show", "b"]]:
-        cli(*site.args("--trash-ttl", "0", *command))
+    with another_database():
+        for command in [*COMMANDS, ["verify", "--deep"], ["tags"], ["show", "b"]]:
+            cli(*site.args("--trash-ttl", "0", *command))
 
 
 @pytest.fixture
-def unreadable(cli: Cli, tmp_path: Path) -> Iterator[tuple[Site, Run]]:
+def unreadable(
+    cli: Cli, tmp_path: Path, another_database: AnotherDatabase
+) -> Iterator[tuple[Site, Run]]:
     """Images a and b, and a runner for which permission bits hold."""
     if os.geteuid() != 0:
         yield add_two_images(build_site(tmp_path)), cli
@@ -1218,7 +1222,7 @@ def unreadable(cli: Cli, tmp_path: Path) -> Iterator[tuple[Site, Run]]:
     why = _cannot_drop_to(*ids)
     if why:
         pytest.skip(f"running as root and cannot drop to nobody: {why}")
-    _warm_up(cli, tmp_path / "warm-up")
+    _warm_up(cli, tmp_path / "warm-up", another_database)
     base = Path(tempfile.mkdtemp(prefix="refcount-hostile-"))  # tmp_path is root-only
     try:
         base.chmod(0o755)

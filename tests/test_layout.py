@@ -9,6 +9,8 @@ import pytest
 
 from refcount import layout, oci
 
+pytestmark = pytest.mark.no_database
+
 STORE = Path("/srv/oci")
 H256 = "ab" * 32
 H512 = "cd" * 64

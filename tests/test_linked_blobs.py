@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, Result
+from conftest import ON_POSTGRESQL, Cli, Result, sql_on_the_test_database
 from storekit import (
     REF_NAME,
     add_entry,
@@ -388,6 +388,8 @@ def test_other_entries_under_blobs_are_still_reported_and_ignored(cli: Cli, site
 
 def states(store: Path) -> dict[str, str]:
     """Every blob's recorded state, read from the database without refcount."""
+    if ON_POSTGRESQL:
+        return dict(sql_on_the_test_database("SELECT digest, state FROM blobs"))
     db = store / ".refcount" / "refcount.db"
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:

@@ -114,6 +114,7 @@ ZERO_AT_START = [
 ]
 
 
+@pytest.mark.no_database
 def test_a_fresh_daemon_exposes_every_figure_and_label_at_zero() -> None:
     """Every series exists from the start, so a dashboard or an alert on a rate never sees
     "no data" before the first free, failure or gc."""
@@ -121,6 +122,7 @@ def test_a_fresh_daemon_exposes_every_figure_and_label_at_zero() -> None:
     assert {key: found.get(key) for key in ZERO_AT_START} == dict.fromkeys(ZERO_AT_START, 0.0)
 
 
+@pytest.mark.no_database
 def test_two_daemons_in_one_process_never_see_each_others_figures() -> None:
     first, second = Metrics(), Metrics()
     first.record_failure("error")
@@ -267,6 +269,7 @@ def test_a_mass_free_is_counted_by_the_daemons_metrics(store: Path) -> None:
     assert found[one("refcount_mass_free_held_blobs")] == len(trash_files(store)) == 10
 
 
+@pytest.mark.no_database
 def test_failed_reconciles_are_counted_by_reason() -> None:
     metrics = Metrics()
     metrics.record_failure("invalid_index")
@@ -310,6 +313,7 @@ def served() -> Iterator[tuple[MetricsServer, Metrics, Healthz]]:
         server.close()
 
 
+@pytest.mark.no_database
 def test_metrics_are_served_live_in_the_prometheus_text_format(
     served: tuple[MetricsServer, Metrics, Healthz],
 ) -> None:
@@ -325,6 +329,7 @@ def test_metrics_are_served_live_in_the_prometheus_text_format(
     assert figures(body)[one("refcount_reconcile_failures_total", reason="error")] == 1
 
 
+@pytest.mark.no_database
 def test_healthz_answers_200_when_healthy_and_503_with_the_reason_when_not(
     served: tuple[MetricsServer, Metrics, Healthz],
 ) -> None:
@@ -339,6 +344,7 @@ def test_healthz_answers_200_when_healthy_and_503_with_the_reason_when_not(
     assert json.loads(body) == {"ok": False, "why": "index.json: invalid JSON", "since": str(since)}
 
 
+@pytest.mark.no_database
 def test_any_other_path_is_404_and_requests_are_logged_not_printed(
     served: tuple[MetricsServer, Metrics, Healthz], capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,6 +356,7 @@ def test_any_other_path_is_404_and_requests_are_logged_not_printed(
     assert capfd.readouterr().err == ""  # the stdlib handler would write every request there
 
 
+@pytest.mark.no_database
 def test_a_closed_server_stops_listening() -> None:
     server = MetricsServer("127.0.0.1:0", Metrics(), Healthz())
     address = server.address
@@ -360,6 +367,7 @@ def test_a_closed_server_stops_listening() -> None:
         socket.create_connection((host, int(port)), 2).close()
 
 
+@pytest.mark.no_database
 def test_an_ipv6_address_is_served_and_named_in_brackets() -> None:
     try:
         probe = socket.socket(socket.AF_INET6)
@@ -375,6 +383,7 @@ def test_an_ipv6_address_is_served_and_named_in_brackets() -> None:
         server.close()
 
 
+@pytest.mark.no_database
 def test_an_address_that_cannot_be_listened_on_is_the_typed_error(
     served: tuple[MetricsServer, Metrics, Healthz],
 ) -> None:
@@ -386,6 +395,7 @@ def test_an_address_that_cannot_be_listened_on_is_the_typed_error(
         MetricsServer("192.0.2.1:0", Metrics(), Healthz())  # not an address of this host
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -400,6 +410,7 @@ def test_metrics_addresses_are_host_and_port(text: str, expected: tuple[str, int
     assert parse_addr(text) == expected
 
 
+@pytest.mark.no_database
 @pytest.mark.parametrize(
     "text", ["9464", "host:", ":9464", "host:port", "host:70000", "host:-1", "host: 80", ""]
 )
@@ -409,6 +420,7 @@ def test_anything_else_is_an_invalid_metrics_address(text: str) -> None:
     assert caught.value.exit_code == 2 and repr(text) in str(caught.value)
 
 
+@pytest.mark.no_database
 def test_a_scrape_waits_for_an_update_made_together_and_then_shows_all_of_it() -> None:
     metrics = Metrics()
     scraped: list[Figures] = []

@@ -23,6 +23,8 @@ from refcount.oci import (
     parse_index,
 )
 
+pytestmark = pytest.mark.no_database
+
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
 C = "sha512:" + "c" * 128

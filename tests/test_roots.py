@@ -22,6 +22,11 @@ from conftest import ON_POSTGRESQL, Cli
 from refcount import roots
 from refcount.db.engine import SCHEMA_NAME
 
+pytestmark = pytest.mark.sqlite_only(
+    "a PostgreSQL run gives each test a schema of one database, and --root makes schemas of its "
+    "own there; test_roots_postgres.py runs --root on PostgreSQL, a database per test"
+)
+
 MKSTORE = Path(__file__).resolve().parent.parent / "scripts" / "mkstore.py"
 DEADLINE = 20.0
 SMALL = ("--layers", "2", "--seed")

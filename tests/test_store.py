@@ -38,6 +38,8 @@ from refcount.errors import (
 )
 from refcount.store import Store
 
+pytestmark = pytest.mark.no_database
+
 
 def opened(store: Path, **options: int) -> Store:
     """A Store whose .refcount/ exists, as every writing command makes it first."""

@@ -15,6 +15,8 @@ import pytest
 import storekit as sk
 from storekit import sha256_digest as h
 
+pytestmark = pytest.mark.no_database
+
 
 def cfg(name: str) -> bytes:
     """An explicit config, so its digest is known in advance."""

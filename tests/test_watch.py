@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import pytest
 import storekit as sk
+from conftest import ON_POSTGRESQL, sql_on_the_test_database
 from prometheus_client.parser import text_string_to_metric_families
 from watchdog.events import (
     DirDeletedEvent,
@@ -76,6 +77,8 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = DEADLIN
 
 def query(store: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """Read the daemon's database without going through refcount."""
+    if ON_POSTGRESQL:
+        return sql_on_the_test_database(sql, *args)
     db = store / ".refcount" / "refcount.db"
     if not db.exists():
         return []
@@ -90,6 +93,9 @@ def query(store: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 def write_db(store: Path, sql: str, *args: Any) -> None:
     """Tamper with the database behind the daemon's back (no file event follows)."""
+    if ON_POSTGRESQL:
+        sql_on_the_test_database(sql, *args)
+        return
     connection = sqlite3.connect(store / ".refcount" / "refcount.db", timeout=10)
     try:
         with connection:
