@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 
-import pytest
-
 pytestmark = pytest.mark.sqlite_only(
     "the benchmark reads its stores' SQLite files; its PostgreSQL figures name a database of their own"
 )
