@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,9 @@ from storekit import make_layout
 
 from refcount.cli import main
 from refcount.db.engine import DEFAULT_DB_ENV
+from refcount.store import Store
+
+MKSTORE = Path(__file__).resolve().parent.parent / "scripts" / "mkstore.py"
 
 SEVERAL_STORES = (
     "counts several stores in one test; a PostgreSQL run gives a test one database, "
@@ -166,6 +171,47 @@ class Result:
 
 
 Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte length of each rewrite of index.json, in order (Store.replace_index
+    still does the work)."""
+    calls: list[int] = []
+    original: Callable[..., Any] = Store.replace_index
+
+    def counted(self: Store, data: bytes | Sequence[bytes | memoryview], expected: str) -> str:
+        calls.append(len(data) if isinstance(data, bytes) else sum(len(p) for p in data))
+        return str(original(self, data, expected))
+
+    monkeypatch.setattr(Store, "replace_index", counted)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small distinct layouts made by scripts/mkstore.py (copy before changing one)."""
+    base = tmp_path_factory.mktemp("templates")
+    made = []
+    for seed, images in ((1, 3), (2, 4), (3, 2)):
+        out = base / f"t{seed}"
+        subprocess.run(
+            [
+                sys.executable,
+                MKSTORE,
+                str(out),
+                "--images",
+                str(images),
+                "--layers",
+                "2",
+                "--seed",
+                str(seed),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        made.append(out)
+    return made
 
 
 @pytest.fixture

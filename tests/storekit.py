@@ -170,6 +170,19 @@ def add_image(
     return desc
 
 
+def four_images(store: Path) -> dict[str, Descriptor]:
+    """Images a, b, c, d tagged as named, sharing one base layer; b and c alone also
+    share a second one; a's manifest has a second entry, tagged `a-again`."""
+    made = {
+        "a": add_image(store, [b"base", b"only a"], tag="a"),
+        "b": add_image(store, [b"base", b"b and c", b"only b"], tag="b"),
+        "c": add_image(store, [b"base", b"b and c", b"only c"], tag="c"),
+        "d": add_image(store, [b"base", b"only d"], tag="d"),
+    }
+    add_entry(store, made["a"], "a-again")
+    return made
+
+
 def chunked_rootfs(chunks: list[bytes], tree: bytes = b"") -> bytes:
     """A chunked-rootfs blob (docs/chunked-rootfs.md) naming ``chunks``, then ``tree``."""
     table = b"".join(hashlib.sha256(c).digest() + len(c).to_bytes(8, "big") for c in chunks)

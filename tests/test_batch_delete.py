@@ -8,48 +8,18 @@ every blob freed, and a batch naming a tag that does not exist deletes nothing.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import storekit as sk
 from conftest import SEVERAL_STORES, Cli
-
-from refcount.store import Store
-
-
-def images(store: Path) -> dict[str, sk.Descriptor]:
-    """a, b, c, d sharing one base layer; b and c also share a second layer."""
-    made = {
-        "a": sk.add_image(store, [b"base", b"only a"], tag="a"),
-        "b": sk.add_image(store, [b"base", b"b and c", b"only b"], tag="b"),
-        "c": sk.add_image(store, [b"base", b"b and c", b"only c"], tag="c"),
-        "d": sk.add_image(store, [b"base", b"only d"], tag="d"),
-    }
-    sk.add_entry(store, made["a"], "a-again")  # a second entry of a's manifest
-    return made
-
-
-@pytest.fixture
-def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times index.json is rewritten (Store.replace_index still does the work)."""
-    calls: list[int] = []
-    original: Callable[..., Any] = Store.replace_index
-
-    def counted(self: Store, data: bytes, expected_hash: str) -> str:
-        calls.append(len(data))
-        return str(original(self, data, expected_hash))
-
-    monkeypatch.setattr(Store, "replace_index", counted)
-    return calls
 
 
 @pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_deleting_three_tags_rewrites_index_json_once_and_frees_what_they_alone_held(
     cli: Cli, store: Path, tmp_path: Path, rewrites: list[int]
 ) -> None:
-    made = images(store)
+    made = sk.four_images(store)
     one_by_one = tmp_path / "one-by-one"
     shutil.copytree(store, one_by_one)
     assert cli("--store", store, "--trash-ttl", "0", "init").code == 0
@@ -79,7 +49,7 @@ def test_deleting_three_tags_rewrites_index_json_once_and_frees_what_they_alone_
 def test_the_text_report_lists_every_entry_removed_and_every_blob_freed(
     cli: Cli, store: Path
 ) -> None:
-    images(store)
+    sk.four_images(store)
     assert cli("--store", store, "init").code == 0
     dry = cli("--store", store, "--json", "delete", "tag", "b", "c", "--dry-run").json()
 
@@ -96,7 +66,7 @@ def test_the_text_report_lists_every_entry_removed_and_every_blob_freed(
 
 
 def test_a_batch_naming_a_tag_that_does_not_exist_deletes_nothing(cli: Cli, store: Path) -> None:
-    images(store)
+    sk.four_images(store)
     assert cli("--store", store, "init").code == 0
     before = sk.listing(store, include_refcount=True)
 
@@ -112,7 +82,7 @@ def test_a_batch_naming_a_tag_that_does_not_exist_deletes_nothing(cli: Cli, stor
 def test_every_unknown_tag_of_a_batch_is_named_and_nothing_is_deleted(
     cli: Cli, store: Path
 ) -> None:
-    images(store)
+    sk.four_images(store)
     assert cli("--store", store, "init").code == 0
     before = sk.listing(store, include_refcount=True)
 

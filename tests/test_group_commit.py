@@ -42,35 +42,9 @@ from refcount.core.grouping import DeleteRequest
 from refcount.errors import DeleteRefused, InvalidDigest, NotFound
 from refcount.group import GroupCommit, Withdrawn
 from refcount.reports import DeleteReport, to_json
-from refcount.store import CRASH_ENV, Store
+from refcount.store import CRASH_ENV
 
 DEADLINE = 30.0
-
-
-def images(store: Path) -> dict[str, sk.Descriptor]:
-    """a, b, c, d share a base layer; b and c alone share a second one."""
-    made = {
-        "a": sk.add_image(store, [b"base", b"only a"], tag="a"),
-        "b": sk.add_image(store, [b"base", b"b and c", b"only b"], tag="b"),
-        "c": sk.add_image(store, [b"base", b"b and c", b"only c"], tag="c"),
-        "d": sk.add_image(store, [b"base", b"only d"], tag="d"),
-    }
-    sk.add_entry(store, made["a"], "a-again")
-    return made
-
-
-@pytest.fixture
-def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times index.json is rewritten (Store.replace_index still does the work)."""
-    calls: list[int] = []
-    original: Callable[..., Any] = Store.replace_index
-
-    def counted(self: Store, data: bytes, expected_hash: str) -> str:
-        calls.append(len(data))
-        return str(original(self, data, expected_hash))
-
-    monkeypatch.setattr(Store, "replace_index", counted)
-    return calls
 
 
 def tags(*names: str) -> DeleteRequest:
@@ -83,7 +57,7 @@ def tags(*names: str) -> DeleteRequest:
 def test_a_batch_is_one_rewrite_and_a_missing_tag_fails_alone(
     store: Path, rewrites: list[int]
 ) -> None:
-    images(store)
+    sk.four_images(store)
     with refcount.open(store, trash_ttl=timedelta(0)) as rc:
         rc.init()
         before = sk.blob_files(store)
@@ -109,7 +83,7 @@ def test_a_batch_gives_what_the_same_deletes_give_one_after_another(
     store: Path, tmp_path: Path
 ) -> None:
     """b and c alone share a layer: it is freed by c, the later of the two."""
-    made = images(store)
+    made = sk.four_images(store)
     serial = tmp_path / "serial"
     shutil.copytree(store, serial)
     requests = [tags("b"), tags("c"), DeleteRequest(digest=made["a"]["digest"]), tags("b")]
@@ -142,7 +116,7 @@ def test_a_batch_gives_what_the_same_deletes_give_one_after_another(
 
 
 def test_a_refused_image_and_a_malformed_digest_fail_alone(store: Path) -> None:
-    images(store)
+    sk.four_images(store)
     broken = sk.write_blob(store, b"{not json", "application/vnd.oci.image.manifest.v1+json")
     sk.add_entry(store, broken, "broken")
     with refcount.open(store) as rc:
@@ -169,7 +143,7 @@ def test_a_refused_image_and_a_malformed_digest_fail_alone(store: Path) -> None:
 def test_a_batch_where_every_request_fails_changes_nothing(
     store: Path, rewrites: list[int]
 ) -> None:
-    images(store)
+    sk.four_images(store)
     with refcount.open(store) as rc:
         rc.init()
         before = sk.listing(store)
@@ -599,7 +573,7 @@ def test_a_lone_served_delete_prints_what_the_cli_alone_prints(
 def test_a_batch_killed_at_a_crash_point_heals_whole_at_the_next_start(
     store: Path, tmp_path: Path, point: str
 ) -> None:
-    images(store)
+    sk.four_images(store)
     with refcount.open(store, trash_ttl=timedelta(0)) as rc:
         rc.init()
     reference = tmp_path / "reference"

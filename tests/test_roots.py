@@ -27,9 +27,7 @@ pytestmark = pytest.mark.sqlite_only(
     "own there; test_roots_postgres.py runs --root on PostgreSQL, a database per test"
 )
 
-MKSTORE = Path(__file__).resolve().parent.parent / "scripts" / "mkstore.py"
 DEADLINE = 20.0
-SMALL = ("--layers", "2", "--seed")
 
 
 def served_tags(root: Path) -> list[str]:
@@ -49,22 +47,6 @@ def wait_until(condition: Callable[[], Any], what: str) -> Any:
             raise AssertionError(f"timed out after {DEADLINE} s waiting for {what}")
         time.sleep(0.05)
     return value
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three small distinct layouts made by scripts/mkstore.py."""
-    base = tmp_path_factory.mktemp("templates")
-    made = []
-    for seed, images in ((1, 3), (2, 4), (3, 2)):
-        out = base / f"t{seed}"
-        subprocess.run(
-            [sys.executable, MKSTORE, str(out), "--images", str(images), *SMALL, str(seed)],
-            check=True,
-            capture_output=True,
-        )
-        made.append(out)
-    return made
 
 
 def repo_names(n: int) -> list[str]:

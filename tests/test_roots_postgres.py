@@ -20,7 +20,7 @@ import pgkit
 import pytest
 import storekit as sk
 from conftest import Cli
-from test_roots import MKSTORE, SMALL, _watching, direct, listings, wait_until
+from test_roots import _watching, direct, listings, wait_until
 
 from refcount import roots
 from refcount.db.engine import SCHEMA_NAME, store_lock_key
@@ -38,28 +38,12 @@ NAMES = ("app", "library/nginx", "library/nginx/debug", "team/apps/api", "twin")
 `twin` and `app` are byte-identical copies of one layout."""
 
 
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three small distinct layouts made by scripts/mkstore.py."""
-    base = tmp_path_factory.mktemp("layouts")
-    made = []
-    for seed, images in ((1, 3), (2, 4), (3, 2)):
-        out = base / f"t{seed}"
-        subprocess.run(
-            [sys.executable, MKSTORE, str(out), "--images", str(images), *SMALL, str(seed)],
-            check=True,
-            capture_output=True,
-        )
-        made.append(out)
-    return made
-
-
 @pytest.fixture
-def root(tmp_path: Path, layouts: list[Path]) -> Path:
+def root(tmp_path: Path, templates: list[Path]) -> Path:
     """The repositories of NAMES; `app` and `twin` are copies of one layout."""
     root = tmp_path / "root"
     for name, layout in zip(NAMES, (0, 1, 2, 1, 0), strict=True):
-        shutil.copytree(layouts[layout], root / name)
+        shutil.copytree(templates[layout], root / name)
     return root
 
 
@@ -229,13 +213,13 @@ def refcount_cmd(root: Path, url: str, *args: str) -> subprocess.CompletedProces
 
 
 def test_a_second_root_on_the_same_database_is_refused_for_a_repository_name_it_shares(
-    root: Path, tmp_path: Path, layouts: list[Path], pg_url: str, cli: Cli
+    root: Path, tmp_path: Path, templates: list[Path], pg_url: str, cli: Cli
 ) -> None:
     """One database per root: a schema records its repository's identity, so another
     root's `app` is refused (exit 2, nothing changed) instead of mixing counts."""
     assert cli("--root", root, "--db", pg_url, "init").code == 0
     other = tmp_path / "other"
-    shutil.copytree(layouts[0], other / "app")
+    shutil.copytree(templates[0], other / "app")
     before = sk.listing(other, include_refcount=True)
     counts_before = counts(pg_url, "app")
     refused = cli("--root", other, "--db", pg_url, "init")
@@ -258,11 +242,11 @@ def test_sqlite_db_with_root_is_refused_and_changes_nothing(
 
 
 def test_watch_root_on_one_database_picks_up_new_repositories_and_drops_a_removed_ones_schema(
-    tmp_path: Path, layouts: list[Path], pg_url: str
+    tmp_path: Path, templates: list[Path], pg_url: str
 ) -> None:
     root = tmp_path / "root"
     for name, layout in (("a", 0), ("lib/b", 1), ("lib/c", 0)):
-        shutil.copytree(layouts[layout], root / name)
+        shutil.copytree(templates[layout], root / name)
     log_path = tmp_path / "watch.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -273,7 +257,7 @@ def test_watch_root_on_one_database_picks_up_new_repositories_and_drops_a_remove
         )
         try:
             _watching(proc, log_path, root, ["a", "lib/b", "lib/c"])
-            shutil.copytree(layouts[2], root / "lib" / "new")  # a copy, as a tool makes one
+            shutil.copytree(templates[2], root / "lib" / "new")  # a copy, as a tool makes one
             _watching(proc, log_path, root, ["lib/new"])
             served = served_tags(root, pg_url, "lib/new")
             assert {t["tag"] for t in served} == {"img-0", "img-1"}
@@ -284,7 +268,7 @@ def test_watch_root_on_one_database_picks_up_new_repositories_and_drops_a_remove
             wait_until(lambda: dropped in log_path.read_text(), "a's schema dropped")
             assert schemas(pg_url) == {roots.schema_name(n) for n in ("lib/b", "lib/c", "lib/new")}
 
-            shutil.copytree(layouts[1], root / "a")  # made again under the same name
+            shutil.copytree(templates[1], root / "a")  # made again under the same name
             _watching(proc, log_path, root, ["a"])
             wait_until(  # _watching counts the first a's start-up reconcile too
                 lambda: log_path.read_text().count("full reconcile (start)") >= 5,
