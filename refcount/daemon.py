@@ -526,6 +526,7 @@ class Daemon:
         except OSError as exc:
             log.error("watch: cannot watch %s: %s; retrying", self.store, exc)
             return
+        log.info("watch: observer rebuilt; watching %s again", self.store)
         self.request_full(f"observer rebuilt: {problem}")
 
     # --- logging ------------------------------------------------------------------
