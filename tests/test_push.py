@@ -760,6 +760,7 @@ def test_an_oci_archive_made_by_skopeo_pushes_and_copies_out(
     tool_checks(store, "a", tmp_path)
 
 
+@pytest.mark.sqlite_only(SEVERAL_STORES)
 def test_the_push_benchmark_runs_end_to_end_and_writes_every_figure(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_push.py"
     out = tmp_path / "bench.json"
