@@ -348,6 +348,12 @@ class Daemon:
         except InvalidStore as exc:
             self._retry_later(job, exc)
             return
+        except RefcountError as exc:  # e.g. a database that went away: one line a retry
+            log.error("watch: reconcile failed: %s; a full reconcile will follow", exc)
+            log.debug("watch: reconcile failed", exc_info=True)
+            self.metrics.record_failure("error")
+            self._retry_later(job, None)
+            return
         except Exception:
             log.exception("watch: reconcile failed; a full reconcile will follow")
             self.metrics.record_failure("error")
@@ -520,6 +526,7 @@ class Daemon:
         except OSError as exc:
             log.error("watch: cannot watch %s: %s; retrying", self.store, exc)
             return
+        log.info("watch: observer rebuilt; watching %s again", self.store)
         self.request_full(f"observer rebuilt: {problem}")
 
     # --- logging ------------------------------------------------------------------

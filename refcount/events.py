@@ -20,6 +20,7 @@ only records what they say under its lock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -144,6 +145,10 @@ class _StopNoise(logging.Filter):
 
 _STOP_NOISE = _StopNoise()
 
+REBUILD_WAIT = 2.0
+"""Seconds a rebuild waits for the old observer to stop: beyond an emitter's 0.5 s
+wait for the other half of a move, it should take milliseconds."""
+
 
 class StoreWatch:
     """watchdog's observer on one store, and the checks that it still reports.
@@ -159,6 +164,7 @@ class StoreWatch:
         self._handler = StoreEventHandler(store, on_paths, on_lost)
         self._spy = _WatchdogSpy(on_lost)
         self.observer: BaseObserver | None = None
+        self._closing: threading.Thread | None = None  # stops the last observer
         self._watching_blobs = False
 
     def start(self) -> None:
@@ -192,8 +198,18 @@ class StoreWatch:
         return None
 
     def rebuild(self) -> None:
-        """Close the observer and start a new one (OSError: none runs now)."""
-        self._close_observer()
+        """Stop and join the observer, then start a new one (OSError: none runs now).
+
+        Each watchdog observer owns an inotify instance, and a user has few of
+        them (fs.inotify.max_user_instances, 128 by default, shared by every
+        daemon of that user): two observers never run at once. One that does not
+        stop within REBUILD_WAIT is left to finish, and none is started beside it;
+        the next health check tries again.
+        """
+        self._close_observer(REBUILD_WAIT)
+        closing = self._closing
+        if closing is not None and closing.is_alive():
+            raise OSError(errno.EBUSY, "the previous observer has not stopped yet")
         self.observer = self._build()
 
     def close(self) -> None:
@@ -203,12 +219,20 @@ class StoreWatch:
     def _build(self) -> BaseObserver:
         """Watch the store's directory (index.json is replaced by rename) and,
         recursively, blobs/ (a new blobs/<alg>/ is picked up by watchdog)."""
-        observer = Observer(timeout=0.25)
-        observer.schedule(self._handler, str(self.store), event_filter=_EVENTS)
-        self._watching_blobs = self._has_blobs()
-        if self._watching_blobs:
-            observer.schedule(self._handler, str(self.blobs), recursive=True, event_filter=_EVENTS)
-        observer.start()
+        observer = Observer(timeout=0.25)  # its inotify instance is open from here
+        try:
+            observer.schedule(self._handler, str(self.store), event_filter=_EVENTS)
+            self._watching_blobs = self._has_blobs()
+            if self._watching_blobs:
+                observer.schedule(
+                    self._handler, str(self.blobs), recursive=True, event_filter=_EVENTS
+                )
+            observer.start()  # adds the watches: ENOENT, ENOSPC (the watch limit)...
+        except BaseException:
+            # Not started, it is still alive: its reader thread holds the instance.
+            # Left so, every failed rebuild (one a second) would keep one open.
+            _stop_observer(observer)
+            raise
         return observer
 
     def _has_blobs(self) -> bool:
@@ -229,13 +253,17 @@ class StoreWatch:
         closer = threading.Thread(
             target=_stop_observer, args=(observer,), name="refcount-watch-close", daemon=True
         )
+        self._closing = closer
         closer.start()
         closer.join(wait)
 
 
 def _stop_observer(observer: BaseObserver) -> None:
+    """Stop `observer` and its threads; its inotify instance is closed on return
+    (watchdog's stop() joins the reader thread that owns it)."""
     try:
         observer.stop()
-        observer.join(5.0)
+        if observer.is_alive():  # one that never started has no thread to join
+            observer.join(5.0)
     except Exception:
         log.debug("watch: error while stopping the observer", exc_info=True)

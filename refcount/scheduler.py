@@ -33,8 +33,9 @@ What it decides, in the order `next_job` weighs it:
    worker, so a long one never holds up the batches.
 
 After a failure, 4 and 5 wait for a backoff that doubles from `retry_first`
-to `retry_max`; a new event ends the wait (the file changed: worth re-reading
-at once), a success resets it. A failed job's paths and reasons are put back,
+to `retry_max`; after an invalid store a new event ends the wait (the file
+changed: worth re-reading at once), after any other error (a database that
+cannot be reached) it does not; a success resets it. A failed job's paths and reasons are put back,
 never dropped. The invalid-store warnings follow `warning_delay`: an
 index.json that does not parse may be a write in progress and is warned about
 only after `warning_after`; any other invalid store at once; either then again
@@ -265,6 +266,7 @@ class Scheduler:
         self._last_event = 0.0
         self._retry_at = _PAST
         self._retry_delay = timing.retry_first
+        self._retry_on_change = True  # the last failure was the store's: an event may end it
         self._rebuild: str | None = None  # why the observer must be rebuilt
         self._spell: _Spell | None = None  # the store is invalid
         self._stopping = False
@@ -284,7 +286,8 @@ class Scheduler:
             self._first_event = now
         self._pending.merge(paths)
         self._last_event = now
-        self._retry_at = _PAST  # the file changed again: worth re-reading at once
+        if self._retry_on_change:  # the file changed again: worth re-reading at once
+            self._retry_at = _PAST
         self._seen += 1
 
     def request_full(self, reason: str) -> None:
@@ -404,6 +407,9 @@ class Scheduler:
                     self._full_reasons.append(reason)
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, self.timing.retry_max)
+        # A store's file changing can end an invalid spell; it cannot bring back a
+        # database that went away, so such a backoff holds however busy the store.
+        self._retry_on_change = invalid is not None
         if invalid is None:
             return None
         problem = "unparsable" if invalid.in_progress else invalid.error

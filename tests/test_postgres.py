@@ -7,11 +7,14 @@ created here and dropped afterwards, so runs never see each other's rows.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -397,3 +400,80 @@ def test_a_missing_postgresql_driver_is_exit_2_with_the_install_hint(
         assert "driver is not installed" in ran.err
         assert ran.err.rstrip().endswith("pip install 'refcount[postgres]'")
     assert sk.listing(store, include_refcount=True) == before
+
+
+# --------------------------------------------------------------------------
+# A daemon whose database went away
+# --------------------------------------------------------------------------
+def inotify_instances(pid: int) -> int:
+    """How many inotify instances process `pid` holds (each a per-user resource)."""
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed since the listing
+            held += os.readlink(fd) == "anon_inode:inotify"
+    return held
+
+
+def test_a_daemon_whose_database_was_dropped_retries_holds_one_observer_and_stops_on_sigterm(
+    tmp_path: Path, pg_user: str, pg_url: str
+) -> None:
+    store = sk.make_layout(tmp_path / "store")
+    sk.add_image(store, [b"layer"], tag="a")
+    log_path = tmp_path / "watch.log"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    def wait_for(what: str, times: int = 1, sample: Callable[[], None] = lambda: None) -> None:
+        deadline = time.monotonic() + 20
+        while log().count(what) < times:
+            assert daemon.poll() is None, log()
+            assert time.monotonic() < deadline, f"{what!r} x{times} not in the log:\n{log()}"
+            sample()
+            time.sleep(0.005)
+
+    with log_path.open("wb") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "refcount", "--store", str(store), "--db", pg_url, "watch"],
+            env={**os.environ, "REFCOUNT_NO_DAEMON": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for("full reconcile (start)")
+        at_start = inotify_instances(daemon.pid)
+        held: list[int] = []
+
+        def sample() -> None:
+            held.append(inotify_instances(daemon.pid))
+
+        with pgkit.connect(pg_user) as admin:
+            admin.execute(f'DROP DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        for round_ in range(1, 5):
+            sk.add_image(store, [f"layer {round_}".encode()], tag=f"t{round_}")
+            wait_for("reconcile failed", round_, sample)
+            # blobs/ moved away and back, as a tool swapping a directory in does:
+            # every blob may have changed, so the daemon rebuilds its observer.
+            (store / "blobs").rename(tmp_path / "blobs")
+            (tmp_path / "blobs").rename(store / "blobs")
+            wait_for("observer rebuilt;", round_, sample)  # watching again
+        # The store's directory goes away for a while (an unmount): every rebuild
+        # fails, once a health check (a second), and none may leave an instance open.
+        away = tmp_path / "away"
+        store.rename(away)
+        (away / "blobs").rename(away / "blobs.old")
+        wait_for("cannot watch", 3, sample)
+        (away / "blobs.old").rename(away / "blobs")
+        away.rename(store)
+        wait_for("observer rebuilt;", 5, sample)
+        sample()
+
+        assert at_start >= 1 and max(held) <= at_start, held
+        assert "database" in log() and "Traceback" not in log()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0, log()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)

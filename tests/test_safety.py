@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import storekit as sk
-from conftest import ON_POSTGRESQL, Cli, Result
+from conftest import Cli, Result
 
 import refcount
 
@@ -225,10 +225,6 @@ def test_verify_right_after_an_outside_removal_catches_up_instead_of_reporting_d
     assert images["a"]["digest"] not in sk.blob_files(store)
 
 
-@pytest.mark.xfail(
-    ON_POSTGRESQL,
-    reason="known bug: on PostgreSQL, verify of a store never indexed writes .refcount/store-id",
-)
 def test_verify_on_a_store_never_indexed_says_so_and_creates_nothing(cli: Cli, store: Path) -> None:
     three_images(store)
     before = sk.listing(store, include_refcount=True)

@@ -205,6 +205,16 @@ def test_a_new_event_ends_the_backoff_the_file_changed_again() -> None:
     assert retried.paths == PathSet(index=True, blobs={A})
 
 
+def test_a_new_event_does_not_end_the_backoff_after_an_error_such_as_a_lost_database() -> None:
+    scheduler = Scheduler(timing(debounce=0.1, retry_first=1.0), 0.0)
+    worker = Worker(scheduler, outcomes=["error"])
+    worker.run(3.0, [(0.0, notice(index())), (0.3, notice(blobs(A)))])
+    (failed_at, _), (retried_at, retried) = worker.jobs(JobKind.BATCH, JobKind.FULL)
+    assert failed_at == pytest.approx(0.1)
+    assert retried_at == pytest.approx(1.1)  # the backoff, not 0.4 (quiet after the event)
+    assert retried.paths == PathSet(index=True, blobs={A})
+
+
 def test_an_unexpected_error_asks_for_a_full_reconcile_that_covers_the_batch() -> None:
     scheduler = Scheduler(timing(debounce=0.1, retry_first=0.05), 0.0)
     worker = Worker(scheduler, outcomes=["error"]).run(1.0, [(0.0, notice(blobs(A)))])

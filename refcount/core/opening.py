@@ -95,7 +95,10 @@ class Opening:
         writable = self.store.writable()
         engine = self._make_engine(read_only=not writable)
         revision = current_revision(engine)
-        if revision is None:
+        if revision is None or self._never_indexed(engine):
+            # Before `writer()`: a reading command on a store never indexed claims no
+            # identity (no .refcount/store-id, no meta row). On SQLite the missing file
+            # said so already; a PostgreSQL database or schema exists beforehand.
             raise self._not_indexed()
         if writable:
             self.writer()
@@ -108,11 +111,15 @@ class Opening:
                 )
             self._check_identity(engine)
             self.mode = Mode.READ
+        return engine
+
+    @staticmethod
+    def _never_indexed(engine: Engine) -> bool:
+        """No index hash and no rows. Reads only tables of the first revision, so it
+        also holds on a schema older than this refcount's (before any upgrade)."""
         with transaction(engine, write=False) as repo:
             # A migration may forget the hash to force one re-read; rows remain.
-            if repo.index_hash() is None and repo.is_empty():
-                raise self._not_indexed()
-        return engine
+            return repo.index_hash() is None and repo.is_empty()
 
     def _not_indexed(self) -> NotIndexed:
         return NotIndexed(f"{self.store.path}: not indexed yet: run `refcount init`")

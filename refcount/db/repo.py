@@ -25,6 +25,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -529,9 +530,10 @@ class Repo:
             self.connection.execute(delete(roots).where(roots.c.position.in_(chunk)))
 
     def is_empty(self) -> bool:
-        """No blob and no root recorded: nothing was ever indexed."""
+        """No blob and no root recorded: nothing was ever indexed. Names no column, so
+        it reads a schema of any revision (a reader asks before upgrading)."""
         return all(
-            self.connection.execute(select(table).limit(1)).first() is None
+            self.connection.execute(select(literal(1)).select_from(table).limit(1)).first() is None
             for table in (blobs, roots)
         )
 
