@@ -173,6 +173,14 @@ class Result:
 Cli = Callable[..., Result]
 
 
+def direct_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess that works on the database itself, not
+    through a daemon. Read at each call: on a PostgreSQL run, REFCOUNT_DEFAULT_DB
+    names the test's schema only once the test has started (a copy made at import
+    would send the subprocess to a SQLite file of its own)."""
+    return {**os.environ, "REFCOUNT_NO_DAEMON": "1", **extra}
+
+
 @pytest.fixture
 def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The byte length of each rewrite of index.json, in order (Store.replace_index

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli
+from conftest import Cli, direct_env
 from storekit import (
     add_image,
     add_index,
@@ -233,7 +232,7 @@ def console_script() -> Path:
 def test_python_dash_m_and_the_console_script_run_the_same_cli(
     images: Path, console_script: Path
 ) -> None:
-    env = {**os.environ, "REFCOUNT_STORE": str(images), "REFCOUNT_NO_DAEMON": "1"}
+    env = direct_env(REFCOUNT_STORE=str(images))
     entry_points = {
         "python -m": [sys.executable, "-m", "refcount"],
         "script": [str(console_script)],
@@ -280,7 +279,7 @@ def test_the_direct_delete_path_loads_none_of_the_modules_it_does_not_need(image
     """The console script's entry point, in a fresh process, deletes a tag without a
     daemon: the delete succeeds and no module of NOT_ON_THE_DELETE_PATH (nor any of
     their submodules) was imported, at start-up or while the command was parsed and run."""
-    env = {**os.environ, "REFCOUNT_STORE": str(images), "REFCOUNT_NO_DAEMON": "1"}
+    env = direct_env(REFCOUNT_STORE=str(images))
     subprocess.run(
         [sys.executable, "-m", "refcount", "init"], env=env, check=True, capture_output=True
     )

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import storekit as sk
-from conftest import SEVERAL_STORES
+from conftest import SEVERAL_STORES, direct_env
 
 import refcount
 from refcount import interrupts
@@ -302,7 +302,6 @@ def test_requests_of_different_keys_never_share_a_batch() -> None:
 # --------------------------------------------------------------------------
 # The daemon: real processes, a real socket
 # --------------------------------------------------------------------------
-DIRECT = {**os.environ, "REFCOUNT_NO_DAEMON": "1"}
 
 
 def small_store(path: Path, count: int) -> Path:
@@ -322,7 +321,7 @@ def refcount_direct(store: Path, *args: str) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=120,
         check=False,
-        env=DIRECT,
+        env=direct_env(),
     )
 
 

@@ -24,7 +24,7 @@ import pytest
 import storekit as sk
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import Cli
+from conftest import Cli, direct_env
 from conftest import Result as Ran
 from sqlalchemy import inspect
 
@@ -435,7 +435,7 @@ def test_a_daemon_whose_database_was_dropped_retries_holds_one_observer_and_stop
     with log_path.open("wb") as out:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "refcount", "--store", str(store), "--db", pg_url, "watch"],
-            env={**os.environ, "REFCOUNT_NO_DAEMON": "1"},
+            env=direct_env(),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

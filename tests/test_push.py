@@ -22,18 +22,10 @@ from pathlib import Path
 
 import pytest
 import storekit as sk
-from conftest import SEVERAL_STORES, Cli
+from conftest import SEVERAL_STORES, Cli, direct_env
 
 import refcount
 from refcount.store import CRASH_ENV, at_point
-
-
-def direct() -> dict[str, str]:
-    """The environment of a CLI subprocess that works on the database itself. Read at
-    each call: on a PostgreSQL run, REFCOUNT_DEFAULT_DB names this test's schema only
-    once the test has started (a copy made at import sent the subprocess to SQLite)."""
-    return {**os.environ, "REFCOUNT_NO_DAEMON": "1"}
-
 
 REFCOUNT = (sys.executable, "-m", "refcount")
 PUSH_POINTS = ("push-after-lease", "push-mid-copy", "push-before-index", "push-before-commit")
@@ -545,7 +537,7 @@ def test_a_push_killed_mid_copy_leaves_nothing_gc_cannot_clean_once_its_lease_ex
     before = sk.listing(store)
     push = subprocess.Popen(
         [*REFCOUNT, "--store", str(store), "push", f"{src}:big", "--lease-ttl", "2s"],
-        env=direct(),
+        env=direct_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -589,7 +581,7 @@ def test_a_push_crashed_at_any_point_heals_and_loses_no_needed_blob(
     ttl = "0s" if point == "push-mid-copy" else "1h"
     crashed = subprocess.run(
         [*REFCOUNT, "--store", str(store), "push", f"{src}:app", "--lease-ttl", ttl],
-        env={**direct(), CRASH_ENV: point},
+        env={**direct_env(), CRASH_ENV: point},
         capture_output=True,
         text=True,
         check=False,
@@ -767,7 +759,7 @@ def test_the_push_benchmark_runs_end_to_end_and_writes_every_figure(tmp_path: Pa
     options = ("--mib", "1", "--images", "2,4", "--pushes", "1", "--out", str(tmp_path))
     subprocess.run(
         [sys.executable, str(script), *options, "--json", str(out)],
-        env=direct(),
+        env=direct_env(),
         check=True,
         capture_output=True,
     )

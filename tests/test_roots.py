@@ -5,7 +5,6 @@ created and removed while it runs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 import storekit as sk
-from conftest import ON_POSTGRESQL, Cli
+from conftest import ON_POSTGRESQL, Cli, direct_env
 
 from refcount import roots
 from refcount.db.engine import SCHEMA_NAME
@@ -32,12 +31,6 @@ DEADLINE = 20.0
 
 def served_tags(root: Path) -> list[str]:
     return ["--root", str(root), "--repo", "lib/new", "--json", "tags"]
-
-
-def direct() -> dict[str, str]:
-    """The environment of a command run without the daemon (read when it runs: on a
-    PostgreSQL run, conftest names the test's database in it)."""
-    return {**os.environ, "REFCOUNT_NO_DAEMON": "1"}
 
 
 def wait_until(condition: Callable[[], Any], what: str) -> Any:
@@ -282,7 +275,7 @@ def cli_verify(root: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "refcount", "--root", str(root), "verify"],
         capture_output=True,
         text=True,
-        env=direct(),
+        env=direct_env(),
         check=False,
     )
 

@@ -19,8 +19,8 @@ from typing import Any
 import pgkit
 import pytest
 import storekit as sk
-from conftest import Cli
-from test_roots import _watching, direct, listings, wait_until
+from conftest import Cli, direct_env
+from test_roots import _watching, listings, wait_until
 
 from refcount import roots
 from refcount.db.engine import SCHEMA_NAME, store_lock_key
@@ -206,7 +206,7 @@ def refcount_cmd(root: Path, url: str, *args: str) -> subprocess.CompletedProces
         [sys.executable, "-m", "refcount", "--root", str(root), "--db", url, *args],
         capture_output=True,
         text=True,
-        env=direct(),
+        env=direct_env(),
         timeout=120,
         check=False,
     )

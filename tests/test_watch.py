@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import pytest
 import storekit as sk
-from conftest import ON_POSTGRESQL, sql_on_the_test_database
+from conftest import ON_POSTGRESQL, direct_env, sql_on_the_test_database
 from prometheus_client.parser import text_string_to_metric_families
 from watchdog.events import (
     DirDeletedEvent,
@@ -898,7 +898,7 @@ def test_metrics_follow_the_commands_the_daemon_serves_without_a_sighup(
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "REFCOUNT_NO_DAEMON": "1"},
+        env=direct_env(),
     )
     assert ran.returncode == 0, ran.stderr
     figures = wait_until(
