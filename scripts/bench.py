@@ -696,6 +696,16 @@ class RunningDaemon:
         found = re.search(r"serving metrics on http://(\S+)/metrics", self.log_path.read_text())
         return found.group(1) if found else None
 
+    def index_rewrites(self) -> float | None:
+        """The daemon's `refcount_index_rewrites_total`: how many batches rewrote index.json."""
+        try:
+            with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        found = re.search(r"^refcount_index_rewrites_total (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
     def wait_idle(self, timeout: float) -> None:
         """Until /healthz says ok with no batch pending."""
 
@@ -789,30 +799,39 @@ def clients_at_once(store: Path, tags: list[str]) -> tuple[float, int]:
     return wall, served
 
 
-def measure_group(store: Path, tags: Sequence[str], group: int, rounds: int, n: int) -> Row:
+def measure_group(
+    daemon: RunningDaemon, store: Path, tags: Sequence[str], group: int, rounds: int, n: int
+) -> Row:
     """The group-commit figure: `group` simultaneous daemon-served deletes, against one
-    delete made the same way (a started client released alone), a round of each in turn."""
-    ones, groups, served = [], [], []
+    delete made the same way (a started client released alone), a round of each in turn;
+    and how many rewrites of index.json the daemon made for each group."""
+    ones, groups, served, rewrites = [], [], [], []
     tags = list(tags)
     for _ in range(rounds):
         wall, _served = clients_at_once(store, [tags.pop()])
         ones.append(wall)
+        before = daemon.index_rewrites()
         wall, count = clients_at_once(store, [tags.pop() for _ in range(group)])
+        after = daemon.index_rewrites()
         groups.append(wall)
         served.append(count)
+        if before is not None and after is not None:
+            rewrites.append(int(after - before))
     row: Row = {
         "group_clients": group,
         "group_rounds": rounds,
         "group_one_median_s": median(ones),
         "group_all_median_s": median(groups),
         "group_served_min": min(served),
+        "group_index_rewrites_max": max(rewrites) if rewrites else None,
     }
     row["ratio_group_vs_one"] = ratio(row["group_all_median_s"], row["group_one_median_s"])
     say(
         f"[{label(n)}] {group} simultaneous refcount delete tag (daemon): median "
         f"{row['group_all_median_s']:.3f} s, one alone {row['group_one_median_s']:.3f} s: "
         f"{_fmt(row['ratio_group_vs_one'], 'x.xx')} (at least {min(served)} of {group} served "
-        f"by the daemon; {rounds} round(s))"
+        f"by the daemon; {rounds} round(s); at most "
+        f"{_fmt(row['group_index_rewrites_max'], 'int')} index.json rewrite(s) a group)"
     )
     return row
 
@@ -895,7 +914,7 @@ def measure_daemon(
             )
         if group and len(group_tags) >= group + 1:
             rounds = len(group_tags) // (group + 1)
-            row.update(measure_group(store, group_tags, group, rounds, n))
+            row.update(measure_group(daemon, store, group_tags, group, rounds, n))
     return row
 
 
@@ -1005,6 +1024,7 @@ def bench_size(n: int, pristine: Path, work: Path, args: argparse.Namespace) -> 
         "group_one_median_s",
         "group_all_median_s",
         "group_served_min",
+        "group_index_rewrites_max",
         "ratio_group_vs_one",
     )
     row.update(dict.fromkeys(daemon_keys))
@@ -1299,6 +1319,11 @@ TABLE: tuple[tuple[str, str, str], ...] = (
     ("simultaneous deletes, all done", "group_all_median_s", "s"),
     ("one delete, the same way", "group_one_median_s", "s"),
     ("simultaneous deletes / one", "ratio_group_vs_one", "x.xx"),
+    (
+        "index.json rewrites for the simultaneous deletes (most of a round)",
+        "group_index_rewrites_max",
+        "int",
+    ),
     ("PostgreSQL: init (process)", "pg_init_s", "s"),
     ("PostgreSQL: delete tag, library, median", "pg_delete_lib_median_ms", "ms"),
     ("PostgreSQL: delete tag, library, p99", "pg_delete_lib_p99_ms", "ms"),
