@@ -40,7 +40,6 @@ from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, nor
 from refcount.core import DeleteRequest, Progress, PrunePolicy, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
-from refcount.core.policyfile import build as build_policy
 from refcount.durations import parse_amount, parse_duration
 from refcount.errors import ExitCode, InvalidDuration, InvalidPolicy, NotServed, RefcountError
 from refcount.group import GroupCommit, Withdrawn
@@ -892,6 +891,8 @@ def _prune_root(
 
 def _prune_rules(rc: Refcounter, values: Mapping[str, object]) -> tuple[PrunePolicy, str | None]:
     """The flags' rules, or with no flags the store's policy file's (and its name)."""
+    from refcount.core.policyfile import build as build_policy  # tomllib: prune only
+
     if any(v is not None for v in values.values()):
         rules = build_policy(values, lambda key: "--" + key.replace("_", "-"))
         where = None
