@@ -31,13 +31,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from refcount import interrupts, roots
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import DeleteRequest, Progress, PrunePolicy, Refcounter, sync_log
+from refcount.core import DeleteRequest, Progress, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
 from refcount.durations import parse_amount, parse_duration
@@ -65,6 +65,9 @@ from refcount.reports import (
     to_json,
 )
 from refcount.units import human_size, plural
+
+if TYPE_CHECKING:
+    from refcount.core.retention import PrunePolicy  # prune only: loaded there
 
 log = logging.getLogger("refcount")
 

@@ -277,11 +277,12 @@ NOT_ON_THE_DELETE_PATH = (
     *("hypothesis", "refcount.watch", "refcount.daemon", "refcount.metrics"),
     *(() if ON_POSTGRESQL else POSTGRESQL_MODULES),
     # What a delete and its catch-up never need, at a few ms of start-up each: push
-    # (tarfile), prune (tomllib), scan and verify (multiprocessing), the HTML page.
+    # (tarfile), prune and its rules (tomllib), scan and verify (multiprocessing), the
+    # HTML page.
     *("tarfile", "tomllib", "multiprocessing"),
     *("refcount.core.push", "refcount.sources", "refcount.core.pruning"),
     *("refcount.core.policyfile", "refcount.core.scan", "refcount.core.verifying"),
-    "refcount.htmlreport",
+    *("refcount.core.retention", "refcount.htmlreport"),
 )
 
 

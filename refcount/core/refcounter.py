@@ -51,7 +51,6 @@ from refcount.core.policy import (
     no_progress,
     now,
 )
-from refcount.core.retention import PrunePolicy
 from refcount.core.sweep import collect
 from refcount.db.engine import (
     Engine,
@@ -102,6 +101,7 @@ if TYPE_CHECKING:
     from refcount.core import pruning, verifying
     from refcount.core import push as pushing
     from refcount.core import scan as scanning
+    from refcount.core.retention import PrunePolicy
 
 log = logging.getLogger("refcount.core")
 T = TypeVar("T")
