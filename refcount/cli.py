@@ -31,16 +31,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from refcount import interrupts, roots
 from refcount.argv import GLOBAL_FLAGS, GLOBAL_VALUE_OPTIONS, asks_for_json, normalise
-from refcount.core import DeleteRequest, Progress, PrunePolicy, Refcounter, sync_log
+from refcount.core import DeleteRequest, Progress, Refcounter, sync_log
 from refcount.core import open as open_store
 from refcount.core import plugins as installed_plugins
-from refcount.core.policyfile import build as build_policy
 from refcount.durations import parse_amount, parse_duration
 from refcount.errors import ExitCode, InvalidDuration, InvalidPolicy, NotServed, RefcountError
 from refcount.group import GroupCommit, Withdrawn
@@ -66,6 +65,9 @@ from refcount.reports import (
     to_json,
 )
 from refcount.units import human_size, plural
+
+if TYPE_CHECKING:
+    from refcount.core.retention import PrunePolicy  # prune only: loaded there
 
 log = logging.getLogger("refcount")
 
@@ -892,6 +894,8 @@ def _prune_root(
 
 def _prune_rules(rc: Refcounter, values: Mapping[str, object]) -> tuple[PrunePolicy, str | None]:
     """The flags' rules, or with no flags the store's policy file's (and its name)."""
+    from refcount.core.policyfile import build as build_policy  # tomllib: prune only
+
     if any(v is not None for v in values.values()):
         rules = build_policy(values, lambda key: "--" + key.replace("_", "-"))
         where = None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, direct_env
+from conftest import ON_POSTGRESQL, Cli, direct_env
 from storekit import (
     add_image,
     add_index,
@@ -269,9 +269,19 @@ def test_python_dash_m_and_the_console_script_run_the_same_cli(
 # direct process tens of milliseconds of import for nothing it needs. pydantic comes with
 # typer 0.29's parameter validation (pyproject pins typer below it); psycopg only with a
 # PostgreSQL URL; the rest belong to the daemon, the migrations or the tests.
+POSTGRESQL_MODULES = ("psycopg", "sqlalchemy.dialects.postgresql")
+"""What a store on SQLite never loads (up to 30 ms of start-up); a PostgreSQL run needs them."""
 NOT_ON_THE_DELETE_PATH = (
     *("sqlalchemy.orm", "alembic", "watchdog", "rich", "prometheus_client", "pydantic"),
-    *("psycopg", "hypothesis", "refcount.watch", "refcount.daemon", "refcount.metrics"),
+    *("hypothesis", "refcount.watch", "refcount.daemon", "refcount.metrics"),
+    *(() if ON_POSTGRESQL else POSTGRESQL_MODULES),
+    # What a delete and its catch-up never need, at a few ms of start-up each: push
+    # (tarfile), prune and its rules (tomllib), scan and verify (multiprocessing), the
+    # HTML page.
+    *("tarfile", "tomllib", "multiprocessing"),
+    *("refcount.core.push", "refcount.sources", "refcount.core.pruning"),
+    *("refcount.core.policyfile", "refcount.core.scan", "refcount.core.verifying"),
+    *("refcount.core.retention", "refcount.htmlreport"),
 )
 
 

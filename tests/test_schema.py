@@ -339,3 +339,25 @@ def test_the_typed_rows_and_orm_classes_name_exactly_the_tables_columns(
     columns = [c.name for c in getattr(tables, table).columns]
     assert [f.name for f in fields(getattr(repo, row))] == columns
     assert list(getattr(models, model).__annotations__) == columns
+
+
+def test_the_problem_index_is_partial_on_postgresql_without_loading_its_dialect_on_sqlite() -> None:
+    """The PostgreSQL WHERE of ix_blobs_problem (as migration 0003 builds it) is in the
+    metadata once a PostgreSQL engine is made, and a SQLite engine never imports that
+    dialect. A fresh process, since other tests load it."""
+    probe = (
+        "import sys\n"
+        "from sqlalchemy.schema import CreateIndex\n"
+        "from refcount.db.engine import make_engine\n"
+        "from refcount.db.tables import blobs\n"
+        "make_engine('sqlite://')\n"
+        "print('sqlalchemy.dialects.postgresql' in sys.modules)\n"
+        "engine = make_engine('postgresql+psycopg://nobody@127.0.0.1/none')\n"
+        "(index,) = [i for i in blobs.indexes if i.name == 'ix_blobs_problem']\n"
+        "print(CreateIndex(index).compile(dialect=engine.dialect))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded, ddl = done.stdout.strip().splitlines()
+    assert loaded == "False"
+    assert ddl == "CREATE INDEX ix_blobs_problem ON blobs (problem) WHERE problem IS NOT NULL"

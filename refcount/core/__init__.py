@@ -17,11 +17,15 @@ How the pieces fit (each imports only those below it):
     policy      Policy, Changes, progress, the clock
 """
 
+from typing import TYPE_CHECKING
+
 from refcount.core.grouping import DeleteRequest
 from refcount.core.policy import Changes, Policy, Progress
 from refcount.core.reconcile import sync_log
 from refcount.core.refcounter import Refcounter, open, plugins
-from refcount.core.retention import MinFree, PrunePolicy
+
+if TYPE_CHECKING:
+    from refcount.core.retention import MinFree, PrunePolicy
 
 __all__ = [
     "Changes",
@@ -35,3 +39,15 @@ __all__ = [
     "plugins",
     "sync_log",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """MinFree and PrunePolicy, loaded on first use (PEP 562): only prune needs the
+    retention rules, and their frozen dataclasses cost every other command start-up."""
+    if name not in ("MinFree", "PrunePolicy"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from refcount.core import retention
+
+    value = getattr(retention, name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -17,7 +17,6 @@ from dataclasses import replace
 from refcount import graph
 from refcount.core.ledger import Ledger
 from refcount.core.policy import MASS_FREE_HOLD, Changes
-from refcount.core.scan import root_row
 from refcount.db.repo import Repo, RootRow
 from refcount.domain import BlobState
 from refcount.oci import Descriptor, Root, parse_index
@@ -101,6 +100,10 @@ def store_roots(repo: Repo, roots: Iterable[Root]) -> None:
     The cuts refcount's own deletes logged are folded into the recorded spans first
     (one UPDATE, beside the parse this follows): the file's spans then compare with
     them as they are, and an outside rewrite can move entries anywhere."""
+    # Here, not at the top: scan brings its pool of processes (multiprocessing), which
+    # a delete, the commonest caller of this module, never needs.
+    from refcount.core.scan import root_row
+
     repo.compact_cuts()
     new = [root_row(r) for r in roots]
     old = repo.roots()

@@ -35,21 +35,10 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import wraps
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from refcount import htmlreport, interrupts
-from refcount.core import (
-    grouping,
-    journal,
-    planner,
-    policyfile,
-    pruning,
-    reading,
-    reconcile,
-    verifying,
-)
-from refcount.core import push as pushing
-from refcount.core import scan as scanning
+from refcount import interrupts
+from refcount.core import grouping, journal, planner, reading, reconcile
 from refcount.core.grouping import DeleteRequest
 from refcount.core.ledger import Ledger
 from refcount.core.opening import Mode, Opening
@@ -62,7 +51,6 @@ from refcount.core.policy import (
     no_progress,
     now,
 )
-from refcount.core.retention import PrunePolicy
 from refcount.core.sweep import collect
 from refcount.db.engine import (
     Engine,
@@ -104,8 +92,16 @@ from refcount.reports import (
     VerifyReport,
     VerifyStatus,
 )
-from refcount.sources import open_source
 from refcount.store import DEFAULT_MAX_MANIFEST, Store, crash_point
+
+# The use cases a delete never reaches (push and its sources' tarfile, prune and its
+# policy file's tomllib, verify, scan's pool, the HTML page) are imported by the
+# methods that run them: every command pays the start-up of what it imports.
+if TYPE_CHECKING:
+    from refcount.core import pruning, verifying
+    from refcount.core import push as pushing
+    from refcount.core import scan as scanning
+    from refcount.core.retention import PrunePolicy
 
 log = logging.getLogger("refcount.core")
 T = TypeVar("T")
@@ -194,6 +190,8 @@ class Refcounter:
     @_retried
     def init(self) -> SyncReport:
         """Index the store: a bulk build on an empty database, else a full sync."""
+        from refcount.core import scan as scanning
+
         with self._writing() as engine:
             with transaction(engine) as repo:
                 empty = repo.index_hash() is None
@@ -423,6 +421,8 @@ class Refcounter:
         dry run showed: tags, and digests of untagged entries), nothing is
         deleted unless the plan is still exactly that (ConcurrentChange).
         """
+        from refcount.core import pruning
+
         with self._writing():
             with interrupts.deferred(), transaction(self.engine) as repo:
                 reconcile.catch_up(self._ledger(repo), self.store.read_index())
@@ -461,6 +461,8 @@ class Refcounter:
     def policy_rules(self) -> tuple[PrunePolicy, str] | None:
         """The rules in STORE/.refcount/policy.toml and the file's name, or None when
         there is no such file; InvalidPolicy when it cannot be applied."""
+        from refcount.core import policyfile
+
         data = self.store.read_policy()
         if data is None:
             return None
@@ -551,6 +553,9 @@ class Refcounter:
         becomes the root); `referrers` brings the source's referrers of every
         manifest pushed, as untagged entries.
         """
+        from refcount.core import push as pushing
+        from refcount.sources import open_source
+
         if tag is not None and not usable_tag(tag):
             raise InvalidOption(f"{tag!a}: not a usable tag: empty or has control characters")
         self.opening.writer()
@@ -581,6 +586,8 @@ class Refcounter:
             reader.close()
 
     def _land(self, plan: pushing.Plan, lease: LeaseInfo, copied: list[BlobRef]) -> PushReport:
+        from refcount.core import push as pushing
+
         tag = plan.tag
         with self._writing():
             for _attempt in range(REWRITE_ATTEMPTS):
@@ -682,6 +689,9 @@ class Refcounter:
         corrupt blobs are reported (the daemon's deep slices: its shallow
         verifies recount).
         """
+        from refcount.core import scan as scanning
+        from refcount.core import verifying
+
         verifying.check_options(
             deep=deep,
             repair=repair,
@@ -733,6 +743,9 @@ class Refcounter:
     ) -> tuple[scanning.Scan, VerifyReport]:
         """The shallow verify: recount and compare (callers hold the lock when writable).
         `listed`: see `scanning.scan`."""
+        from refcount.core import scan as scanning
+        from refcount.core import verifying
+
         snapshot = self.store.read_index()
         found = scanning.scan(
             self.store, snapshot, self.progress, self.policy.timeout_seconds, listed
@@ -769,6 +782,8 @@ class Refcounter:
     def _listing(self, listed: scanning.Listed | None) -> tuple[scanning.Scan, VerifyReport]:
         """What a deep run without its recount hashes: every file in blobs/, with the
         sizes the database holds for the live ones (no lock taken)."""
+        from refcount.core import scan as scanning
+
         files, _problems = self.store.list_blobs()  # reported by the recounting verifies
         if listed is not None:
             listed(files)
@@ -791,6 +806,9 @@ class Refcounter:
     ) -> VerifyReport:
         """The deep part: the hashes of every blob, or of the lap's next slice,
         started when the files were listed (no lock held)."""
+        from refcount.core import scan as scanning
+        from refcount.core import verifying
+
         hashed = scanning.check_content(self.store, found, self.progress, hashing)
         if hashed.skipped:
             log.debug("verify --deep: %d blobs freed meanwhile, skipped", len(hashed.skipped))
@@ -813,6 +831,8 @@ class Refcounter:
 
     def verify_status(self) -> VerifyStatus:
         """The latest shallow and deep verify and the deep lap, as recorded; runs nothing."""
+        from refcount.core import verifying
+
         with transaction(self.opening.reader(), write=False) as repo:
             return verifying.status(repo)
 
@@ -857,6 +877,8 @@ class Refcounter:
         """Write `report` as one self-contained HTML page at `path` (see
         `refcount.htmlreport`), atomically; returns the file's absolute path.
         CannotWriteOutput when it cannot be written there (`Store.write_output`)."""
+        from refcount import htmlreport
+
         page = htmlreport.render(report, store=str(self.store.path), made_at=now())
         return self.store.write_output(path, page.encode("utf-8"))
 

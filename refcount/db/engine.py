@@ -51,7 +51,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateSchema, DropSchema
 
 from refcount.db.repo import Repo
-from refcount.db.tables import SCHEMA_HEAD, metadata
+from refcount.db.tables import SCHEMA_HEAD, add_postgresql_options, metadata
 from refcount.errors import DatabaseContention, DatabaseError
 from refcount.interrupts import deferred
 from refcount.layout import default_database
@@ -149,6 +149,8 @@ def make_engine(url: str, *, read_only: bool = False, schema: str | None = None)
         raise DatabaseError(f"{redact_url(url)}: cannot open database: {_one_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, read_only=read_only)
+    elif engine.dialect.name == "postgresql":
+        add_postgresql_options()
     if schema is not None:
         _search_only(engine, schema)
         return engine.execution_options(**{SCHEMA: schema})

@@ -58,6 +58,7 @@ class TZDateTime(TypeDecorator[datetime]):
 
 
 DIGEST = String(200)  # "sha512:" + 128 hex fits
+PROBLEM_INDEX_WHERE = "problem IS NOT NULL"
 
 blobs = Table(
     "blobs",
@@ -79,12 +80,8 @@ blobs = Table(
     Column("first_seen", TZDateTime(), nullable=False),
     Column("freed_at", TZDateTime()),
     # Damaged manifests are rare; deletes and gc look for live ones every time.
-    Index(
-        "ix_blobs_problem",
-        "problem",
-        sqlite_where=text("problem IS NOT NULL"),
-        postgresql_where=text("problem IS NOT NULL"),
-    ),
+    # Partial on PostgreSQL too, once `add_postgresql_options` has run.
+    Index("ix_blobs_problem", "problem", sqlite_where=text(PROBLEM_INDEX_WHERE)),
 )
 
 edges = Table(
@@ -232,3 +229,18 @@ image_created = Table(
     Column("created", TZDateTime()),
     Column("source", String(16), nullable=False),
 )
+
+
+def add_postgresql_options() -> None:
+    """Give the tables their PostgreSQL-only options: the WHERE of `ix_blobs_problem`.
+
+    SQLAlchemy validates a `postgresql_*` argument by importing its whole
+    PostgreSQL dialect, every driver's module with it (about 30 ms), so naming one
+    in the table above would charge that to every command on SQLite. The option is
+    added instead when a PostgreSQL engine is made (`refcount.db.engine.make_engine`),
+    which loads that dialect anyway; anything that builds PostgreSQL DDL from this
+    metadata without such an engine calls it first. Calling it again changes nothing.
+    Migration 0003 names the same WHERE in its own operations.
+    """
+    problem = next(index for index in blobs.indexes if index.name == "ix_blobs_problem")
+    problem.dialect_kwargs["postgresql_where"] = text(PROBLEM_INDEX_WHERE)
