@@ -1047,24 +1047,43 @@ def _open_blob_dir(store: str, algorithm: str) -> int | None:
         os.close(blobs)
 
 
-def _read_small_blob(directory: int | None, name: str, limit: int) -> bytes | None:
-    """The bytes of `name` in `directory` (blobs/<algorithm>/, see `_open_blob_dir`)
-    when it is a readable regular file of at most `limit` bytes, opened without
-    following a link; None otherwise (the caller then looks at why, path by path).
-    Opens relative to the directory instead of the lstat of every directory on the
-    way: the recount's cost per manifest."""
-    if directory is None:
-        return None
+def _open_regular(directory: int, name: str) -> tuple[int, os.stat_result] | None:
+    """`name` in `directory` opened for reading without following a link, with its
+    fstat, when it is a regular file; None otherwise (missing, unreadable, a link, a
+    directory put in a blob's place). The caller closes the descriptor."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
     except OSError:
         return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        data = os.read(fd, info.st_size + 1)
-        return data if len(data) <= info.st_size else None  # else grown since the fstat
+    except OSError:
+        os.close(fd)
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None
+    return fd, info
+
+
+def _read_whole(fd: int, size: int) -> bytes | None:
+    """The file's `size` bytes in one read; None when it has grown since its fstat."""
+    data = os.read(fd, size + 1)
+    return data if len(data) <= size else None
+
+
+def _read_small_blob(directory: int | None, name: str, limit: int) -> bytes | None:
+    """The bytes of `name` in `directory` (blobs/<algorithm>/, see `_open_blob_dir`)
+    when it is a readable regular file of at most `limit` bytes, opened without
+    following a link; None otherwise (the caller then looks at why, path by path).
+    Opens relative to the directory instead of the lstat of every directory on the
+    way: the recount's cost per manifest."""
+    opened = None if directory is None else _open_regular(directory, name)
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        return _read_whole(fd, info.st_size) if info.st_size <= limit else None
     except OSError:
         return None
     finally:
@@ -1072,17 +1091,14 @@ def _read_small_blob(directory: int | None, name: str, limit: int) -> bytes | No
 
 
 def _hash_at(directory: int, name: str, algorithm: str) -> str | None:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
-    except OSError:
+    opened = _open_regular(directory, name)
+    if opened is None:
         return None
+    fd, info = opened
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None  # a directory (or worse) put in the blob's place
         if info.st_size <= SMALL_BLOB:
-            data = os.read(fd, info.st_size + 1)
-            if len(data) <= info.st_size:
+            data = _read_whole(fd, info.st_size)
+            if data is not None:
                 return hashlib.new(algorithm, data).hexdigest()
             # grown since the fstat: hash it whole below, from the start
             os.lseek(fd, 0, os.SEEK_SET)
