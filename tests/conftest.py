@@ -86,6 +86,16 @@ def _run_schemas() -> Iterator[Any]:
             maker.close()
 
 
+@contextmanager
+def _in_a_fresh_schema(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stores opened without naming a database count in a new schema of the run's
+    PostgreSQL database, dropped on leaving."""
+    maker = request.getfixturevalue("_run_schemas")
+    with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DEFAULT_DB_ENV, url)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """The database of every store the test opens without naming one.
@@ -103,9 +113,7 @@ def _database_of_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
     if not ON_POSTGRESQL or request.node.get_closest_marker("sqlite_only"):
         yield
         return
-    maker = request.getfixturevalue("_run_schemas")
-    with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
-        mp.setenv(DEFAULT_DB_ENV, url)
+    with _in_a_fresh_schema(request):
         yield
 
 
@@ -123,9 +131,7 @@ def another_database(request: pytest.FixtureRequest) -> AnotherDatabase:
         if not ON_POSTGRESQL:
             yield
             return
-        maker = request.getfixturevalue("_run_schemas")
-        with maker.fresh() as url, pytest.MonkeyPatch.context() as mp:
-            mp.setenv(DEFAULT_DB_ENV, url)
+        with _in_a_fresh_schema(request):
             yield
 
     return scope

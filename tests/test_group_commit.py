@@ -15,7 +15,6 @@ Three levels, each through its contract:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from refcount.core.grouping import DeleteRequest
 from refcount.errors import DeleteRefused, InvalidDigest, NotFound
 from refcount.group import GroupCommit, Withdrawn
 from refcount.reports import DeleteReport, to_json
-from refcount.store import CRASH_ENV
+from refcount.store import CRASH_ENV, Store
 
 DEADLINE = 30.0
 
@@ -412,20 +410,6 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path], Daemon]]:
         one.stop()
 
 
-@contextmanager
-def store_locked(store: Path) -> Iterator[None]:
-    """Hold the store's writer lock, as a refcount process does while it writes:
-    the daemon's batch in flight waits for it, and the deletes arriving meanwhile
-    queue up for the next batch."""
-    fd = os.open(store / ".refcount" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def tags_in(store: Path) -> list[str | None]:
     return [sk.tag_of(e) for e in sk.read_index(store)["manifests"]]
 
@@ -447,7 +431,7 @@ def test_twenty_clients_at_once_are_answered_each_with_its_own_report_in_two_rew
     store = small_store(tmp_path / "store", 25)
     running = daemon(store)
     before = sk.blob_files(store)
-    with store_locked(store):
+    with Store(store).locked():  # as a refcount process holds it while it writes
         # The first delete leads a batch that waits for the lock; the other
         # nineteen queue up behind it and form the next batch.
         leader = client(store, "--json", "delete", "tag", "t0")
@@ -477,7 +461,7 @@ def test_a_client_naming_a_missing_tag_fails_alone_and_the_rest_of_its_batch_is_
     store = small_store(tmp_path / "store", 6)
     running = daemon(store)
     before = sk.listing(store)
-    with store_locked(store):
+    with Store(store).locked():  # as a refcount process holds it while it writes
         leader = client(store, "delete", "tag", "t0")
         wait_until(lambda: running.served(leader), "the first delete to be taken")
         batch = {tag: client(store, "--json", "delete", "tag", tag) for tag in ("t1", "nope", "t2")}
@@ -516,7 +500,7 @@ def test_a_client_killed_while_its_delete_is_queued_deletes_nothing(
 ) -> None:
     store = small_store(tmp_path / "store", 3)
     running = daemon(store)
-    with store_locked(store):
+    with Store(store).locked():  # as a refcount process holds it while it writes
         leader = client(store, "delete", "tag", "t0")
         wait_until(lambda: running.served(leader), "the first delete to be taken")
         killed = client(store, "delete", "tag", "t1")
@@ -612,7 +596,7 @@ def test_a_prune_beside_queued_deletes_runs_alone_between_batches(
     so it goes before or after a batch, never inside one; all of them land."""
     store = small_store(tmp_path / "store", 6)
     running = daemon(store)
-    with store_locked(store):
+    with Store(store).locked():  # as a refcount process holds it while it writes
         leader = client(store, "delete", "tag", "t0")
         wait_until(lambda: running.served(leader), "the first delete to be taken")
         queued_delete = client(store, "delete", "tag", "t1")
